@@ -115,6 +115,136 @@ def cmd_perplexity(args):
           f"in {time.perf_counter() - t:.1f} s")
 
 
+def densities(text: str) -> list[float]:
+    """'0.7,0.5,0.3' -> [0.7, 0.5, 0.3], each in (0, 1]."""
+    try:
+        ds = [float(x) for x in text.split(",") if x.strip()]
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"densities must be numbers separated by commas, got {text!r}") from None
+    if not ds or any(not 0 < d <= 1 for d in ds):
+        raise argparse.ArgumentTypeError(f"densities must be in (0, 1], got {text!r}")
+    return ds
+
+
+def text_stream(tok, files, part: str, max_tokens: int):
+    from .data import read_text_files, wiki_split
+    from .evaluate import token_stream
+    docs = read_text_files(files) if files else wiki_split(part)
+    return token_stream(tok, docs, max_tokens)
+
+
+def default_dir(args, what: str):
+    from pathlib import Path
+    name = Path(args.model).name if Path(args.model).exists() else args.model
+    return Path("runs") / name.replace("/", "--") / what
+
+
+def cmd_calibrate(args):
+    import shutil
+    from pathlib import Path
+    from .collect import bytes_per_token, record
+    from .predictor import Predictors, TrainSettings, train
+    loaded = load_from_args(args)
+    tok = need_tokenizer(loaded)
+    out = Path(args.out) if args.out else default_dir(args, "predictors")
+    rec_dir = out / "recording"
+    stream = text_stream(tok, args.text, "calibration", args.tokens)
+    if len(stream) < args.tokens:
+        print(f"note: the calibration text has only {len(stream)} tokens (asked for {args.tokens})", file=sys.stderr)
+    print(f"recording {len(stream)} calibration tokens into {rec_dir} "
+          f"({bytes_per_token(loaded.model) * len(stream) / 2**30:.2f} GiB on disk, fp16 importance scores)")
+    record(loaded.model, stream, rec_dir)
+    settings = TrainSettings(epochs=args.epochs, label_density=args.label_density,
+                             target_recall=args.target_recall)
+    preds = train(loaded.model, rec_dir, settings)
+    preds.save(out)
+    preds = Predictors.load(out, loaded.model)  # what later commands will read
+    print_predictor_report(preds, loaded.model)
+    if not args.keep_recording:
+        shutil.rmtree(rec_dir)
+    print(f"predictors saved in {out}" + ("" if args.keep_recording else " (recording deleted; --keep-recording keeps it)"))
+
+
+def print_predictor_report(preds, model):
+    m = preds.meta
+    s = m["settings"]
+    print(f"\nper layer, on {m['training']['heldout_tokens']} held-out calibration tokens "
+          f"(MLP: oracle top {s['label_density']:.0%} set; heads: top 2/3 set; "
+          f"'k for {s['target_recall']:.0%}' = density the predictor needs to reach that recall)")
+    print("layer | MLP recall  k for recall  precision there | heads recall  k for recall  precision there")
+    for i, r in enumerate(m["metrics"]):
+        a, h = r["mlp"], r["attn"]
+        print(f"{i:5d} | {a['recall']:10.3f}  {a['calibrated_density']:12.2f}  {a['calibrated_precision']:15.3f} | "
+              f"{h['recall']:12.3f}  {h['calibrated_density']:12.2f}  {h['calibrated_precision']:15.3f}")
+    c = preds.cost(model)
+    print(f"predictor cost per layer: MLP {c['mlp_bytes'] / 1024:.0f} KiB ({c['mlp_frac']:.1%} of the MLP's weights "
+          f"and FLOPs), heads {c['head_bytes'] / 1024:.0f} KiB ({c['head_frac']:.1%} of attention's), at 2 bytes/weight")
+
+
+def cmd_analyze(args):
+    from pathlib import Path
+    from . import analyze
+    from .evaluate import perplexity
+    from .sparse import StaticSelector
+    loaded = load_from_args(args)
+    tok = need_tokenizer(loaded)
+    model = loaded.model
+    out = Path(args.out) if args.out else default_dir(args, "analysis")
+    preds = None
+    if args.predictors:
+        from .predictor import Predictors
+        preds = Predictors.load(args.predictors, model)
+        static = StaticSelector(preds.static_neuron, preds.static_head)
+    else:
+        static = static_from_calibration(model, tok, args)
+    held = text_stream(tok, args.text, "heldout", args.tokens)
+    t0 = time.perf_counter()
+    print(f"analyzing {loaded.name} on {len(held)} held-out tokens -> {out}")
+    window = min(args.window, len(held))
+    stats = analyze.layer_stats(model, held[:window][None])
+    dense = perplexity(model, held, window, desc="dense").ppl
+    print(f"  dense perplexity {dense:.2f}")
+    sels = analyze.selectors(model, preds, static)
+    attn_d = args.attn_densities or [round(k / model.cfg.n_heads, 3) for k in
+                                     sorted({max(1, round(f * model.cfg.n_heads)) for f in (0.78, 0.67, 0.56)},
+                                            reverse=True)]
+    mlp_d = args.mlp_densities
+    if len(attn_d) != len(mlp_d):  # 'both' pairs them in order
+        attn_d = (attn_d * len(mlp_d))[:len(mlp_d)]
+    rows = analyze.curves(model, held, sels, mlp_d, attn_d, window)
+    result = dict(model=loaded.name, source=loaded.source, eval_tokens=len(held) // window * window,
+                  dense_ppl=dense, predictors=str(args.predictors) if args.predictors else None,
+                  predictor_meta=preds.meta if preds else None, layers=stats, curves=rows,
+                  device=str(model.device), dtype=str(model.dtype), seconds=round(time.perf_counter() - t0, 1),
+                  gqa_note=(f"{model.cfg.n_heads} query heads share {model.cfg.n_kv_heads} K/V heads: a skipped "
+                            "query head saves its Q rows, its attention over the cache and its W_o slice; K/V "
+                            "are always computed so the cache stays complete"))
+    analyze.save(result, out)
+    print()
+    print(analyze.summary_table(result))
+    print(f"wrote {out}/analysis.json, analysis.md, perplexity_vs_density.png, layers.png "
+          f"({result['seconds']:.0f} s)")
+
+
+def static_from_calibration(model, tok, args):
+    """Mean importance per unit on calibration text (the static mask's ranking)."""
+    import torch
+    from .sparse import Recorder, StaticSelector
+    stream = text_stream(tok, None, "calibration", args.static_tokens)
+    rec = Recorder(model)
+    sums_n, sums_h = None, None
+    window = min(args.window, len(stream))
+    with torch.inference_mode():
+        for chunk in stream[: len(stream) // window * window].view(-1, window):
+            rec.reset()
+            model(chunk[None], sparsity=rec)
+            n = [t.sum(0) for t in rec.neuron_imp]
+            h = [t.sum(0) for t in rec.head_imp]
+            sums_n = n if sums_n is None else [a + b for a, b in zip(sums_n, n)]
+            sums_h = h if sums_h is None else [a + b for a, b in zip(sums_h, h)]
+    return StaticSelector(sums_n, sums_h)
+
+
 def build_parser() -> argparse.ArgumentParser:
     ap = argparse.ArgumentParser(prog="dejavu", description="Contextual sparsity (Deja Vu) for LLM inference.")
     sub = ap.add_subparsers(dest="command", required=True)
@@ -141,16 +271,54 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--max-tokens", type=int, default=16384, help="tokens of text to score (default 16384)")
     p.add_argument("--window", type=int, default=1024, help="tokens per scored window")
     p.set_defaults(func=cmd_perplexity)
+
+    p = sub.add_parser("calibrate", help="record calibration data and train lookahead predictors",
+                       description="Run the dense model over calibration text, record per layer the predictor "
+                                   "input and unit importances (sharded safetensors, resumable), train low-rank "
+                                   "lookahead predictors, report recall/precision/density per layer.")
+    add_model_args(p)
+    p.add_argument("--out", help="predictor folder (default runs/<model>/predictors)")
+    p.add_argument("--text", nargs="+", metavar="FILE", help="calibration text files (default: Wikipedia "
+                                                             "calibration articles, disjoint from held-out)")
+    p.add_argument("--tokens", type=int, default=16384, help="calibration tokens to record (default 16384)")
+    p.add_argument("--epochs", type=int, default=6)
+    p.add_argument("--label-density", type=float, default=0.3, help="MLP labels: the oracle top set at this density")
+    p.add_argument("--target-recall", type=float, default=0.9, help="recall of the oracle set that k is "
+                                                                    "calibrated to (reported per layer)")
+    p.add_argument("--keep-recording", action="store_true", help="keep the recorded shards after training")
+    p.set_defaults(func=cmd_calibrate)
+
+    p = sub.add_parser("analyze", help="measure contextual sparsity: oracle, static, predicted",
+                       description="Per layer: oracle density that keeps 90/95/99%% of the block output, "
+                                   "residual-stream cosine between layers; perplexity vs density for oracle, "
+                                   "static and predicted selection (MLP, heads, both). Writes JSON, markdown "
+                                   "and PNG plots.")
+    add_model_args(p)
+    p.add_argument("--predictors", help="predictor folder from `dejavu calibrate` (adds the predicted curve)")
+    p.add_argument("--out", help="output folder (default runs/<model>/analysis)")
+    p.add_argument("--text", nargs="+", metavar="FILE", help="evaluation text files (default: held-out Wikipedia)")
+    p.add_argument("--tokens", type=int, default=4096, help="held-out tokens to score per point (default 4096)")
+    p.add_argument("--static-tokens", type=int, default=8192,
+                   help="calibration tokens to rank the static mask (without --predictors)")
+    p.add_argument("--window", type=int, default=512)
+    p.add_argument("--mlp-densities", type=densities, default=[0.7, 0.5, 0.3], metavar="D,D,...")
+    p.add_argument("--attn-densities", type=densities, default=None, metavar="D,D,...",
+                   help="default: about 0.78, 0.67, 0.56 of the heads, rounded to whole heads")
+    p.set_defaults(func=cmd_analyze)
     return ap
 
 
 def check_args(args):
-    for name in ("max_new_tokens", "max_tokens", "window"):
+    for name in ("max_new_tokens", "max_tokens", "window", "tokens", "epochs", "static_tokens"):
         v = getattr(args, name, None)
         if v is not None and v < 1:
             raise DejavuError(f"--{name.replace('_', '-')} must be at least 1, got {v}")
     if getattr(args, "temperature", 0) < 0:
         raise DejavuError(f"--temperature must be >= 0, got {args.temperature}")
+    for name in ("label_density", "target_recall"):
+        v = getattr(args, name, None)
+        if v is not None and not 0 < v <= 1:
+            raise DejavuError(f"--{name.replace('_', '-')} must be in (0, 1], got {v}")
     top_p = getattr(args, "top_p", 1.0)
     if not 0 < top_p <= 1:
         raise DejavuError(f"--top-p must be in (0, 1], got {top_p}")

@@ -37,8 +37,9 @@ class Perplexity:
 
 @torch.inference_mode()
 def perplexity(model: Transformer, stream: torch.Tensor, window: int = 1024, batch: int = 4,
-               progress: bool = True) -> Perplexity:
-    """Non-overlapping windows of `window` tokens, each scored from its own start."""
+               progress: bool = True, sparsity=None, desc: str = "perplexity") -> Perplexity:
+    """Non-overlapping windows of `window` tokens, each scored from its own start.
+    With `sparsity` (sparse.Masked) every token runs with its own selected units."""
     window = min(window, model.cfg.max_seq_len)
     n = (len(stream) // window) * window
     if n == 0:
@@ -47,10 +48,9 @@ def perplexity(model: Transformer, stream: torch.Tensor, window: int = 1024, bat
         n, window = len(stream), len(stream)
     chunks = stream[:n].view(-1, window).to(model.device)
     total, count = 0.0, 0
-    for i in tqdm(range(0, len(chunks), batch), desc="perplexity", unit="batch", disable=not progress,
-                  leave=False):
+    for i in tqdm(range(0, len(chunks), batch), desc=desc, unit="batch", disable=not progress, leave=False):
         x = chunks[i:i + batch]
-        logits = model(x)[:, :-1].float()
+        logits = model(x, sparsity=sparsity)[:, :-1].float()
         total += F.cross_entropy(logits.reshape(-1, logits.shape[-1]), x[:, 1:].reshape(-1),
                                  reduction="sum").item()
         count += x[:, 1:].numel()

@@ -120,7 +120,7 @@ class Attention(nn.Module):
         self.bv = _maybe_bias(cfg.qkv_bias, kv_dim)
         self.bo = _maybe_bias(cfg.o_bias, cfg.d_model)
 
-    def forward(self, x, rope, mask, cache: KVCache | None, layer: int, start_pos: int):
+    def forward(self, x, rope, mask, cache: KVCache | None, layer: int, start_pos: int, sparsity=None):
         cfg = self.cfg
         B, T, _ = x.shape
         q = F.linear(x, self.wq, self.bq).view(B, T, cfg.n_heads, cfg.head_dim).transpose(1, 2)
@@ -135,8 +135,10 @@ class Attention(nn.Module):
             k, v = cache.k[layer, :, :, :end], cache.v[layer, :, :, :end]
         y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask,
                                            enable_gqa=cfg.n_heads != cfg.n_kv_heads)
-        y = y.transpose(1, 2).reshape(B, T, cfg.n_heads * cfg.head_dim)
-        return self.project_out(y)
+        y = y.transpose(1, 2)  # [B, T, heads, head_dim]
+        if sparsity is not None:
+            y = sparsity.heads(layer, x, y)
+        return self.project_out(y.reshape(B, T, cfg.n_heads * cfg.head_dim))
 
     def project_out(self, y):
         out = y @ self.wo_t
@@ -165,8 +167,11 @@ class MLP(nn.Module):
         out = a @ self.w_out_t
         return out + self.b_out if self.b_out is not None else out
 
-    def forward(self, x):
-        return self.project_out(self.activations(x))
+    def forward(self, x, layer: int = 0, sparsity=None):
+        a = self.activations(x)
+        if sparsity is not None:
+            a = sparsity.neurons(layer, x, a)
+        return self.project_out(a)
 
 
 class Block(nn.Module):
@@ -178,9 +183,11 @@ class Block(nn.Module):
         self.mlp_norm = Norm(cfg)
         self.mlp = MLP(cfg)
 
-    def forward(self, x, rope, mask, cache, start_pos):
-        x = x + self.attn(self.attn_norm(x), rope, mask, cache, self.layer, start_pos)
-        return x + self.mlp(self.mlp_norm(x))
+    def forward(self, x, rope, mask, cache, start_pos, sparsity=None):
+        if sparsity is not None:
+            sparsity.enter(self.layer, x)
+        x = x + self.attn(self.attn_norm(x), rope, mask, cache, self.layer, start_pos, sparsity)
+        return x + self.mlp(self.mlp_norm(x), self.layer, sparsity)
 
 
 def apply_rope(x, rope):
@@ -253,9 +260,10 @@ class Transformer(nn.Module):
         w = self.tok_emb.weight if self.lm_head is None else self.lm_head
         return F.linear(self.norm(x), w)
 
-    def forward(self, tokens: torch.Tensor, cache: KVCache | None = None, start_pos: int = 0):
+    def forward(self, tokens: torch.Tensor, cache: KVCache | None = None, start_pos: int = 0, sparsity=None):
         """tokens [B, T] -> logits [B, T, vocab]. With a cache, the tokens sit at slots
-        start_pos..start_pos+T-1 and earlier slots are read from the cache."""
+        start_pos..start_pos+T-1 and earlier slots are read from the cache. `sparsity`
+        (sparse.py) masks or records units on the way."""
         B, T = tokens.shape
         if cache is not None and start_pos + T > cache.max_seq_len:
             raise ValueError(f"sequence of {start_pos + T} tokens exceeds the cache of {cache.max_seq_len}")
@@ -265,7 +273,7 @@ class Transformer(nn.Module):
         x = self.embed(tokens, pos)
         rope, mask = self.rope(pos), self.attention_mask(pos, T, start_pos, cache)
         for block in self.layers:
-            x = block(x, rope, mask, cache, start_pos)
+            x = block(x, rope, mask, cache, start_pos, sparsity)
         return self.logits(x)
 
 

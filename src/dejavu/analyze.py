@@ -1,0 +1,184 @@
+"""`dejavu analyze`: does contextual sparsity exist in this model, and how well is it predicted?
+
+On held-out text, per layer:
+  - the oracle density that keeps 90/95/99% of the block output (relative L2 error of the
+    kept units' output against the dense output at most 10/5/1%), for MLP neurons and heads;
+  - cosine similarity of the residual stream entering consecutive layers (why lookahead works);
+and perplexity against density for oracle contextual top-k, the best static mask (units
+ranked by mean importance on calibration text), the predictors, and for gated MLPs the gate
+selector: for the MLP alone, the heads alone, and both.
+"""
+from __future__ import annotations
+
+import json
+import time
+from pathlib import Path
+
+import torch
+
+from .evaluate import perplexity
+from .model import Transformer
+from .sparse import GateSelector, Masked, OracleSelector, Recorder, StaticSelector, head_contributions
+
+KEEP = (0.90, 0.95, 0.99)
+
+
+def keep_density(contrib: torch.Tensor, imp: torch.Tensor, keep: tuple[float, ...] = KEEP) -> list[float]:
+    """contrib [N, units, d] per-unit output, imp [N, units] -> mean density needed per keep level."""
+    order = imp.argsort(dim=-1, descending=True)
+    sorted_c = contrib.gather(1, order[..., None].expand_as(contrib))
+    partial = sorted_c.cumsum(dim=1)                      # output of the top-k units, every k
+    full = partial[:, -1:]
+    err = (partial - full).norm(dim=-1) / full.norm(dim=-1).clamp_min(1e-12)   # [N, units]
+    n = imp.shape[-1]
+    return [((err > 1 - q).sum(dim=1) + 1).clamp(max=n).float().mean().item() / n for q in keep]
+
+
+@torch.inference_mode()
+def layer_stats(model: Transformer, tokens: torch.Tensor, sample_tokens: int = 64) -> list[dict]:
+    """Keep-densities and residual cosines from one dense pass over `tokens` [B, T]."""
+    rec = Recorder(model, torch.float32)
+    rec.keep_acts = True
+    heads_y: list[torch.Tensor] = []
+    orig_heads = rec.heads
+
+    def heads(layer, x_in, y):  # also keep the per-head outputs
+        heads_y.append(y.flatten(0, 1))
+        return orig_heads(layer, x_in, y)
+    rec.heads = heads
+    model(tokens, sparsity=rec)
+    N = rec.resid[0].shape[0]
+    pick = torch.linspace(0, N - 1, min(sample_tokens, N)).long()
+    stats = []
+    for layer, block in enumerate(model.layers):
+        a = rec.acts[layer][pick].float()
+        w = block.mlp.w_out_t.float()
+        mlp_keep = []
+        for i in range(0, len(pick), 8):  # [8, d_ff, d] at a time: bounded memory
+            mlp_keep.append(torch.tensor(keep_density(a[i:i + 8, :, None] * w, rec.neuron_imp[layer][pick[i:i + 8]])))
+        contrib = head_contributions(block.attn.wo_t, heads_y[layer][pick][None])[0]
+        attn_keep = keep_density(contrib, rec.head_imp[layer][pick])
+        cos = None
+        if layer + 1 < len(rec.resid):
+            cos = torch.nn.functional.cosine_similarity(rec.resid[layer], rec.resid[layer + 1], dim=-1).mean().item()
+        stats.append(dict(layer=layer, mlp_keep=dict(zip(map(str, KEEP), torch.stack(mlp_keep).mean(0).tolist())),
+                          attn_keep=dict(zip(map(str, KEEP), attn_keep)), resid_cos_next=cos))
+    return stats
+
+
+def selectors(model: Transformer, predictors=None, static=None) -> dict[str, tuple]:
+    """name -> (neuron selector or None, head selector or None)."""
+    from .predictor import PredictorSelector
+    oracle = OracleSelector(model)
+    out = {"oracle": (oracle, oracle), "static": (static, static)}
+    if predictors is not None:
+        pred = PredictorSelector(predictors)
+        out["predicted"] = (pred, pred)
+    if model.cfg.gated:
+        out["gate"] = (GateSelector(model), None)
+    return out
+
+
+def curves(model: Transformer, stream: torch.Tensor, sels: dict, mlp_densities, attn_densities, window=512,
+           progress=True, log=print) -> list[dict]:
+    """Perplexity for every (part, selector, density); part is 'mlp', 'attn' or 'both'."""
+    rows = []
+    plan = [("mlp", d, None) for d in mlp_densities] + [("attn", None, d) for d in attn_densities] + \
+        [("both", m, a) for m, a in zip(mlp_densities, attn_densities)]
+    for part, md, ad in plan:
+        for name, (nsel, hsel) in sels.items():
+            nsel_used = nsel if part in ("mlp", "both") else None
+            hsel_used = hsel if part in ("attn", "both") else None
+            if (part != "attn" and nsel_used is None) or (part != "mlp" and hsel_used is None):
+                if name == "gate" and part == "both":  # gate selects neurons; heads from the predictor or oracle
+                    hsel_used = sels.get("predicted", sels["oracle"])[1]
+                else:
+                    continue
+            mask = Masked(model, mlp=nsel_used, heads=hsel_used, mlp_density=md, attn_density=ad)
+            t = time.perf_counter()
+            r = perplexity(model, stream, window, sparsity=mask, progress=progress, desc=f"{part} {name}")
+            kept = {k: (v[0] / v[1] if v[1] else None) for k, v in mask.kept.items()}
+            rows.append(dict(part=part, selector=name, mlp_density=md, attn_density=ad, ppl=r.ppl,
+                             achieved_mlp_density=kept["mlp"], achieved_attn_density=kept["attn"]))
+            log(f"  {part:<4} {name:<9} mlp {fmt(md)} attn {fmt(ad)}  ppl {r.ppl:8.2f}  "
+                f"({time.perf_counter() - t:.0f} s)")
+    return rows
+
+
+def fmt(d):
+    return "  -  " if d is None else f"{d:.2f} "
+
+
+def plot(result: dict, out: Path):
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    dense = result["dense_ppl"]
+    fig, axes = plt.subplots(1, 3, figsize=(15, 4.2))
+    for ax, part in zip(axes, ("mlp", "attn", "both")):
+        for name in sorted({r["selector"] for r in result["curves"] if r["part"] == part}):
+            rows = [r for r in result["curves"] if r["part"] == part and r["selector"] == name]
+            xs = [r["attn_density" if part == "attn" else "mlp_density"] for r in rows]
+            ax.plot(xs, [r["ppl"] for r in rows], marker="o", label=name)
+        ax.axhline(dense, color="k", ls="--", lw=1, label=f"dense {dense:.2f}")
+        ax.set_yscale("log")
+        ax.set_xlabel("attention density" if part == "attn" else "MLP density" + (" (attn paired)" if part == "both"
+                                                                                    else ""))
+        ax.set_ylabel("perplexity (held-out)")
+        ax.set_title({"mlp": "MLP neurons", "attn": "attention heads", "both": "both"}[part])
+        ax.grid(alpha=0.3)
+        ax.legend(fontsize=8)
+    fig.suptitle(f"{result['model']}: perplexity vs density ({result['eval_tokens']} held-out tokens)")
+    fig.tight_layout()
+    fig.savefig(out / "perplexity_vs_density.png", dpi=110)
+    plt.close(fig)
+
+    layers = result["layers"]
+    fig, axes = plt.subplots(1, 2, figsize=(13, 4))
+    x = [s["layer"] for s in layers]
+    for q in map(str, KEEP):
+        axes[0].plot(x, [s["mlp_keep"][q] for s in layers], marker=".", label=f"MLP, keep {float(q):.0%}")
+        axes[0].plot(x, [s["attn_keep"][q] for s in layers], ls="--", marker=".", label=f"heads, keep {float(q):.0%}")
+    axes[0].set_xlabel("layer")
+    axes[0].set_ylabel("oracle density needed")
+    axes[0].set_title("density that keeps the block output")
+    axes[0].legend(fontsize=7)
+    axes[0].grid(alpha=0.3)
+    cos = [(s["layer"], s["resid_cos_next"]) for s in layers if s["resid_cos_next"] is not None]
+    axes[1].plot([c[0] for c in cos], [c[1] for c in cos], marker="o")
+    axes[1].set_xlabel("layer l")
+    axes[1].set_ylabel("cosine(residual entering l, entering l+1)")
+    axes[1].set_title("residual-stream similarity (why lookahead works)")
+    axes[1].grid(alpha=0.3)
+    fig.tight_layout()
+    fig.savefig(out / "layers.png", dpi=110)
+    plt.close(fig)
+
+
+def summary_table(result: dict) -> str:
+    """Markdown: perplexity per selector and density, per part."""
+    lines = [f"Dense perplexity: {result['dense_ppl']:.2f} ({result['eval_tokens']} held-out tokens)", ""]
+    for part in ("mlp", "attn", "both"):
+        rows = [r for r in result["curves"] if r["part"] == part]
+        if not rows:
+            continue
+        key = "attn_density" if part == "attn" else "mlp_density"
+        dens = sorted({r[key] for r in rows}, reverse=True)
+        names = list(dict.fromkeys(r["selector"] for r in rows))
+        head = {"mlp": "MLP density", "attn": "attention density", "both": "MLP / attention density"}[part]
+        cols = [f"{d:.2f}" if part != "both" else
+                f"{d:.2f} / {next(r['attn_density'] for r in rows if r[key] == d):.2f}" for d in dens]
+        lines.append(f"| {head} | " + " | ".join(cols) + " |")
+        lines.append("|---" * (len(dens) + 1) + "|")
+        for n in names:
+            vals = {r[key]: r["ppl"] for r in rows if r["selector"] == n}
+            lines.append(f"| {n} | " + " | ".join(f"{vals[d]:.2f}" if d in vals else "" for d in dens) + " |")
+        lines.append("")
+    return "\n".join(lines)
+
+
+def save(result: dict, out: Path):
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "analysis.json").write_text(json.dumps(result, indent=1))
+    (out / "analysis.md").write_text(summary_table(result))
+    plot(result, out)

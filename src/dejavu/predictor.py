@@ -1,0 +1,245 @@
+"""Low-rank lookahead predictors: train on recordings, calibrate k, report, save and load.
+
+Per layer l (Deja Vu, DESIGN.md 1):
+  MLP predictor of layer l    reads the residual stream entering layer l (before its attention)
+  head predictor of layer l   reads the residual stream entering layer l-1 (layer 0: its own)
+so both are ready a block ahead and can run beside the main compute.
+
+Network: RMS-normalize the input (scale-free), then d -> r -> units. The MLP predictor is the
+paper's: no hidden activation, class-balanced BCE on the oracle top set at `label_density`.
+Head predictors are a small ReLU network regressing log-importance (measured better than BCE
+on SmolLM2, predictor issue). Rank defaults scale with d: r = d/4 for neurons (paper: about d/12
+at d = 12288, a model far sparser than small ones), r = d/8 for heads.
+"""
+from __future__ import annotations
+
+import json
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+from safetensors.torch import load_file, save_file
+from tqdm import tqdm
+
+from .collect import load_layer, model_fingerprint, read_manifest, split_shards
+from .load import DejavuError
+from .model import Transformer
+from .sparse import units_for
+
+PREDICTOR_VERSION = 1
+WEIGHTS, META = "predictors.safetensors", "predictors.json"
+
+
+class LowRank(nn.Module):
+    def __init__(self, d: int, rank: int, units: int, hidden_relu: bool):
+        super().__init__()
+        self.down = nn.Linear(d, rank, bias=False)
+        self.up = nn.Linear(rank, units)
+        self.hidden_relu = hidden_relu
+
+    def forward(self, x):
+        x = x.float()
+        x = x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + 1e-6)
+        h = self.down(x)
+        return self.up(F.relu(h) if self.hidden_relu else h)
+
+
+def head_input_layer(layer: int) -> int:
+    return max(layer - 1, 0)
+
+
+def default_ranks(d: int) -> tuple[int, int]:
+    return max(32, d // 4), max(16, d // 8)
+
+
+@dataclass
+class TrainSettings:
+    mlp_rank: int | None = None
+    head_rank: int | None = None
+    label_density: float = 0.3   # MLP labels: the oracle top set at this density
+    epochs: int = 8
+    batch: int = 256
+    lr: float = 2e-3
+    target_recall: float = 0.9   # k calibration: recall of the oracle top set at label_density
+    seed: int = 0
+
+
+def _fit(net: nn.Module, x: torch.Tensor, loss_fn, epochs: int, batch: int, lr: float, gen: torch.Generator):
+    opt = torch.optim.AdamW(net.parameters(), lr=lr, weight_decay=0.0)
+    steps = epochs * ((len(x) + batch - 1) // batch)
+    sched = torch.optim.lr_scheduler.OneCycleLR(opt, max_lr=lr, total_steps=steps, pct_start=0.1)
+    for _ in range(epochs):
+        perm = torch.randperm(len(x), generator=gen)
+        for i in range(0, len(x), batch):
+            idx = perm[i:i + batch]
+            loss = loss_fn(net(x[idx]), idx)
+            opt.zero_grad(set_to_none=True)
+            loss.backward()
+            opt.step()
+            sched.step()
+    return net
+
+
+def top_set(scores: torch.Tensor, k: int) -> torch.Tensor:
+    return torch.zeros_like(scores, dtype=torch.bool).scatter_(-1, scores.topk(k, dim=-1).indices, True)
+
+
+def ranks_of_oracle_set(pred: torch.Tensor, imp: torch.Tensor, k_oracle: int) -> torch.Tensor:
+    """For each token, the rank under the predictor of each unit in the oracle top-k: [N, k]."""
+    order = pred.argsort(dim=-1, descending=True)
+    rank = torch.empty_like(order).scatter_(-1, order, torch.arange(pred.shape[-1]).expand_as(order))
+    return rank.gather(-1, imp.topk(k_oracle, dim=-1).indices)
+
+
+def selection_metrics(pred: torch.Tensor, imp: torch.Tensor, density: float, target_recall: float) -> dict:
+    """Recall/precision of the predicted top-k against the oracle top-k at `density`, and the
+    k (as a density) the predictor needs to reach `target_recall` of the oracle set."""
+    n = imp.shape[-1]
+    k = units_for(density, n)
+    ranks = ranks_of_oracle_set(pred, imp, k)
+    recall_at_k = (ranks < k).float().mean().item()
+    flat = ranks.flatten().sort().values
+    k_needed = int(flat[min(len(flat) - 1, int(target_recall * len(flat)))]) + 1
+    recall_needed = (ranks < k_needed).float().mean().item()
+    return dict(density=k / n, recall=recall_at_k, precision=recall_at_k,
+                calibrated_density=k_needed / n, calibrated_recall=recall_needed,
+                calibrated_precision=recall_needed * k / k_needed)
+
+
+def train(model: Transformer, rec_dir: Path, settings: TrainSettings = TrainSettings(), progress: bool = True,
+          log=print) -> "Predictors":
+    manifest = read_manifest(rec_dir, model)
+    cfg = model.cfg
+    mlp_rank, head_rank = default_ranks(cfg.d_model)
+    mlp_rank, head_rank = settings.mlp_rank or mlp_rank, settings.head_rank or head_rank
+    train_shards, held_shards = split_shards(manifest["shards"])
+    if not held_shards:
+        raise DejavuError("need at least 2 recorded shards (one is held out to calibrate k); record more tokens")
+    gen = torch.Generator().manual_seed(settings.seed)
+    torch.manual_seed(settings.seed)
+    mlp_nets, head_nets, metrics = [], [], []
+    static_neuron, static_head = [], []
+    t0 = time.perf_counter()
+    for layer in tqdm(range(cfg.n_layers), desc="training predictors", unit="layer", disable=not progress):
+        hl = head_input_layer(layer)
+        names = sorted({f"resid.{layer}", f"resid.{hl}", f"neuron.{layer}", f"head.{layer}"})
+        tr, ho = load_layer(rec_dir, names, train_shards), load_layer(rec_dir, names, held_shards)
+        static_neuron.append(tr[f"neuron.{layer}"].mean(0))
+        static_head.append(tr[f"head.{layer}"].mean(0))
+
+        # MLP: the paper's predictor, class-balanced BCE on the oracle top set
+        k = units_for(settings.label_density, cfg.d_ff)
+        labels = top_set(tr[f"neuron.{layer}"], k).float()
+        pos_weight = torch.tensor((cfg.d_ff - k) / k)
+        net = LowRank(cfg.d_model, mlp_rank, cfg.d_ff, hidden_relu=False)
+        x = tr[f"resid.{layer}"]
+        _fit(net, x, lambda out, idx: F.binary_cross_entropy_with_logits(out, labels[idx], pos_weight=pos_weight),
+             settings.epochs, settings.batch, settings.lr, gen)
+        mlp_nets.append(net.eval())
+
+        # heads: ReLU network regressing log-importance
+        target = torch.log(tr[f"head.{layer}"] + 1e-4)
+        hnet = LowRank(cfg.d_model, head_rank, cfg.n_heads, hidden_relu=True)
+        _fit(hnet, tr[f"resid.{hl}"], lambda out, idx: F.mse_loss(out, target[idx]),
+             settings.epochs, settings.batch, settings.lr, gen)
+        head_nets.append(hnet.eval())
+
+        with torch.no_grad():
+            m = {"mlp": selection_metrics(net(ho[f"resid.{layer}"]), ho[f"neuron.{layer}"],
+                                          settings.label_density, settings.target_recall),
+                 "attn": selection_metrics(hnet(ho[f"resid.{hl}"]), ho[f"head.{layer}"],
+                                           2 / 3, settings.target_recall)}
+        metrics.append(m)
+    meta = dict(version=PREDICTOR_VERSION, fingerprint=manifest["fingerprint"], config=cfg.to_dict(),
+                lookahead=True, mlp_rank=mlp_rank, head_rank=head_rank, mlp_loss="class-balanced BCE",
+                head_loss="MSE on log-importance", settings=settings.__dict__,
+                training=dict(recording=str(rec_dir), train_tokens=len(train_shards) * manifest["shard_tokens"],
+                              heldout_tokens=len(held_shards) * manifest["shard_tokens"],
+                              seconds=round(time.perf_counter() - t0, 1)),
+                metrics=metrics)
+    return Predictors(mlp_nets, head_nets, static_neuron, static_head, meta)
+
+
+class Predictors:
+    """Per-layer predictors plus the static ranking (mean importance on the same calibration text)."""
+
+    def __init__(self, mlp: list[LowRank], heads: list[LowRank], static_neuron, static_head, meta: dict):
+        self.mlp, self.heads, self.meta = mlp, heads, meta
+        self.static_neuron, self.static_head = static_neuron, static_head
+
+    def save(self, folder: Path):
+        folder = Path(folder)
+        folder.mkdir(parents=True, exist_ok=True)
+        tensors = {}
+        for i, (m, h) in enumerate(zip(self.mlp, self.heads)):
+            tensors.update({f"mlp.{i}.{k}": v for k, v in m.state_dict().items()})
+            tensors.update({f"head.{i}.{k}": v for k, v in h.state_dict().items()})
+            tensors[f"static.neuron.{i}"] = self.static_neuron[i]
+            tensors[f"static.head.{i}"] = self.static_head[i]
+        save_file({k: v.contiguous() for k, v in tensors.items()}, folder / WEIGHTS)
+        (folder / META).write_text(json.dumps(self.meta, indent=1))
+
+    @classmethod
+    def load(cls, folder: Path, model: Transformer) -> "Predictors":
+        folder = Path(folder)
+        if not (folder / META).exists() or not (folder / WEIGHTS).exists():
+            raise DejavuError(f"{folder} holds no predictors ({META} and {WEIGHTS}); "
+                              "make them with `dejavu calibrate --out DIR`")
+        try:
+            meta = json.loads((folder / META).read_text())
+            tensors = load_file(folder / WEIGHTS)
+        except Exception as e:
+            raise DejavuError(f"cannot read the predictors in {folder} ({type(e).__name__}): the files are "
+                              "corrupt; run `dejavu calibrate` again") from None
+        if meta.get("version") != PREDICTOR_VERSION:
+            raise DejavuError(f"predictors in {folder} have format version {meta.get('version')}, this dejavu "
+                              f"reads {PREDICTOR_VERSION}; run `dejavu calibrate` again")
+        cfg = model.cfg
+        if meta.get("fingerprint") != model_fingerprint(model):
+            other = meta.get("config", {})
+            raise DejavuError(
+                f"the predictors in {folder} were made for another model ({other.get('family')}, "
+                f"{other.get('n_layers')} layers, d_model {other.get('d_model')}), not this one ({cfg.family}, "
+                f"{cfg.n_layers} layers, d_model {cfg.d_model}). Fix: run `dejavu calibrate` for this model.")
+        mlp, heads, sn, sh = [], [], [], []
+        try:
+            for i in range(cfg.n_layers):
+                m = LowRank(cfg.d_model, meta["mlp_rank"], cfg.d_ff, hidden_relu=False)
+                m.load_state_dict({k: tensors[f"mlp.{i}.{k}"] for k in m.state_dict()})
+                h = LowRank(cfg.d_model, meta["head_rank"], cfg.n_heads, hidden_relu=True)
+                h.load_state_dict({k: tensors[f"head.{i}.{k}"] for k in h.state_dict()})
+                mlp.append(m.eval().to(model.device))
+                heads.append(h.eval().to(model.device))
+                sn.append(tensors[f"static.neuron.{i}"])
+                sh.append(tensors[f"static.head.{i}"])
+        except (KeyError, RuntimeError) as e:
+            raise DejavuError(f"the predictors in {folder} do not fit this model's shapes ({str(e)[:200]}); "
+                              "run `dejavu calibrate` again") from None
+        return cls(mlp, heads, sn, sh, meta)
+
+    def cost(self, model: Transformer, elem_bytes: int = 2) -> dict:
+        """Predictor bytes and FLOPs per token relative to the block part it predicts."""
+        cfg = model.cfg
+        mlp_p = sum(p.numel() for p in self.mlp[0].parameters())
+        head_p = sum(p.numel() for p in self.heads[0].parameters())
+        mlp_block = cfg.d_ff * cfg.d_model * (cfg.n_in + 1)
+        attn_block = cfg.d_model * cfg.head_dim * (2 * cfg.n_heads + 2 * cfg.n_kv_heads)
+        return dict(mlp_bytes=mlp_p * elem_bytes, mlp_frac=mlp_p / mlp_block,
+                    head_bytes=head_p * elem_bytes, head_frac=head_p / attn_block)
+
+
+class PredictorSelector:
+    """Scores from the lookahead predictors (sparse.Masked calls these)."""
+    name = "predicted"
+
+    def __init__(self, preds: Predictors):
+        self.p = preds
+
+    def neuron_scores(self, layer, resid, x_in, a):
+        return self.p.mlp[layer](resid[layer]).view(a.shape)
+
+    def head_scores(self, layer, resid, x_in, y):
+        return self.p.heads[layer](resid[head_input_layer(layer)]).view(y.shape[:-1])

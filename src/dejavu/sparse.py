@@ -1,0 +1,212 @@
+"""Units, importance, and masked (evaluation) sparse execution.
+
+Units (DESIGN.md 4.1):
+  neuron i of layer l: row i of w_in (gate and up, or fc1) and row i of w_out_t (W_down column i).
+    importance for a token: |a_i| * ||W_down[:, i]||   (a = act(gate) * up, or act(fc1))
+  head h of layer l: its Q rows and its slice of W_o (rows of wo_t).
+    importance: || o_h @ W_o[:, h] ||, the norm of the head's contribution to the block output.
+    In grouped-query models a skipped query head saves its Q rows, its attention over the cache
+    and its W_o slice; K/V are shared by the head's group and always computed, so the cache
+    stays complete.
+
+A `Sparsity` object rides along a forward pass (Transformer.forward(..., sparsity=...)). The
+engine calls it at three places per layer:
+  enter(layer, x)            the residual stream entering the layer (what lookahead reads)
+  heads(layer, x_in, y)      y [B, T, H, head_dim] per-head attention output -> masked y
+  neurons(layer, x_in, a)    a [B, T, d_ff] neuron activations -> masked a
+`Masked` zeroes the unselected units (evaluation over many tokens, each with its own set);
+`Recorder` leaves the computation dense and records inputs and importances.
+"""
+from __future__ import annotations
+
+import torch
+
+from .load import DejavuError
+from .model import Transformer
+
+
+def neuron_norms(model: Transformer) -> list[torch.Tensor]:
+    return [b.mlp.w_out_t.float().norm(dim=1) for b in model.layers]
+
+
+def neuron_importance(a: torch.Tensor, down_norm: torch.Tensor) -> torch.Tensor:
+    return a.float().abs() * down_norm
+
+
+def head_contributions(wo_t: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+    """y [B, T, H, hd] -> each head's output through W_o: [B, T, H, d]."""
+    H = y.shape[-2]
+    return torch.einsum("bthk,hkd->bthd", y.float(), wo_t.float().view(H, -1, wo_t.shape[-1]))
+
+
+def head_importance(wo_t: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+    return head_contributions(wo_t, y).norm(dim=-1)
+
+
+def units_for(density: float, n: int) -> int:
+    """Units kept at a density: at least one, at most all."""
+    return max(1, min(n, round(density * n)))
+
+
+def topk_mask(scores: torch.Tensor, k: int) -> torch.Tensor:
+    if k >= scores.shape[-1]:
+        return torch.ones_like(scores, dtype=torch.bool)
+    idx = scores.topk(k, dim=-1).indices
+    return torch.zeros_like(scores, dtype=torch.bool).scatter_(-1, idx, True)
+
+
+def check_density(name: str, d: float):
+    if not (isinstance(d, (int, float)) and 0 < d <= 1):
+        raise DejavuError(f"{name} must be in (0, 1], got {d!r}")
+
+
+def per_layer(name: str, density, n_layers: int) -> list[float] | None:
+    """A density for every layer, from one number or a list of n_layers numbers (None: dense)."""
+    if density is None:
+        return None
+    ds = [density] * n_layers if isinstance(density, (int, float)) else list(density)
+    if len(ds) != n_layers:
+        raise DejavuError(f"{name}: got {len(ds)} per-layer densities for a model of {n_layers} layers")
+    for d in ds:
+        check_density(name, d)
+    return ds
+
+
+class Sparsity:
+    """The dense no-op; subclasses mask or record."""
+
+    def enter(self, layer: int, x: torch.Tensor):
+        pass
+
+    def heads(self, layer: int, x_in: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+        return y
+
+    def neurons(self, layer: int, x_in: torch.Tensor, a: torch.Tensor) -> torch.Tensor:
+        return a
+
+
+# ---------------------------------------------------------------- selectors
+# A selector scores units for one layer; the top-k scores are kept. Each gets the residual
+# stream entering every layer so far (`resid`), the block part's normalized input and output.
+
+class OracleSelector:
+    """The true importance (needs the dense output: evaluation only, an upper bound)."""
+    name = "oracle"
+
+    def __init__(self, model: Transformer):
+        self.model, self.down_norms = model, neuron_norms(model)
+
+    def neuron_scores(self, layer, resid, x_in, a):
+        return neuron_importance(a, self.down_norms[layer])
+
+    def head_scores(self, layer, resid, x_in, y):
+        return head_importance(self.model.layers[layer].attn.wo_t, y)
+
+
+class StaticSelector:
+    """The same units for every token: ranked by mean importance on calibration text."""
+    name = "static"
+
+    def __init__(self, mean_neuron: list[torch.Tensor] | None, mean_head: list[torch.Tensor] | None):
+        self.mean_neuron, self.mean_head = mean_neuron, mean_head
+
+    def neuron_scores(self, layer, resid, x_in, a):
+        return self.mean_neuron[layer].to(a.device).expand(a.shape)
+
+    def head_scores(self, layer, resid, x_in, y):
+        return self.mean_head[layer].to(y.device).expand(y.shape[:-1])
+
+
+class GateSelector:
+    """Gated MLPs: the exact gate |act(x W_gate)| times a rank-r SVD estimate of |x W_up|,
+    times ||W_down[:, i]||. Costs reading all of W_gate plus the rank-r factors."""
+    name = "gate"
+
+    def __init__(self, model: Transformer, rank: int = 128):
+        if not model.cfg.gated:
+            raise DejavuError("the gate selector needs a gated MLP (SwiGLU/GeGLU); use a predictor for ReLU models")
+        self.model, self.rank, self.down_norms = model, rank, neuron_norms(model)
+        self.factors = []
+        for b in model.layers:
+            u, s, vh = torch.linalg.svd(b.mlp.w_in[:, 1].float(), full_matrices=False)  # W_up [d_ff, d]
+            self.factors.append(((vh[:rank].T * s[:rank]).contiguous(), u[:, :rank].T.contiguous()))
+
+    def neuron_scores(self, layer, resid, x_in, a):
+        mlp = self.model.layers[layer].mlp
+        g = mlp.act(x_in @ mlp.w_in[:, 0].T).float()
+        left, right = self.factors[layer]
+        up = (x_in.float() @ left) @ right
+        return g.abs() * up.abs() * self.down_norms[layer]
+
+    def extra_bytes(self, elem: int) -> int:
+        cfg = self.model.cfg
+        return (cfg.d_model * cfg.d_ff + self.rank * (cfg.d_model + cfg.d_ff)) * elem
+
+
+class Masked(Sparsity):
+    """Zero every unit outside the top-k of its selector, per token, per layer."""
+
+    def __init__(self, model: Transformer, mlp=None, heads=None, mlp_density=None, attn_density=None):
+        cfg = model.cfg
+        self.mlp, self.head_sel = mlp, heads
+        self.mlp_k = [units_for(d, cfg.d_ff) for d in per_layer("MLP density", mlp_density, cfg.n_layers)] \
+            if mlp is not None else None
+        self.attn_k = [units_for(d, cfg.n_heads) for d in per_layer("attention density", attn_density, cfg.n_layers)] \
+            if heads is not None else None
+        self.resid: list[torch.Tensor] = []
+        self.kept = {"mlp": [0, 0], "attn": [0, 0]}  # kept units, total units (achieved density)
+
+    def enter(self, layer, x):
+        if layer == 0:
+            self.resid = []
+        self.resid.append(x)
+
+    def _mask(self, kind, scores, k):
+        mask = topk_mask(scores, k)
+        self.kept[kind][0] += int(mask.sum())
+        self.kept[kind][1] += mask.numel()
+        return mask
+
+    def heads(self, layer, x_in, y):
+        if self.head_sel is None:
+            return y
+        s = self.head_sel.head_scores(layer, self.resid, x_in, y)
+        return y * self._mask("attn", s, self.attn_k[layer])[..., None].to(y.dtype)
+
+    def neurons(self, layer, x_in, a):
+        if self.mlp is None:
+            return a
+        s = self.mlp.neuron_scores(layer, self.resid, x_in, a)
+        return a * self._mask("mlp", s, self.mlp_k[layer]).to(a.dtype)
+
+
+class Recorder(Sparsity):
+    """Dense forward; records per layer the residual stream entering it and unit importances."""
+
+    def __init__(self, model: Transformer, dtype=torch.float32):
+        self.model, self.dtype = model, dtype
+        self.down_norms = neuron_norms(model)
+        self.resid: list[torch.Tensor] = []
+        self.neuron_imp: list[torch.Tensor] = []
+        self.head_imp: list[torch.Tensor] = []
+        self.mlp_in: list[torch.Tensor] = []
+        self.acts: list[torch.Tensor] = []
+        self.keep_acts = False
+
+    def reset(self):
+        for lst in (self.resid, self.neuron_imp, self.head_imp, self.mlp_in, self.acts):
+            lst.clear()
+
+    def enter(self, layer, x):
+        self.resid.append(x.detach().flatten(0, 1).to(self.dtype))
+
+    def heads(self, layer, x_in, y):
+        imp = head_importance(self.model.layers[layer].attn.wo_t, y)
+        self.head_imp.append(imp.flatten(0, 1).to(self.dtype))
+        return y
+
+    def neurons(self, layer, x_in, a):
+        self.neuron_imp.append(neuron_importance(a, self.down_norms[layer]).flatten(0, 1).to(self.dtype))
+        if self.keep_acts:
+            self.acts.append(a.detach().flatten(0, 1))
+        return a
