@@ -79,3 +79,48 @@ def test_perplexity_on_user_text(tmp_path, capsys):
     out = capsys.readouterr().out
     ppl = float(out.split()[1])
     assert math.isfinite(ppl) and 1 < ppl < 100
+
+
+def test_calibrate_then_analyze_end_to_end(tmp_path, capsys):
+    """The issue's pipeline on the real model, small: record, train, report, analyze with predictors."""
+    preds, out = tmp_path / "preds", tmp_path / "analysis"
+    assert main(["calibrate", "--out", str(preds), "--tokens", "4096", "--epochs", "1"]) == 0
+    text = capsys.readouterr().out
+    assert "GiB on disk" in text and "predictor cost per layer" in text and "   29 |" in text
+    assert not (preds / "recording").exists()
+    assert main(["analyze", "--predictors", str(preds), "--out", str(out), "--tokens", "512",
+                 "--mlp-densities", "0.5", "--attn-densities", "0.67"]) == 0
+    import json
+    result = json.loads((out / "analysis.json").read_text())
+    assert len(result["layers"]) == 30 and result["layers"][5]["resid_cos_next"] > 0.5
+    keep = result["layers"][5]["mlp_keep"]
+    assert 0 < keep["0.9"] <= keep["0.95"] <= keep["0.99"] <= 1
+    seen = {(r["part"], r["selector"]) for r in result["curves"]}
+    for part in ("mlp", "attn", "both"):
+        assert {(part, "oracle"), (part, "static"), (part, "predicted"), (part, "default, allocated")} <= seen
+    assert ("mlp", "gate") in seen
+    assert (out / "perplexity_vs_density.png").stat().st_size > 10_000 and (out / "layers.png").exists()
+    assert "| oracle |" in (out / "analysis.md").read_text()
+
+
+def test_analyze_refuses_predictors_of_another_model(tmp_path, capsys):
+    from dejavu.predictor import Predictors, TrainSettings, train
+    from dejavu.collect import record
+    from test_model import random_pair
+    model, _ = random_pair("llama-gqa")
+    record(model, torch.randint(0, 101, (1024,)), tmp_path / "rec", window=128, shard_tokens=256, progress=False)
+    train(model, tmp_path / "rec", TrainSettings(epochs=1), progress=False).save(tmp_path / "p")
+    assert main(["analyze", "--predictors", str(tmp_path / "p"), "--tokens", "256"]) == 2
+    err = capsys.readouterr().err
+    assert "made for another model" in err and "dejavu calibrate" in err and "Traceback" not in err
+
+
+@pytest.mark.parametrize("argv", [["analyze", "--mlp-densities", "0.5,1.5"], ["analyze", "--attn-densities", "0"],
+                                  ["calibrate", "--label-density", "0"]])
+def test_impossible_densities_on_the_command_line(argv, capsys):
+    try:
+        rc = main(argv)
+    except SystemExit as e:  # argparse refuses bad values itself, with exit status 2
+        rc = e.code
+    assert rc == 2
+    assert "(0, 1]" in capsys.readouterr().err

@@ -66,41 +66,53 @@ def layer_stats(model: Transformer, tokens: torch.Tensor, sample_tokens: int = 6
     return stats
 
 
-def selectors(model: Transformer, predictors=None, static=None) -> dict[str, tuple]:
-    """name -> (neuron selector or None, head selector or None)."""
+def selectors(model: Transformer, predictors=None, static=None) -> dict[str, dict]:
+    """name -> neuron selector, head selector, and the predictors whose per-layer allocation to use.
+    'default' is what dejavu uses for this family: the gate selector for gated MLPs (measured best,
+    predictor issue), the lookahead predictors otherwise; heads always from the predictors."""
     from .predictor import PredictorSelector
     oracle = OracleSelector(model)
-    out = {"oracle": (oracle, oracle), "static": (static, static)}
+    out = {"oracle": dict(neurons=oracle, heads=oracle), "static": dict(neurons=static, heads=static)}
     if predictors is not None:
         pred = PredictorSelector(predictors)
-        out["predicted"] = (pred, pred)
+        out["predicted"] = dict(neurons=pred, heads=pred)
     if model.cfg.gated:
-        out["gate"] = (GateSelector(model), None)
+        out["gate"] = dict(neurons=GateSelector(model), heads=out.get("predicted", out["oracle"])["heads"])
+    if predictors is not None:
+        default = out["gate" if model.cfg.gated else "predicted"]
+        out["default, allocated"] = dict(default, allocate=predictors)
     return out
 
 
 def curves(model: Transformer, stream: torch.Tensor, sels: dict, mlp_densities, attn_densities, window=512,
            progress=True, log=print) -> list[dict]:
-    """Perplexity for every (part, selector, density); part is 'mlp', 'attn' or 'both'."""
+    """Perplexity for every (part, selector, density); part is 'mlp', 'attn' or 'both'.
+    Densities are the mean over layers; 'allocated' selectors spread them per layer."""
     rows = []
     plan = [("mlp", d, None) for d in mlp_densities] + [("attn", None, d) for d in attn_densities] + \
         [("both", m, a) for m, a in zip(mlp_densities, attn_densities)]
     for part, md, ad in plan:
-        for name, (nsel, hsel) in sels.items():
-            nsel_used = nsel if part in ("mlp", "both") else None
-            hsel_used = hsel if part in ("attn", "both") else None
-            if (part != "attn" and nsel_used is None) or (part != "mlp" and hsel_used is None):
-                if name == "gate" and part == "both":  # gate selects neurons; heads from the predictor or oracle
-                    hsel_used = sels.get("predicted", sels["oracle"])[1]
-                else:
-                    continue
-            mask = Masked(model, mlp=nsel_used, heads=hsel_used, mlp_density=md, attn_density=ad)
+        for name, sel in sels.items():
+            nsel = sel["neurons"] if part in ("mlp", "both") else None
+            hsel = sel["heads"] if part in ("attn", "both") else None
+            if (part != "attn" and nsel is None) or (part != "mlp" and hsel is None):
+                continue
+            if part == "attn" and name == "gate":  # the gate selector only selects neurons
+                continue
+            alloc = sel.get("allocate")
+            mds = alloc.allocation("mlp", md) if alloc is not None and md is not None else md
+            ads = alloc.allocation("attn", ad) if alloc is not None and ad is not None else ad
+            mask = Masked(model, mlp=nsel, heads=hsel, mlp_density=mds, attn_density=ads)
             t = time.perf_counter()
             r = perplexity(model, stream, window, sparsity=mask, progress=progress, desc=f"{part} {name}")
             kept = {k: (v[0] / v[1] if v[1] else None) for k, v in mask.kept.items()}
             rows.append(dict(part=part, selector=name, mlp_density=md, attn_density=ad, ppl=r.ppl,
-                             achieved_mlp_density=kept["mlp"], achieved_attn_density=kept["attn"]))
-            log(f"  {part:<4} {name:<9} mlp {fmt(md)} attn {fmt(ad)}  ppl {r.ppl:8.2f}  "
+                             achieved_mlp_density=kept["mlp"], achieved_attn_density=kept["attn"],
+                             per_layer_mlp=mds if isinstance(mds, list) else None,
+                             per_layer_attn=ads if isinstance(ads, list) else None,
+                             mlp_bytes_fraction=(nsel.mlp_bytes_fraction(md) if hasattr(nsel, "mlp_bytes_fraction")
+                                                 and md is not None else md)))
+            log(f"  {part:<4} {name:<19} mlp {fmt(md)} attn {fmt(ad)}  ppl {r.ppl:8.2f}  "
                 f"({time.perf_counter() - t:.0f} s)")
     return rows
 

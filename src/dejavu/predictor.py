@@ -109,6 +109,39 @@ def selection_metrics(pred: torch.Tensor, imp: torch.Tensor, density: float, tar
                 calibrated_precision=recall_needed * k / k_needed)
 
 
+GRID = [round(0.05 * i, 2) for i in range(1, 21)]  # densities at which drop curves are measured
+
+
+def dropped_mass(imp: torch.Tensor, resid_next: torch.Tensor) -> list[float]:
+    """For each density in GRID: the importance mass the oracle top set leaves out, relative to
+    the norm of the residual stream the block writes into (mean over tokens). A layer whose units'
+    output is concentrated, or small beside the stream, loses little when made sparser."""
+    n = imp.shape[-1]
+    sorted_imp = imp.sort(dim=-1, descending=True).values
+    tail = sorted_imp.flip(-1).cumsum(-1).flip(-1)  # tail[:, k] = mass of units ranked k and below
+    scale = resid_next.norm(dim=-1).clamp_min(1e-6)
+    out = []
+    for d in GRID:
+        k = units_for(d, n)
+        out.append(0.0 if k >= n else (tail[:, k] / scale).mean().item())
+    return out
+
+
+def allocate(curves: list[list[float]], mean_density: float, n_units: int) -> list[float]:
+    """Per-layer densities with the given mean that lose the least (greedy on the drop curves):
+    start dense, repeatedly lower the layer whose next step down costs least."""
+    if not 0 < mean_density <= 1:
+        raise DejavuError(f"mean density must be in (0, 1], got {mean_density}")
+    idx = [len(GRID) - 1] * len(curves)
+    while sum(GRID[i] for i in idx) / len(idx) > mean_density + 1e-9:
+        cost = [curves[l][i - 1] - curves[l][i] if i > 0 else float("inf") for l, i in enumerate(idx)]
+        best = min(range(len(idx)), key=cost.__getitem__)
+        if cost[best] == float("inf"):
+            break
+        idx[best] -= 1
+    return [units_for(GRID[i], n_units) / n_units for i in idx]
+
+
 def train(model: Transformer, rec_dir: Path, settings: TrainSettings = TrainSettings(), progress: bool = True,
           log=print) -> "Predictors":
     manifest = read_manifest(rec_dir, model)
@@ -120,12 +153,13 @@ def train(model: Transformer, rec_dir: Path, settings: TrainSettings = TrainSett
         raise DejavuError("need at least 2 recorded shards (one is held out to calibrate k); record more tokens")
     gen = torch.Generator().manual_seed(settings.seed)
     torch.manual_seed(settings.seed)
-    mlp_nets, head_nets, metrics = [], [], []
+    mlp_nets, head_nets, metrics, drops = [], [], [], []
     static_neuron, static_head = [], []
     t0 = time.perf_counter()
     for layer in tqdm(range(cfg.n_layers), desc="training predictors", unit="layer", disable=not progress):
         hl = head_input_layer(layer)
-        names = sorted({f"resid.{layer}", f"resid.{hl}", f"neuron.{layer}", f"head.{layer}"})
+        nxt = min(layer + 1, cfg.n_layers - 1)
+        names = sorted({f"resid.{layer}", f"resid.{hl}", f"resid.{nxt}", f"neuron.{layer}", f"head.{layer}"})
         tr, ho = load_layer(rec_dir, names, train_shards), load_layer(rec_dir, names, held_shards)
         static_neuron.append(tr[f"neuron.{layer}"].mean(0))
         static_head.append(tr[f"head.{layer}"].mean(0))
@@ -153,13 +187,15 @@ def train(model: Transformer, rec_dir: Path, settings: TrainSettings = TrainSett
                  "attn": selection_metrics(hnet(ho[f"resid.{hl}"]), ho[f"head.{layer}"],
                                            2 / 3, settings.target_recall)}
         metrics.append(m)
+        drops.append({"mlp": dropped_mass(tr[f"neuron.{layer}"], tr[f"resid.{nxt}"]),
+                      "attn": dropped_mass(tr[f"head.{layer}"], tr[f"resid.{nxt}"])})
     meta = dict(version=PREDICTOR_VERSION, fingerprint=manifest["fingerprint"], config=cfg.to_dict(),
                 lookahead=True, mlp_rank=mlp_rank, head_rank=head_rank, mlp_loss="class-balanced BCE",
                 head_loss="MSE on log-importance", settings=settings.__dict__,
                 training=dict(recording=str(rec_dir), train_tokens=len(train_shards) * manifest["shard_tokens"],
                               heldout_tokens=len(held_shards) * manifest["shard_tokens"],
                               seconds=round(time.perf_counter() - t0, 1)),
-                metrics=metrics)
+                metrics=metrics, drop_curves=dict(grid=GRID, layers=drops))
     return Predictors(mlp_nets, head_nets, static_neuron, static_head, meta)
 
 
@@ -220,6 +256,12 @@ class Predictors:
                               "run `dejavu calibrate` again") from None
         return cls(mlp, heads, sn, sh, meta)
 
+    def allocation(self, part: str, mean_density: float) -> list[float]:
+        """Per-layer densities for 'mlp' or 'attn' with this mean, allocated where they cost least."""
+        cfg = self.meta["config"]
+        n = cfg["d_ff"] if part == "mlp" else cfg["n_heads"]
+        return allocate([d[part] for d in self.meta["drop_curves"]["layers"]], mean_density, n)
+
     def cost(self, model: Transformer, elem_bytes: int = 2) -> dict:
         """Predictor bytes and FLOPs per token relative to the block part it predicts."""
         cfg = model.cfg
@@ -237,6 +279,13 @@ class PredictorSelector:
 
     def __init__(self, preds: Predictors):
         self.p = preds
+        cfg = preds.meta["config"]
+        mlp_params = sum(p.numel() for p in preds.mlp[0].parameters())
+        self.cost_frac = mlp_params / (cfg["d_ff"] * cfg["d_model"] * (3 if cfg["gated"] else 2))
+
+    def mlp_bytes_fraction(self, density: float) -> float:
+        """Weights read per token as a fraction of the MLP's: the selected rows plus the predictor."""
+        return density + self.cost_frac
 
     def neuron_scores(self, layer, resid, x_in, a):
         return self.p.mlp[layer](resid[layer]).view(a.shape)

@@ -118,29 +118,42 @@ class StaticSelector:
 
 
 class GateSelector:
-    """Gated MLPs: the exact gate |act(x W_gate)| times a rank-r SVD estimate of |x W_up|,
-    times ||W_down[:, i]||. Costs reading all of W_gate plus the rank-r factors."""
+    """Gated MLPs, gate first: compute the exact gate g = x W_gate (all of W_gate is read), score
+    neurons by |act(g)| * ||W_down[:, i]|| (times a rank-r SVD estimate of |x W_up| when rank > 0).
+    With `refine` = c > 1, the top c*k neurons by that score are candidates; their exact up rows
+    are computed and the final k are the candidates of largest exact importance, so only c*k up
+    rows and k down columns are read."""
     name = "gate"
 
-    def __init__(self, model: Transformer, rank: int = 128):
+    def __init__(self, model: Transformer, rank: int = 0, refine: float | None = 1.5):
         if not model.cfg.gated:
             raise DejavuError("the gate selector needs a gated MLP (SwiGLU/GeGLU); use a predictor for ReLU models")
-        self.model, self.rank, self.down_norms = model, rank, neuron_norms(model)
+        self.model, self.rank, self.refine, self.down_norms = model, rank, refine, neuron_norms(model)
+        self.w_gate = [b.mlp.w_in[:, 0].contiguous() for b in model.layers]  # evaluation-only copies
         self.factors = []
-        for b in model.layers:
+        for b in model.layers if rank else []:
             u, s, vh = torch.linalg.svd(b.mlp.w_in[:, 1].float(), full_matrices=False)  # W_up [d_ff, d]
             self.factors.append(((vh[:rank].T * s[:rank]).contiguous(), u[:, :rank].T.contiguous()))
+        self.k: list[int] | None = None  # set by Masked: the final k per layer
 
     def neuron_scores(self, layer, resid, x_in, a):
         mlp = self.model.layers[layer].mlp
-        g = mlp.act(x_in @ mlp.w_in[:, 0].T).float()
-        left, right = self.factors[layer]
-        up = (x_in.float() @ left) @ right
-        return g.abs() * up.abs() * self.down_norms[layer]
+        score = mlp.act(x_in @ self.w_gate[layer].T).float().abs() * self.down_norms[layer]
+        if self.rank:
+            left, right = self.factors[layer]
+            score = score * ((x_in.float() @ left) @ right).abs()
+        if self.refine is None or self.k is None:
+            return score
+        cand = topk_mask(score, units_for(self.refine * self.k[layer] / a.shape[-1], a.shape[-1]))
+        exact = neuron_importance(a, self.down_norms[layer])  # what the candidates' up rows give
+        return torch.where(cand, exact, torch.full_like(exact, -1.0))
 
-    def extra_bytes(self, elem: int) -> int:
+    def mlp_bytes_fraction(self, density: float) -> float:
+        """Weights read per token, as a fraction of the MLP's: W_gate, SVD factors, up rows, down columns."""
         cfg = self.model.cfg
-        return (cfg.d_model * cfg.d_ff + self.rank * (cfg.d_model + cfg.d_ff)) * elem
+        up = min(1.0, density * (self.refine or 1.0))
+        svd = self.rank * (cfg.d_model + cfg.d_ff) / (cfg.d_model * cfg.d_ff)
+        return (1 + svd + up + density) / 3
 
 
 class Masked(Sparsity):
@@ -151,6 +164,8 @@ class Masked(Sparsity):
         self.mlp, self.head_sel = mlp, heads
         self.mlp_k = [units_for(d, cfg.d_ff) for d in per_layer("MLP density", mlp_density, cfg.n_layers)] \
             if mlp is not None else None
+        if hasattr(mlp, "k"):  # selectors that refine candidates need the final k
+            mlp.k = self.mlp_k
         self.attn_k = [units_for(d, cfg.n_heads) for d in per_layer("attention density", attn_density, cfg.n_layers)] \
             if heads is not None else None
         self.resid: list[torch.Tensor] = []
