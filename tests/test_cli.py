@@ -97,8 +97,8 @@ def test_calibrate_then_analyze_end_to_end(tmp_path, capsys):
     assert 0 < keep["0.9"] <= keep["0.95"] <= keep["0.99"] <= 1
     seen = {(r["part"], r["selector"]) for r in result["curves"]}
     for part in ("mlp", "attn", "both"):
-        assert {(part, "oracle"), (part, "static"), (part, "predicted"), (part, "default, allocated")} <= seen
-    assert ("mlp", "gate") in seen
+        assert {(part, "oracle"), (part, "static"), (part, "predicted")} <= seen
+    assert {("mlp", "gate"), ("mlp", "default, allocated"), ("both", "default, allocated")} <= seen
     assert (out / "perplexity_vs_density.png").stat().st_size > 10_000 and (out / "layers.png").exists()
     assert "| oracle |" in (out / "analysis.md").read_text()
 

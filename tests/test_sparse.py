@@ -150,3 +150,28 @@ def test_head_importance_is_the_norm_of_the_contribution():
     contribs = [(y[:, :, h] @ attn.wo_t[h * 16:(h + 1) * 16]) for h in range(4)]
     assert torch.allclose(sum(contribs), full, atol=1e-5)
     assert torch.allclose(head_importance(attn.wo_t, y)[0, :, 2], contribs[2][0].norm(dim=-1), atol=1e-5)
+
+
+def test_same_layer_predictors_need_and_use_the_mlp_input(tmp_path):
+    model, _ = random_pair("llama-gqa")
+    stream = tokens(n=1024, b=1)[0]
+    record(model, stream, tmp_path / "la", window=128, shard_tokens=256, progress=False)
+    with pytest.raises(DejavuError, match="same-layer predictors need"):
+        train(model, tmp_path / "la", TrainSettings(epochs=1, lookahead=False), progress=False)
+    record(model, stream, tmp_path / "same", window=128, shard_tokens=256, progress=False, same_layer=True)
+    preds = train(model, tmp_path / "same", TrainSettings(epochs=1, lookahead=False), progress=False)
+    assert preds.meta["lookahead"] is False
+    sel = PredictorSelector(preds)
+    x_in, resid = torch.randn(1, 4, 64), [torch.randn(1, 4, 64)] * 3
+    a = torch.zeros(1, 4, 96)
+    assert torch.equal(sel.neuron_scores(2, resid, x_in, a), preds.mlp[2](x_in))
+
+
+def test_allocation_keeps_the_mean_and_favours_cheap_layers():
+    from dejavu.predictor import GRID, allocate
+    cheap = [0.0] * len(GRID)                             # losing units here costs nothing
+    costly = [1.0 - d for d in GRID]                      # here every unit dropped costs
+    dens = allocate([cheap, costly], 0.55, 100)
+    assert dens[0] < dens[1] and sum(dens) / 2 == pytest.approx(0.55, abs=0.03)
+    with pytest.raises(DejavuError):
+        allocate([cheap], 0.0, 100)

@@ -39,13 +39,6 @@ def layer_stats(model: Transformer, tokens: torch.Tensor, sample_tokens: int = 6
     """Keep-densities and residual cosines from one dense pass over `tokens` [B, T]."""
     rec = Recorder(model, torch.float32)
     rec.keep_acts = True
-    heads_y: list[torch.Tensor] = []
-    orig_heads = rec.heads
-
-    def heads(layer, x_in, y):  # also keep the per-head outputs
-        heads_y.append(y.flatten(0, 1))
-        return orig_heads(layer, x_in, y)
-    rec.heads = heads
     model(tokens, sparsity=rec)
     N = rec.resid[0].shape[0]
     pick = torch.linspace(0, N - 1, min(sample_tokens, N)).long()
@@ -56,7 +49,7 @@ def layer_stats(model: Transformer, tokens: torch.Tensor, sample_tokens: int = 6
         mlp_keep = []
         for i in range(0, len(pick), 8):  # [8, d_ff, d] at a time: bounded memory
             mlp_keep.append(torch.tensor(keep_density(a[i:i + 8, :, None] * w, rec.neuron_imp[layer][pick[i:i + 8]])))
-        contrib = head_contributions(block.attn.wo_t, heads_y[layer][pick][None])[0]
+        contrib = head_contributions(block.attn.wo_t, rec.head_out[layer][pick][None])[0]
         attn_keep = keep_density(contrib, rec.head_imp[layer][pick])
         cos = None
         if layer + 1 < len(rec.resid):
@@ -67,7 +60,7 @@ def layer_stats(model: Transformer, tokens: torch.Tensor, sample_tokens: int = 6
 
 
 def selectors(model: Transformer, predictors=None, static=None) -> dict[str, dict]:
-    """name -> neuron selector, head selector, and the predictors whose per-layer allocation to use.
+    """name -> neuron selector, head selector, and the predictors whose per-layer MLP allocation to use.
     'default' is what dejavu uses for this family: the gate selector for gated MLPs (measured best,
     predictor issue), the lookahead predictors otherwise; heads always from the predictors."""
     from .predictor import PredictorSelector
@@ -97,11 +90,11 @@ def curves(model: Transformer, stream: torch.Tensor, sels: dict, mlp_densities, 
             hsel = sel["heads"] if part in ("attn", "both") else None
             if (part != "attn" and nsel is None) or (part != "mlp" and hsel is None):
                 continue
-            if part == "attn" and name == "gate":  # the gate selector only selects neurons
-                continue
             alloc = sel.get("allocate")
+            if part == "attn" and (name == "gate" or alloc is not None):  # these differ from others in the MLP only
+                continue
             mds = alloc.allocation("mlp", md) if alloc is not None and md is not None else md
-            ads = alloc.allocation("attn", ad) if alloc is not None and ad is not None else ad
+            ads = ad
             mask = Masked(model, mlp=nsel, heads=hsel, mlp_density=mds, attn_density=ads)
             t = time.perf_counter()
             r = perplexity(model, stream, window, sparsity=mask, progress=progress, desc=f"{part} {name}")

@@ -152,10 +152,11 @@ def cmd_calibrate(args):
     if len(stream) < args.tokens:
         print(f"note: the calibration text has only {len(stream)} tokens (asked for {args.tokens})", file=sys.stderr)
     print(f"recording {len(stream)} calibration tokens into {rec_dir} "
-          f"({bytes_per_token(loaded.model) * len(stream) / 2**30:.2f} GiB on disk, fp16 importance scores)")
-    record(loaded.model, stream, rec_dir)
+          f"({bytes_per_token(loaded.model, args.same_layer) * len(stream) / 2**30:.2f} GiB on disk, "
+          "fp16 importance scores)")
+    record(loaded.model, stream, rec_dir, same_layer=args.same_layer)
     settings = TrainSettings(epochs=args.epochs, label_density=args.label_density,
-                             target_recall=args.target_recall)
+                             target_recall=args.target_recall, lookahead=not args.same_layer)
     preds = train(loaded.model, rec_dir, settings)
     preds.save(out)
     preds = Predictors.load(out, loaded.model)  # what later commands will read
@@ -286,6 +287,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--target-recall", type=float, default=0.9, help="recall of the oracle set that k is "
                                                                     "calibrated to (reported per layer)")
     p.add_argument("--keep-recording", action="store_true", help="keep the recorded shards after training")
+    p.add_argument("--same-layer", action="store_true",
+                   help="predictors read each part's own input instead of looking a block ahead (for comparison; "
+                        "they cannot run ahead of the block)")
     p.set_defaults(func=cmd_calibrate)
 
     p = sub.add_parser("analyze", help="measure contextual sparsity: oracle, static, predicted",
@@ -297,7 +301,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--predictors", help="predictor folder from `dejavu calibrate` (adds the predicted curve)")
     p.add_argument("--out", help="output folder (default runs/<model>/analysis)")
     p.add_argument("--text", nargs="+", metavar="FILE", help="evaluation text files (default: held-out Wikipedia)")
-    p.add_argument("--tokens", type=int, default=4096, help="held-out tokens to score per point (default 4096)")
+    p.add_argument("--tokens", type=int, default=2048, help="held-out tokens to score per point (default 2048)")
     p.add_argument("--static-tokens", type=int, default=8192,
                    help="calibration tokens to rank the static mask (without --predictors)")
     p.add_argument("--window", type=int, default=512)

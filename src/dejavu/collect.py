@@ -6,6 +6,7 @@ Per layer l and token, from the dense engine:
   neuron.l  [N, d_ff]  neuron importance |a_i| * ||W_down[:, i]||  (labels as scores: any
                        density's top set can be taken from them later)
   head.l    [N, H]     head importance ||o_h W_o[:, h]||
+  mlp_in.l  [N, d]     (with same_layer) the MLP's own normalized input, for same-layer predictors
 fp16 on disk. Shards hold a fixed token range each and are written atomically, so an
 interrupted run resumes where it stopped and memory stays bounded by one shard.
 """
@@ -39,13 +40,13 @@ def model_fingerprint(model: Transformer) -> str:
     return h.hexdigest()[:16]
 
 
-def bytes_per_token(model: Transformer) -> int:
+def bytes_per_token(model: Transformer, same_layer: bool = False) -> int:
     cfg = model.cfg
-    return cfg.n_layers * (cfg.d_model + cfg.d_ff + cfg.n_heads) * 2
+    return cfg.n_layers * (cfg.d_model * (2 if same_layer else 1) + cfg.d_ff + cfg.n_heads) * 2
 
 
 def record(model: Transformer, stream: torch.Tensor, out: Path, window: int = 512, shard_tokens: int = 2048,
-           batch: int = 4, progress: bool = True) -> dict:
+           batch: int = 4, progress: bool = True, same_layer: bool = False) -> dict:
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
     window = min(window, shard_tokens)
@@ -55,16 +56,17 @@ def record(model: Transformer, stream: torch.Tensor, out: Path, window: int = 51
         raise DejavuError(f"need at least {shard_tokens} tokens of calibration text, got {len(stream)}")
     manifest = dict(version=RECORD_VERSION, fingerprint=model_fingerprint(model), config=model.cfg.to_dict(),
                     window=window, shard_tokens=shard_tokens, shards=n_shards, tokens=n_shards * shard_tokens,
-                    bytes=n_shards * shard_tokens * bytes_per_token(model))
+                    same_layer=same_layer, bytes=n_shards * shard_tokens * bytes_per_token(model, same_layer))
     mpath = out / "record.json"
     if mpath.exists():
         old = json.loads(mpath.read_text())
-        if {k: old.get(k) for k in ("version", "fingerprint", "window", "shard_tokens")} != \
-                {k: manifest[k] for k in ("version", "fingerprint", "window", "shard_tokens")}:
+        keys = ("version", "fingerprint", "window", "shard_tokens", "same_layer")
+        if {k: old.get(k) for k in keys} != {k: manifest[k] for k in keys}:
             raise DejavuError(f"{out} holds a recording of another model or settings; use another --out or delete it")
     mpath.write_text(json.dumps(manifest, indent=1))
     todo = [i for i in range(n_shards) if not shard_path(out, i).exists()]
     rec = Recorder(model, torch.float16)
+    rec.keep_mlp_in = same_layer
     bar = tqdm(total=len(todo) * shard_tokens, desc="recording", unit="tok", disable=not progress)
     for i in todo:
         chunks = stream[i * shard_tokens:(i + 1) * shard_tokens].view(-1, window)
@@ -73,7 +75,8 @@ def record(model: Transformer, stream: torch.Tensor, out: Path, window: int = 51
             for j in range(0, len(chunks), batch):
                 rec.reset()
                 model(chunks[j:j + batch].to(model.device), sparsity=rec)
-                for name, lst in (("resid", rec.resid), ("neuron", rec.neuron_imp), ("head", rec.head_imp)):
+                for name, lst in (("resid", rec.resid), ("neuron", rec.neuron_imp), ("head", rec.head_imp),
+                                  ("mlp_in", rec.mlp_in)):
                     for layer, t in enumerate(lst):
                         parts.setdefault(f"{name}.{layer}", []).append(t.cpu())
                 bar.update(chunks[j:j + batch].numel())

@@ -3,7 +3,9 @@
 Per layer l (Deja Vu, DESIGN.md 1):
   MLP predictor of layer l    reads the residual stream entering layer l (before its attention)
   head predictor of layer l   reads the residual stream entering layer l-1 (layer 0: its own)
-so both are ready a block ahead and can run beside the main compute.
+so both are ready a block ahead and can run beside the main compute. The same-layer option
+(for comparison) reads each part's own input instead: the MLP's normalized input, and the
+residual stream entering the head's own layer.
 
 Network: RMS-normalize the input (scale-free), then d -> r -> units. The MLP predictor is the
 paper's: no hidden activation, class-balanced BCE on the oracle top set at `label_density`.
@@ -47,8 +49,12 @@ class LowRank(nn.Module):
         return self.up(F.relu(h) if self.hidden_relu else h)
 
 
-def head_input_layer(layer: int) -> int:
-    return max(layer - 1, 0)
+def head_input_layer(layer: int, lookahead: bool = True) -> int:
+    return max(layer - 1, 0) if lookahead else layer
+
+
+def mlp_input_name(layer: int, lookahead: bool = True) -> str:
+    return f"resid.{layer}" if lookahead else f"mlp_in.{layer}"
 
 
 def default_ranks(d: int) -> tuple[int, int]:
@@ -64,6 +70,7 @@ class TrainSettings:
     batch: int = 256
     lr: float = 2e-3
     target_recall: float = 0.9   # k calibration: recall of the oracle top set at label_density
+    lookahead: bool = True       # False: same-layer inputs (needs a recording made with same_layer)
     seed: int = 0
 
 
@@ -149,6 +156,10 @@ def train(model: Transformer, rec_dir: Path, settings: TrainSettings = TrainSett
     mlp_rank, head_rank = default_ranks(cfg.d_model)
     mlp_rank, head_rank = settings.mlp_rank or mlp_rank, settings.head_rank or head_rank
     train_shards, held_shards = split_shards(manifest["shards"])
+    la = settings.lookahead
+    if not la and not manifest.get("same_layer"):
+        raise DejavuError("same-layer predictors need a recording with the MLP inputs: "
+                          "record again with same_layer (dejavu calibrate --same-layer)")
     if not held_shards:
         raise DejavuError("need at least 2 recorded shards (one is held out to calibrate k); record more tokens")
     gen = torch.Generator().manual_seed(settings.seed)
@@ -157,9 +168,9 @@ def train(model: Transformer, rec_dir: Path, settings: TrainSettings = TrainSett
     static_neuron, static_head = [], []
     t0 = time.perf_counter()
     for layer in tqdm(range(cfg.n_layers), desc="training predictors", unit="layer", disable=not progress):
-        hl = head_input_layer(layer)
+        hl, ml = f"resid.{head_input_layer(layer, la)}", mlp_input_name(layer, la)
         nxt = min(layer + 1, cfg.n_layers - 1)
-        names = sorted({f"resid.{layer}", f"resid.{hl}", f"resid.{nxt}", f"neuron.{layer}", f"head.{layer}"})
+        names = sorted({ml, hl, f"resid.{nxt}", f"neuron.{layer}", f"head.{layer}"})
         tr, ho = load_layer(rec_dir, names, train_shards), load_layer(rec_dir, names, held_shards)
         static_neuron.append(tr[f"neuron.{layer}"].mean(0))
         static_head.append(tr[f"head.{layer}"].mean(0))
@@ -169,7 +180,7 @@ def train(model: Transformer, rec_dir: Path, settings: TrainSettings = TrainSett
         labels = top_set(tr[f"neuron.{layer}"], k).float()
         pos_weight = torch.tensor((cfg.d_ff - k) / k)
         net = LowRank(cfg.d_model, mlp_rank, cfg.d_ff, hidden_relu=False)
-        x = tr[f"resid.{layer}"]
+        x = tr[ml]
         _fit(net, x, lambda out, idx: F.binary_cross_entropy_with_logits(out, labels[idx], pos_weight=pos_weight),
              settings.epochs, settings.batch, settings.lr, gen)
         mlp_nets.append(net.eval())
@@ -177,20 +188,20 @@ def train(model: Transformer, rec_dir: Path, settings: TrainSettings = TrainSett
         # heads: ReLU network regressing log-importance
         target = torch.log(tr[f"head.{layer}"] + 1e-4)
         hnet = LowRank(cfg.d_model, head_rank, cfg.n_heads, hidden_relu=True)
-        _fit(hnet, tr[f"resid.{hl}"], lambda out, idx: F.mse_loss(out, target[idx]),
+        _fit(hnet, tr[hl], lambda out, idx: F.mse_loss(out, target[idx]),
              settings.epochs, settings.batch, settings.lr, gen)
         head_nets.append(hnet.eval())
 
         with torch.no_grad():
-            m = {"mlp": selection_metrics(net(ho[f"resid.{layer}"]), ho[f"neuron.{layer}"],
+            m = {"mlp": selection_metrics(net(ho[ml]), ho[f"neuron.{layer}"],
                                           settings.label_density, settings.target_recall),
-                 "attn": selection_metrics(hnet(ho[f"resid.{hl}"]), ho[f"head.{layer}"],
+                 "attn": selection_metrics(hnet(ho[hl]), ho[f"head.{layer}"],
                                            2 / 3, settings.target_recall)}
         metrics.append(m)
         drops.append({"mlp": dropped_mass(tr[f"neuron.{layer}"], tr[f"resid.{nxt}"]),
                       "attn": dropped_mass(tr[f"head.{layer}"], tr[f"resid.{nxt}"])})
     meta = dict(version=PREDICTOR_VERSION, fingerprint=manifest["fingerprint"], config=cfg.to_dict(),
-                lookahead=True, mlp_rank=mlp_rank, head_rank=head_rank, mlp_loss="class-balanced BCE",
+                lookahead=la, mlp_rank=mlp_rank, head_rank=head_rank, mlp_loss="class-balanced BCE",
                 head_loss="MSE on log-importance", settings=settings.__dict__,
                 training=dict(recording=str(rec_dir), train_tokens=len(train_shards) * manifest["shard_tokens"],
                               heldout_tokens=len(held_shards) * manifest["shard_tokens"],
@@ -257,7 +268,9 @@ class Predictors:
         return cls(mlp, heads, sn, sh, meta)
 
     def allocation(self, part: str, mean_density: float) -> list[float]:
-        """Per-layer densities for 'mlp' or 'attn' with this mean, allocated where they cost least."""
+        """Per-layer densities for 'mlp' or 'attn' with this mean, allocated where they cost least.
+        Measured on SmolLM2 (predictor issue): helps the MLP at low density; for heads the drop
+        proxy misleads (it starves layer 0), so analyze allocates MLP densities only."""
         cfg = self.meta["config"]
         n = cfg["d_ff"] if part == "mlp" else cfg["n_heads"]
         return allocate([d[part] for d in self.meta["drop_curves"]["layers"]], mean_density, n)
@@ -278,7 +291,7 @@ class PredictorSelector:
     name = "predicted"
 
     def __init__(self, preds: Predictors):
-        self.p = preds
+        self.p, self.lookahead = preds, preds.meta.get("lookahead", True)
         cfg = preds.meta["config"]
         mlp_params = sum(p.numel() for p in preds.mlp[0].parameters())
         self.cost_frac = mlp_params / (cfg["d_ff"] * cfg["d_model"] * (3 if cfg["gated"] else 2))
@@ -288,7 +301,7 @@ class PredictorSelector:
         return density + self.cost_frac
 
     def neuron_scores(self, layer, resid, x_in, a):
-        return self.p.mlp[layer](resid[layer]).view(a.shape)
+        return self.p.mlp[layer](resid[layer] if self.lookahead else x_in).view(a.shape)
 
     def head_scores(self, layer, resid, x_in, y):
-        return self.p.heads[layer](resid[head_input_layer(layer)]).view(y.shape[:-1])
+        return self.p.heads[layer](resid[head_input_layer(layer, self.lookahead)]).view(y.shape[:-1])

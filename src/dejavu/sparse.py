@@ -205,11 +205,13 @@ class Recorder(Sparsity):
         self.neuron_imp: list[torch.Tensor] = []
         self.head_imp: list[torch.Tensor] = []
         self.mlp_in: list[torch.Tensor] = []
-        self.acts: list[torch.Tensor] = []
+        self.acts: list[torch.Tensor] = []       # neuron activations a, with keep_acts
+        self.head_out: list[torch.Tensor] = []   # per-head attention outputs y, with keep_acts
         self.keep_acts = False
+        self.keep_mlp_in = False  # the MLP's own input, for same-layer predictors
 
     def reset(self):
-        for lst in (self.resid, self.neuron_imp, self.head_imp, self.mlp_in, self.acts):
+        for lst in (self.resid, self.neuron_imp, self.head_imp, self.mlp_in, self.acts, self.head_out):
             lst.clear()
 
     def enter(self, layer, x):
@@ -218,10 +220,14 @@ class Recorder(Sparsity):
     def heads(self, layer, x_in, y):
         imp = head_importance(self.model.layers[layer].attn.wo_t, y)
         self.head_imp.append(imp.flatten(0, 1).to(self.dtype))
+        if self.keep_acts:
+            self.head_out.append(y.detach().flatten(0, 1))
         return y
 
     def neurons(self, layer, x_in, a):
         self.neuron_imp.append(neuron_importance(a, self.down_norms[layer]).flatten(0, 1).to(self.dtype))
+        if self.keep_mlp_in:
+            self.mlp_in.append(x_in.detach().flatten(0, 1).to(self.dtype))
         if self.keep_acts:
             self.acts.append(a.detach().flatten(0, 1))
         return a
