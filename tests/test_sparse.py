@@ -175,3 +175,37 @@ def test_allocation_keeps_the_mean_and_favours_cheap_layers():
     assert dens[0] < dens[1] and sum(dens) / 2 == pytest.approx(0.55, abs=0.03)
     with pytest.raises(DejavuError):
         allocate([cheap], 0.0, 100)
+
+
+@pytest.mark.parametrize("name,batch,selector", [("llama-gqa", 1, "predicted"), ("llama-gqa", 3, "predicted"),
+                                                 ("opt-relu", 2, "predicted"), ("llama-gqa", 2, "gate")])
+def test_gathered_equals_masked_over_a_generation(name, batch, selector, tmp_path):
+    """The fast path computes what was evaluated: same selection -> same logits, step after step
+    over the KV cache (batch > 1: both use the batch's union of sets)."""
+    from dejavu.sparse import Gathered
+    model, _ = random_pair(name)
+    record(model, tokens(n=1024, b=1)[0], tmp_path, window=128, shard_tokens=256, progress=False)
+    preds = train(model, tmp_path, TrainSettings(epochs=1), progress=False)
+    pick = lambda: (GateSelector(model) if selector == "gate" else PredictorSelector(preds), PredictorSelector(preds))
+    (n1, h1), (n2, h2) = pick(), pick()
+    gathered = Gathered(model, mlp=n1, heads=h1, mlp_density=0.4, attn_density=0.5)
+    masked = Masked(model, mlp=n2, heads=h2, mlp_density=0.4, attn_density=0.5, union=True)
+    prompt = tokens(n=9, b=batch, seed=5)
+    caches = [model.new_cache(batch, 40), model.new_cache(batch, 40)]
+    with torch.no_grad():
+        nxt = model(prompt, caches[0], 0)[:, -1].argmax(-1)
+        model(prompt, caches[1], 0)
+        for pos in range(9, 40):
+            lg = model(nxt[:, None], caches[0], pos, sparsity=gathered)
+            lm = model(nxt[:, None], caches[1], pos, sparsity=masked)
+            assert torch.allclose(lg, lm, atol=1e-5, rtol=1e-4), pos
+            nxt = lg[:, -1].argmax(-1)
+        dense = model(nxt[:, None], model.new_cache(batch, 40), 0)
+    assert not torch.allclose(lg, dense)  # sparsity really acted
+    assert torch.allclose(caches[0].k, caches[1].k, atol=1e-5) and torch.allclose(caches[0].v, caches[1].v, atol=1e-5)
+    one_token = round(0.4 * model.cfg.d_ff) / model.cfg.d_ff
+    assert gathered.density("mlp") == masked.density("mlp")
+    if batch > 1:
+        assert gathered.density("mlp") > one_token  # the union of several tokens' sets is larger
+    else:
+        assert gathered.density("mlp") == pytest.approx(one_token)

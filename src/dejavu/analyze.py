@@ -63,7 +63,7 @@ def selectors(model: Transformer, predictors=None, static=None) -> dict[str, dic
     """name -> neuron selector, head selector, and the predictors whose per-layer MLP allocation to use.
     'default' is what dejavu uses for this family: the gate selector for gated MLPs (measured best,
     predictor issue), the lookahead predictors otherwise; heads always from the predictors."""
-    from .predictor import PredictorSelector
+    from .predictor import PredictorSelector, default_selectors
     oracle = OracleSelector(model)
     out = {"oracle": dict(neurons=oracle, heads=oracle), "static": dict(neurons=static, heads=static)}
     if predictors is not None:
@@ -72,8 +72,8 @@ def selectors(model: Transformer, predictors=None, static=None) -> dict[str, dic
     if model.cfg.gated:
         out["gate"] = dict(neurons=GateSelector(model), heads=out.get("predicted", out["oracle"])["heads"])
     if predictors is not None:
-        default = out["gate" if model.cfg.gated else "predicted"]
-        out["default, allocated"] = dict(default, allocate=predictors)
+        neurons, heads = default_selectors(model, predictors)
+        out["default, allocated"] = dict(neurons=neurons, heads=heads, allocate=predictors)
     return out
 
 

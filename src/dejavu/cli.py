@@ -58,8 +58,10 @@ def cmd_generate(args):
     else:
         ids = [tok(p).input_ids for p in prompts]
     stats = GenerationStats()
+    sparsity = sparse_decoder(loaded.model, args) if args.sparse else None
     steps = generate(loaded.model, ids, args.max_new_tokens, temperature=args.temperature, top_p=args.top_p,
-                     eos_id=tok.eos_token_id, pad_id=tok.pad_token_id or 0, seed=args.seed, stats=stats)
+                     eos_id=tok.eos_token_id, pad_id=tok.pad_token_id or 0, seed=args.seed, stats=stats,
+                     sparsity=sparsity)
     outs: list[list[int]] = [[] for _ in prompts]
     printed = ""
     for nxt in steps:
@@ -80,6 +82,29 @@ def cmd_generate(args):
     print(f"[{loaded.name} on {loaded.model.device}, {loaded.model.dtype}: prompt {stats.prompt_tokens} tokens "
           f"in {stats.prefill_seconds * 1e3:.0f} ms, {stats.new_tokens} new tokens x {stats.batch}, "
           f"decode {stats.decode_tokens_per_s:.1f} tokens/s]", file=sys.stderr)
+    if sparsity is not None:
+        print(f"[sparse decode: achieved MLP density {sparsity.density('mlp'):.3f}, attention density "
+              f"{sparsity.density('attn'):.3f} (union over the batch); prefill ran dense]", file=sys.stderr)
+
+
+def sparse_decoder(model, args):
+    """The gathered sparse decoder from --predictors and the densities."""
+    from .predictor import Predictors, default_selectors
+    from .sparse import Gathered
+    if not args.predictors:
+        raise DejavuError("--sparse needs --predictors DIR (make them with `dejavu calibrate --out DIR`)")
+    preds = Predictors.load(args.predictors, model)
+    neurons, heads = default_selectors(model, preds)
+    return Gathered(model, mlp=neurons, heads=heads, mlp_density=args.mlp_density, attn_density=args.attn_density)
+
+
+def add_sparse_args(p: argparse.ArgumentParser, switch: bool = True):
+    if switch:
+        p.add_argument("--sparse", action="store_true", help="decode with contextual sparsity (needs --predictors)")
+    p.add_argument("--predictors", help="predictor folder from `dejavu calibrate`")
+    p.add_argument("--mlp-density", type=float, default=0.5, help="fraction of MLP neurons computed (default 0.5)")
+    p.add_argument("--attn-density", type=float, default=0.67,
+                   help="fraction of attention heads computed (default 0.67)")
 
 
 def cmd_info(args):
@@ -246,6 +271,34 @@ def static_from_calibration(model, tok, args):
     return StaticSelector(sums_n, sums_h)
 
 
+def cmd_bench(args):
+    from . import bench
+    from .kernels import cpu as cpu_kernels
+    loaded = load_from_args(args)
+    tok = need_tokenizer(loaded)
+    model = loaded.model
+    if model.device.type != "cpu":
+        raise DejavuError("the GPU benchmark is not built yet; use --device cpu")
+    prompt = text_stream(tok, None, "heldout", args.prompt_tokens).tolist()
+    variants = {"dense": (None, False)}
+    if args.predictors:
+        variants["sparse"] = (lambda: sparse_decoder(model, args), True)
+        if cpu_kernels.available():
+            variants["sparse, torch reference"] = (lambda: sparse_decoder(model, args), False)
+    print(f"decode, batch 1, prompt {len(prompt)} tokens, {args.new_tokens} new tokens, {args.rounds} rounds; "
+          f"{bench.cpu_info()}; {loaded.name} {model.dtype}")
+    rates = bench.bench_decode(model, prompt, args.new_tokens, variants, args.rounds)
+    rows = bench.summarize(rates)
+    print(f"\n{'variant':<26}{'median tokens/s':>16}{'vs dense':>10}")
+    for r in rows:
+        print(f"{r['variant']:<26}{r['median_tokens_per_s']:>16.1f}{r['ratio']:>9.2f}x")
+    if args.predictors:
+        s = sparse_decoder(model, args)
+        bench.decode_rate(model, prompt, 8, s)
+        print(f"sparse: MLP density {s.density('mlp'):.3f}, attention density {s.density('attn'):.3f} "
+              f"(selectors: {type(s.mlp).__name__} for neurons, {type(s.head_sel).__name__} for heads)")
+
+
 def build_parser() -> argparse.ArgumentParser:
     ap = argparse.ArgumentParser(prog="dejavu", description="Contextual sparsity (Deja Vu) for LLM inference.")
     sub = ap.add_subparsers(dest="command", required=True)
@@ -258,6 +311,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--top-p", type=float, default=1.0, help="nucleus sampling mass (with --temperature > 0)")
     p.add_argument("--seed", type=int, default=None)
     p.add_argument("--chat", action="store_true", help="wrap the prompt in the model's chat template")
+    add_sparse_args(p)
     p.set_defaults(func=cmd_generate)
 
     p = sub.add_parser("info", help="model shape and bytes per part",
@@ -272,6 +326,16 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--max-tokens", type=int, default=16384, help="tokens of text to score (default 16384)")
     p.add_argument("--window", type=int, default=1024, help="tokens per scored window")
     p.set_defaults(func=cmd_perplexity)
+
+    p = sub.add_parser("bench", help="decode speed, dense vs sparse, in the same process",
+                       description="Batch-1 decode tokens/s: dense and sparse (fused kernel and torch reference) "
+                                   "in turn, several rounds; prints the medians and the ratio to dense.")
+    add_model_args(p)
+    add_sparse_args(p, switch=False)
+    p.add_argument("--rounds", type=int, default=5)
+    p.add_argument("--new-tokens", type=int, default=64)
+    p.add_argument("--prompt-tokens", type=int, default=128)
+    p.set_defaults(func=cmd_bench)
 
     p = sub.add_parser("calibrate", help="record calibration data and train lookahead predictors",
                        description="Run the dense model over calibration text, record per layer the predictor "
@@ -313,13 +377,14 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def check_args(args):
-    for name in ("max_new_tokens", "max_tokens", "window", "tokens", "epochs", "static_tokens"):
+    for name in ("max_new_tokens", "max_tokens", "window", "tokens", "epochs", "static_tokens", "rounds",
+                 "new_tokens", "prompt_tokens"):
         v = getattr(args, name, None)
         if v is not None and v < 1:
             raise DejavuError(f"--{name.replace('_', '-')} must be at least 1, got {v}")
     if getattr(args, "temperature", 0) < 0:
         raise DejavuError(f"--temperature must be >= 0, got {args.temperature}")
-    for name in ("label_density", "target_recall"):
+    for name in ("label_density", "target_recall", "mlp_density", "attn_density"):
         v = getattr(args, name, None)
         if v is not None and not 0 < v <= 1:
             raise DejavuError(f"--{name.replace('_', '-')} must be in (0, 1], got {v}")

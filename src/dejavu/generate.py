@@ -51,10 +51,12 @@ class GenerationStats:
 @torch.inference_mode()
 def generate(model: Transformer, prompts: list[list[int]], max_new_tokens: int, temperature: float = 0.0,
              top_p: float = 1.0, eos_id: int | None = None, pad_id: int = 0, seed: int | None = None,
-             stats: GenerationStats | None = None) -> Iterator[torch.Tensor]:
+             stats: GenerationStats | None = None, sparsity=None) -> Iterator[torch.Tensor]:
     """Yields the next token of every sequence [B] per step; finished rows repeat eos_id.
 
-    Prompts of different lengths are left-padded; the cache masks the padding.
+    Prompts of different lengths are left-padded; the cache masks the padding. With
+    `sparsity` (sparse.Gathered or Masked) the decode steps run sparse; the prefill stays
+    dense, so the KV cache of the prompt is exact.
     """
     tokens, pad = left_pad(prompts, pad_id)
     B, T = tokens.shape
@@ -82,7 +84,7 @@ def generate(model: Transformer, prompts: list[list[int]], max_new_tokens: int, 
         if step == max_new_tokens - 1 or bool(done.all()):
             break
         t = time.perf_counter()
-        logits = model(nxt[:, None], cache, T + step)[:, -1]
+        logits = model(nxt[:, None], cache, T + step, sparsity=sparsity)[:, -1]
         nxt = sample(logits, temperature, top_p, gen)
         dt = time.perf_counter() - t
         stats.per_step.append(dt)

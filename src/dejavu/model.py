@@ -21,6 +21,8 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+from .kernels import cpu as cpu_kernels
+
 
 @dataclass(frozen=True)
 class ModelConfig:
@@ -121,9 +123,17 @@ class Attention(nn.Module):
         self.bo = _maybe_bias(cfg.o_bias, cfg.d_model)
 
     def forward(self, x, rope, mask, cache: KVCache | None, layer: int, start_pos: int, sparsity=None):
+        """With a gathered sparsity (sparse.Gathered), only the selected query heads are
+        computed: their Q rows, their attention, their W_o slice. K/V are computed for every
+        head, so the cache stays complete whatever later tokens select."""
         cfg = self.cfg
         B, T, _ = x.shape
-        q = F.linear(x, self.wq, self.bq).view(B, T, cfg.n_heads, cfg.head_dim).transpose(1, 2)
+        idx = sparsity.head_index(layer, x) if sparsity is not None else None
+        wq, bq = self.wq, self.bq
+        if idx is not None:
+            wq = self.wq.view(cfg.n_heads, cfg.head_dim, -1)[idx].flatten(0, 1)
+            bq = self.bq.view(cfg.n_heads, -1)[idx].flatten() if self.bq is not None else None
+        q = F.linear(x, wq, bq).view(B, T, -1, cfg.head_dim).transpose(1, 2)
         k = F.linear(x, self.wk, self.bk).view(B, T, cfg.n_kv_heads, cfg.head_dim).transpose(1, 2)
         v = F.linear(x, self.wv, self.bv).view(B, T, cfg.n_kv_heads, cfg.head_dim).transpose(1, 2)
         if rope is not None:
@@ -133,15 +143,19 @@ class Attention(nn.Module):
             cache.k[layer, :, :, start_pos:end] = k
             cache.v[layer, :, :, start_pos:end] = v
             k, v = cache.k[layer, :, :, :end], cache.v[layer, :, :, :end]
+        if idx is not None:  # each selected query head reads its own K/V group
+            group = idx // (cfg.n_heads // cfg.n_kv_heads)
+            k, v = k[:, group], v[:, group]
         y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask,
-                                           enable_gqa=cfg.n_heads != cfg.n_kv_heads)
+                                           enable_gqa=idx is None and cfg.n_heads != cfg.n_kv_heads)
         y = y.transpose(1, 2)  # [B, T, heads, head_dim]
         if sparsity is not None:
             y = sparsity.heads(layer, x, y)
-        return self.project_out(y.reshape(B, T, cfg.n_heads * cfg.head_dim))
+        return self.project_out(y.flatten(2), idx)
 
-    def project_out(self, y):
-        out = y @ self.wo_t
+    def project_out(self, y, idx=None):
+        wo = self.wo_t if idx is None else self.wo_t.view(self.cfg.n_heads, self.cfg.head_dim, -1)[idx].flatten(0, 1)
+        out = y @ wo
         return out + self.bo if self.bo is not None else out
 
 
@@ -155,23 +169,29 @@ class MLP(nn.Module):
         self.w_out_t = nn.Parameter(torch.empty(cfg.d_ff, cfg.d_model))
         self.b_out = _maybe_bias(cfg.mlp_bias, cfg.d_model)
 
-    def activations(self, x):
-        """Per-neuron activation a: act(gate) * up, or act(fc1). Shape [..., d_ff]."""
-        b = self.b_in.flatten() if self.b_in is not None else None
-        h = F.linear(x, self.w_in.flatten(0, 1), b).unflatten(-1, (self.cfg.d_ff, self.cfg.n_in))
+    def activations(self, x, idx=None):
+        """Per-neuron activation a: act(gate) * up, or act(fc1). Shape [..., d_ff], or
+        [..., len(idx)] for the neurons idx only (their rows of w_in are contiguous)."""
+        w = self.w_in if idx is None else self.w_in[idx]
+        b = self.b_in if idx is None or self.b_in is None else self.b_in[idx]
+        h = F.linear(x, w.flatten(0, 1), b.flatten() if b is not None else None)
+        h = h.unflatten(-1, (w.shape[0], self.cfg.n_in))
         if self.cfg.gated:
             return self.act(h[..., 0]) * h[..., 1]
         return self.act(h[..., 0])
 
-    def project_out(self, a):
-        out = a @ self.w_out_t
+    def project_out(self, a, idx=None):
+        out = a @ (self.w_out_t if idx is None else self.w_out_t[idx])
         return out + self.b_out if self.b_out is not None else out
 
     def forward(self, x, layer: int = 0, sparsity=None):
-        a = self.activations(x)
+        idx = sparsity.neuron_index(layer, x) if sparsity is not None else None  # gathered: selected only
+        if idx is not None and cpu_kernels.usable(x):
+            return cpu_kernels.sparse_mlp(self, x, idx)  # fused: the selected rows read once
+        a = self.activations(x, idx)
         if sparsity is not None:
             a = sparsity.neurons(layer, x, a)
-        return self.project_out(a)
+        return self.project_out(a, idx)
 
 
 class Block(nn.Module):

@@ -300,8 +300,17 @@ class PredictorSelector:
         """Weights read per token as a fraction of the MLP's: the selected rows plus the predictor."""
         return density + self.cost_frac
 
-    def neuron_scores(self, layer, resid, x_in, a):
-        return self.p.mlp[layer](resid[layer] if self.lookahead else x_in).view(a.shape)
+    def neuron_scores(self, layer, resid, x_in, out=None):
+        return self.p.mlp[layer](resid[layer] if self.lookahead else x_in)
 
-    def head_scores(self, layer, resid, x_in, y):
-        return self.p.heads[layer](resid[head_input_layer(layer, self.lookahead)]).view(y.shape[:-1])
+    def head_scores(self, layer, resid, x_in, out=None):
+        return self.p.heads[layer](resid[head_input_layer(layer, self.lookahead)])
+
+
+def default_selectors(model: Transformer, preds: Predictors):
+    """dejavu's choice per family, measured on SmolLM2 (results/): gated MLPs select neurons
+    gate-first (the lookahead predictor is far from the oracle there); ReLU MLPs use the
+    paper's lookahead predictor; heads always use their lookahead predictor."""
+    from .sparse import GateSelector
+    pred = PredictorSelector(preds)
+    return (GateSelector(model) if model.cfg.gated else pred), pred

@@ -73,10 +73,16 @@ def per_layer(name: str, density, n_layers: int) -> list[float] | None:
 
 
 class Sparsity:
-    """The dense no-op; subclasses mask or record."""
+    """The dense no-op; subclasses mask, gather or record."""
 
     def enter(self, layer: int, x: torch.Tensor):
         pass
+
+    def head_index(self, layer: int, x_in: torch.Tensor) -> torch.Tensor | None:
+        return None  # gathered mode: the query heads to compute (None: all)
+
+    def neuron_index(self, layer: int, x_in: torch.Tensor) -> torch.Tensor | None:
+        return None  # gathered mode: the neurons to compute (None: all)
 
     def heads(self, layer: int, x_in: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
         return y
@@ -86,8 +92,9 @@ class Sparsity:
 
 
 # ---------------------------------------------------------------- selectors
-# A selector scores units for one layer; the top-k scores are kept. Each gets the residual
-# stream entering every layer so far (`resid`), the block part's normalized input and output.
+# A selector scores the units of one layer for every token; the top-k are kept. It gets the
+# residual stream entering every layer so far (`resid`), the block part's normalized input
+# `x_in`, and in masked mode the part's dense output `out` (a or y), which only the oracle uses.
 
 class OracleSelector:
     """The true importance (needs the dense output: evaluation only, an upper bound)."""
@@ -96,11 +103,15 @@ class OracleSelector:
     def __init__(self, model: Transformer):
         self.model, self.down_norms = model, neuron_norms(model)
 
-    def neuron_scores(self, layer, resid, x_in, a):
-        return neuron_importance(a, self.down_norms[layer])
+    def neuron_scores(self, layer, resid, x_in, out=None):
+        if out is None:
+            raise DejavuError("oracle selection needs the dense output: it exists in masked (evaluation) mode only")
+        return neuron_importance(out, self.down_norms[layer])
 
-    def head_scores(self, layer, resid, x_in, y):
-        return head_importance(self.model.layers[layer].attn.wo_t, y)
+    def head_scores(self, layer, resid, x_in, out=None):
+        if out is None:
+            raise DejavuError("oracle selection needs the dense output: it exists in masked (evaluation) mode only")
+        return head_importance(self.model.layers[layer].attn.wo_t, out)
 
 
 class StaticSelector:
@@ -110,42 +121,48 @@ class StaticSelector:
     def __init__(self, mean_neuron: list[torch.Tensor] | None, mean_head: list[torch.Tensor] | None):
         self.mean_neuron, self.mean_head = mean_neuron, mean_head
 
-    def neuron_scores(self, layer, resid, x_in, a):
-        return self.mean_neuron[layer].to(a.device).expand(a.shape)
+    def neuron_scores(self, layer, resid, x_in, out=None):
+        m = self.mean_neuron[layer].to(x_in.device)
+        return m.expand(*x_in.shape[:-1], len(m))
 
-    def head_scores(self, layer, resid, x_in, y):
-        return self.mean_head[layer].to(y.device).expand(y.shape[:-1])
+    def head_scores(self, layer, resid, x_in, out=None):
+        m = self.mean_head[layer].to(x_in.device)
+        return m.expand(*x_in.shape[:-1], len(m))
 
 
 class GateSelector:
     """Gated MLPs, gate first: compute the exact gate g = x W_gate (all of W_gate is read), score
     neurons by |act(g)| * ||W_down[:, i]|| (times a rank-r SVD estimate of |x W_up| when rank > 0).
     With `refine` = c > 1, the top c*k neurons by that score are candidates; their exact up rows
-    are computed and the final k are the candidates of largest exact importance, so only c*k up
-    rows and k down columns are read."""
+    give their exact importance, and the final k are the candidates of largest importance, so only
+    c*k up rows and k down columns are read. (This torch reference computes every up row for the
+    candidates' scores; a fused kernel reads only the candidates'.)"""
     name = "gate"
 
     def __init__(self, model: Transformer, rank: int = 0, refine: float | None = 1.5):
         if not model.cfg.gated:
             raise DejavuError("the gate selector needs a gated MLP (SwiGLU/GeGLU); use a predictor for ReLU models")
         self.model, self.rank, self.refine, self.down_norms = model, rank, refine, neuron_norms(model)
-        self.w_gate = [b.mlp.w_in[:, 0].contiguous() for b in model.layers]  # evaluation-only copies
+        self.w_gate = [b.mlp.w_in[:, 0].contiguous() for b in model.layers]  # contiguous copies for speed
+        self.w_up = [b.mlp.w_in[:, 1].contiguous() for b in model.layers] if refine else None
         self.factors = []
         for b in model.layers if rank else []:
             u, s, vh = torch.linalg.svd(b.mlp.w_in[:, 1].float(), full_matrices=False)  # W_up [d_ff, d]
             self.factors.append(((vh[:rank].T * s[:rank]).contiguous(), u[:, :rank].T.contiguous()))
-        self.k: list[int] | None = None  # set by Masked: the final k per layer
+        self.k: list[int] | None = None  # set by Masked/Gathered: the final k per layer
 
-    def neuron_scores(self, layer, resid, x_in, a):
+    def neuron_scores(self, layer, resid, x_in, out=None):
         mlp = self.model.layers[layer].mlp
-        score = mlp.act(x_in @ self.w_gate[layer].T).float().abs() * self.down_norms[layer]
+        g = mlp.act(x_in @ self.w_gate[layer].T)
+        score = g.float().abs() * self.down_norms[layer]
         if self.rank:
             left, right = self.factors[layer]
             score = score * ((x_in.float() @ left) @ right).abs()
         if self.refine is None or self.k is None:
             return score
-        cand = topk_mask(score, units_for(self.refine * self.k[layer] / a.shape[-1], a.shape[-1]))
-        exact = neuron_importance(a, self.down_norms[layer])  # what the candidates' up rows give
+        n = score.shape[-1]
+        cand = topk_mask(score, units_for(self.refine * self.k[layer] / n, n))
+        exact = neuron_importance(g * (x_in @ self.w_up[layer].T), self.down_norms[layer])
         return torch.where(cand, exact, torch.full_like(exact, -1.0))
 
     def mlp_bytes_fraction(self, density: float) -> float:
@@ -156,18 +173,21 @@ class GateSelector:
         return (1 + svd + up + density) / 3
 
 
-class Masked(Sparsity):
-    """Zero every unit outside the top-k of its selector, per token, per layer."""
+class Selection(Sparsity):
+    """Top-k units per layer from the selectors; shared by the masked and gathered modes.
+    With `union`, a batch shares one set: the union of its tokens' top-k (what gathered
+    decode computes for batch > 1)."""
 
-    def __init__(self, model: Transformer, mlp=None, heads=None, mlp_density=None, attn_density=None):
+    def __init__(self, model: Transformer, mlp=None, heads=None, mlp_density=None, attn_density=None,
+                 union: bool = False):
         cfg = model.cfg
-        self.mlp, self.head_sel = mlp, heads
+        self.mlp, self.head_sel, self.union = mlp, heads, union
         self.mlp_k = [units_for(d, cfg.d_ff) for d in per_layer("MLP density", mlp_density, cfg.n_layers)] \
             if mlp is not None else None
-        if hasattr(mlp, "k"):  # selectors that refine candidates need the final k
-            mlp.k = self.mlp_k
         self.attn_k = [units_for(d, cfg.n_heads) for d in per_layer("attention density", attn_density, cfg.n_layers)] \
             if heads is not None else None
+        if hasattr(mlp, "k"):  # selectors that refine candidates need the final k
+            mlp.k = self.mlp_k
         self.resid: list[torch.Tensor] = []
         self.kept = {"mlp": [0, 0], "attn": [0, 0]}  # kept units, total units (achieved density)
 
@@ -176,23 +196,55 @@ class Masked(Sparsity):
             self.resid = []
         self.resid.append(x)
 
-    def _mask(self, kind, scores, k):
+    def select(self, kind, scores, k) -> torch.Tensor:
+        """Boolean mask [..., units]: each token's top-k, or with `union` the batch's union."""
         mask = topk_mask(scores, k)
+        if self.union:
+            mask = mask.flatten(0, -2).any(0).expand_as(mask)
         self.kept[kind][0] += int(mask.sum())
         self.kept[kind][1] += mask.numel()
         return mask
 
+    def density(self, kind: str) -> float | None:
+        kept, total = self.kept[kind]
+        return kept / total if total else None
+
+
+class Masked(Selection):
+    """Evaluation: dense compute, then zero every unit outside its token's selected set."""
+
     def heads(self, layer, x_in, y):
         if self.head_sel is None:
             return y
-        s = self.head_sel.head_scores(layer, self.resid, x_in, y)
-        return y * self._mask("attn", s, self.attn_k[layer])[..., None].to(y.dtype)
+        s = self.head_sel.head_scores(layer, self.resid, x_in, out=y)
+        return y * self.select("attn", s, self.attn_k[layer])[..., None].to(y.dtype)
 
     def neurons(self, layer, x_in, a):
         if self.mlp is None:
             return a
-        s = self.mlp.neuron_scores(layer, self.resid, x_in, a)
-        return a * self._mask("mlp", s, self.mlp_k[layer]).to(a.dtype)
+        s = self.mlp.neuron_scores(layer, self.resid, x_in, out=a)
+        return a * self.select("mlp", s, self.mlp_k[layer]).to(a.dtype)
+
+
+class Gathered(Selection):
+    """Decode: compute only the selected units (model.py gathers their rows). One set per
+    forward: the union over the batch's tokens, so batch > 1 shares the rows it reads."""
+
+    def __init__(self, model: Transformer, mlp=None, heads=None, mlp_density=None, attn_density=None):
+        super().__init__(model, mlp, heads, mlp_density, attn_density, union=True)
+
+    def _index(self, kind, scores, k):
+        return self.select(kind, scores, k).flatten(0, -2)[0].nonzero().squeeze(-1)
+
+    def head_index(self, layer, x_in):
+        if self.head_sel is None:
+            return None
+        return self._index("attn", self.head_sel.head_scores(layer, self.resid, x_in), self.attn_k[layer])
+
+    def neuron_index(self, layer, x_in):
+        if self.mlp is None:
+            return None
+        return self._index("mlp", self.mlp.neuron_scores(layer, self.resid, x_in), self.mlp_k[layer])
 
 
 class Recorder(Sparsity):

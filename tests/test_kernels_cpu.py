@@ -1,0 +1,34 @@
+"""The fused CPU sparse-MLP kernel against its torch reference."""
+import pytest
+import torch
+
+from conftest import rel_err
+from dejavu.kernels import cpu
+from test_model import random_pair
+
+pytestmark = pytest.mark.skipif(not cpu.available(), reason="no C++ toolchain for the CPU kernel")
+
+
+@pytest.mark.parametrize("name", ["llama-gqa", "opt-relu", "gemma-geglu"])
+@pytest.mark.parametrize("batch", [1, 3])
+def test_fused_sparse_mlp_matches_reference(name, batch):
+    model, _ = random_pair(name)
+    mlp = model.layers[1].mlp
+    g = torch.Generator().manual_seed(batch)
+    x = torch.randn(batch, 1, model.cfg.d_model, generator=g)
+    for k in (1, 17, model.cfg.d_ff):
+        idx = torch.randperm(model.cfg.d_ff, generator=g)[:k]
+        with torch.inference_mode():
+            got = cpu.sparse_mlp(mlp, x, idx)
+            want = cpu.sparse_mlp_reference(mlp, x, idx)
+        assert rel_err(got, want) < 1e-5, k
+
+
+def test_fused_full_set_equals_dense_mlp(smollm2):
+    loaded, _ = smollm2
+    mlp = loaded.model.layers[3].mlp
+    x = torch.randn(1, 1, 576)
+    with torch.inference_mode():
+        got = cpu.sparse_mlp(mlp, x, torch.arange(1536))
+        want = mlp(x)
+    assert rel_err(got, want) < 1e-5
