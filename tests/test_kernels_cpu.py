@@ -32,3 +32,18 @@ def test_fused_full_set_equals_dense_mlp(smollm2):
         got = cpu.sparse_mlp(mlp, x, torch.arange(1536))
         want = mlp(x)
     assert rel_err(got, want) < 1e-5
+
+
+@pytest.mark.parametrize("batch", [1, 4])
+def test_gather_matvec_and_axpy_match_torch_on_strided_rows(batch):
+    g = torch.Generator().manual_seed(batch)
+    w_in = torch.randn(300, 2, 70, generator=g)          # gate/up interleaved: strided rows
+    x = torch.randn(batch, 1, 70, generator=g)
+    idx = torch.randperm(300, generator=g)[:37]
+    with torch.inference_mode():
+        for part in (0, 1):
+            got = cpu.gather_matvec(x, w_in[:, part], idx)
+            assert rel_err(got, x @ w_in[idx, part].T) < 1e-5
+        a = torch.randn(batch, 1, 37, generator=g)
+        w = torch.randn(300, 70, generator=g)
+        assert rel_err(cpu.gather_axpy(a, w, idx), a @ w[idx]) < 1e-5

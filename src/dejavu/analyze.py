@@ -176,10 +176,18 @@ def summary_table(result: dict) -> str:
         lines.append(f"| {head} | " + " | ".join(cols) + " |")
         lines.append("|---" * (len(dens) + 1) + "|")
         for n in names:
-            vals = {r[key]: r["ppl"] for r in rows if r["selector"] == n}
-            lines.append(f"| {n} | " + " | ".join(f"{vals[d]:.2f}" if d in vals else "" for d in dens) + " |")
+            vals = {r[key]: cell(r) for r in rows if r["selector"] == n}
+            lines.append(f"| {n} | " + " | ".join(vals.get(d, "") for d in dens) + " |")
         lines.append("")
+    lines.append("[reads N%]: MLP weights read per token where that differs from the density (the gate "
+                 "selector reads all of W_gate; predictors add their own weights).")
     return "\n".join(lines)
+
+
+def cell(row: dict) -> str:
+    frac, md = row.get("mlp_bytes_fraction"), row.get("mlp_density")
+    extra = f" [reads {frac:.0%}]" if frac is not None and md is not None and abs(frac - md) > 1e-6 else ""
+    return f"{row['ppl']:.2f}{extra}"
 
 
 def save(result: dict, out: Path):

@@ -129,11 +129,13 @@ class Attention(nn.Module):
         cfg = self.cfg
         B, T, _ = x.shape
         idx = sparsity.head_index(layer, x) if sparsity is not None else None
-        wq, bq = self.wq, self.bq
-        if idx is not None:
-            wq = self.wq.view(cfg.n_heads, cfg.head_dim, -1)[idx].flatten(0, 1)
-            bq = self.bq.view(cfg.n_heads, -1)[idx].flatten() if self.bq is not None else None
-        q = F.linear(x, wq, bq).view(B, T, -1, cfg.head_dim).transpose(1, 2)
+        if idx is None:
+            q = F.linear(x, self.wq, self.bq)
+        else:  # the selected heads' Q rows only
+            rows = self.head_rows(idx)
+            q = cpu_kernels.gather_matvec(x, self.wq, rows)
+            q = q + self.bq[rows] if self.bq is not None else q
+        q = q.view(B, T, -1, cfg.head_dim).transpose(1, 2)
         k = F.linear(x, self.wk, self.bk).view(B, T, cfg.n_kv_heads, cfg.head_dim).transpose(1, 2)
         v = F.linear(x, self.wv, self.bv).view(B, T, cfg.n_kv_heads, cfg.head_dim).transpose(1, 2)
         if rope is not None:
@@ -153,9 +155,13 @@ class Attention(nn.Module):
             y = sparsity.heads(layer, x, y)
         return self.project_out(y.flatten(2), idx)
 
+    def head_rows(self, idx):
+        """Rows of wq / wo_t that belong to the heads idx."""
+        hd = self.cfg.head_dim
+        return (idx[:, None] * hd + torch.arange(hd, device=idx.device)).flatten()
+
     def project_out(self, y, idx=None):
-        wo = self.wo_t if idx is None else self.wo_t.view(self.cfg.n_heads, self.cfg.head_dim, -1)[idx].flatten(0, 1)
-        out = y @ wo
+        out = y @ self.wo_t if idx is None else cpu_kernels.gather_axpy(y, self.wo_t, self.head_rows(idx))
         return out + self.bo if self.bo is not None else out
 
 
@@ -181,17 +187,18 @@ class MLP(nn.Module):
         return self.act(h[..., 0])
 
     def project_out(self, a, idx=None):
-        out = a @ (self.w_out_t if idx is None else self.w_out_t[idx])
+        out = a @ self.w_out_t if idx is None else cpu_kernels.gather_axpy(a, self.w_out_t, idx)
         return out + self.b_out if self.b_out is not None else out
 
     def forward(self, x, layer: int = 0, sparsity=None):
-        idx = sparsity.neuron_index(layer, x) if sparsity is not None else None  # gathered: selected only
-        if idx is not None and cpu_kernels.usable(x):
-            return cpu_kernels.sparse_mlp(self, x, idx)  # fused: the selected rows read once
-        a = self.activations(x, idx)
+        if sparsity is not None:
+            out = sparsity.mlp_output(layer, self, x)  # gathered mode computes only the selected neurons
+            if out is not None:
+                return out
+        a = self.activations(x)
         if sparsity is not None:
             a = sparsity.neurons(layer, x, a)
-        return self.project_out(a, idx)
+        return self.project_out(a)
 
 
 class Block(nn.Module):

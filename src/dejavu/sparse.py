@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import torch
 
+from .kernels import cpu as cpu_kernels
 from .load import DejavuError
 from .model import Transformer
 
@@ -81,8 +82,8 @@ class Sparsity:
     def head_index(self, layer: int, x_in: torch.Tensor) -> torch.Tensor | None:
         return None  # gathered mode: the query heads to compute (None: all)
 
-    def neuron_index(self, layer: int, x_in: torch.Tensor) -> torch.Tensor | None:
-        return None  # gathered mode: the neurons to compute (None: all)
+    def mlp_output(self, layer: int, mlp, x_in: torch.Tensor) -> torch.Tensor | None:
+        return None  # gathered mode: the MLP output from the selected neurons only (None: dense)
 
     def heads(self, layer: int, x_in: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
         return y
@@ -165,6 +166,29 @@ class GateSelector:
         exact = neuron_importance(g * (x_in @ self.w_up[layer].T), self.down_norms[layer])
         return torch.where(cand, exact, torch.full_like(exact, -1.0))
 
+    def gathered_output(self, layer, mlp, x_in, sel: "Selection"):
+        """Decode, reading only W_gate, the candidates' up rows and the kept down rows. Selects
+        what neuron_scores + Selection.select (union over the batch) would."""
+        n, k = self.model.cfg.d_ff, self.k[layer]
+        if self.rank:
+            raise DejavuError("gathered decode with the SVD-scored gate selector is not built; use rank 0")
+        x2 = x_in.reshape(-1, x_in.shape[-1])
+        all_rows = torch.arange(n, device=x_in.device)
+        g = mlp.act(cpu_kernels.gather_matvec(x2, mlp.w_in[:, 0], all_rows))       # [N, d_ff]
+        cand = (g.abs() * self.down_norms[layer]).topk(units_for(self.refine * k / n, n), dim=-1).indices
+        cu = torch.unique(cand)                                                     # the batch's candidates
+        up = cpu_kernels.gather_matvec(x2, mlp.w_in[:, 1], cu)                      # [N, |cu|]
+        a = g[:, cu] * up
+        exact = neuron_importance(a, self.down_norms[layer][cu])
+        own = torch.zeros_like(exact, dtype=torch.bool).scatter_(1, torch.searchsorted(cu, cand), True)
+        exact = torch.where(own, exact, torch.full_like(exact, -1.0))               # each token: its own candidates
+        keep = sel.select("mlp_sub", exact, k).any(0)                               # union of the top-k
+        sel.kept["mlp"][0] += int(keep.sum()) * len(x2)
+        sel.kept["mlp"][1] += n * len(x2)
+        idx = cu[keep]
+        out = cpu_kernels.gather_axpy(a[:, keep].contiguous(), mlp.w_out_t, idx)
+        return out.view(*x_in.shape[:-1], -1) + (mlp.b_out if mlp.b_out is not None else 0)
+
     def mlp_bytes_fraction(self, density: float) -> float:
         """Weights read per token, as a fraction of the MLP's: W_gate, SVD factors, up rows, down columns."""
         cfg = self.model.cfg
@@ -189,7 +213,7 @@ class Selection(Sparsity):
         if hasattr(mlp, "k"):  # selectors that refine candidates need the final k
             mlp.k = self.mlp_k
         self.resid: list[torch.Tensor] = []
-        self.kept = {"mlp": [0, 0], "attn": [0, 0]}  # kept units, total units (achieved density)
+        self.kept = {"mlp": [0, 0], "attn": [0, 0], "mlp_sub": [0, 0]}  # kept, total units (achieved density)
 
     def enter(self, layer, x):
         if layer == 0:
@@ -241,10 +265,13 @@ class Gathered(Selection):
             return None
         return self._index("attn", self.head_sel.head_scores(layer, self.resid, x_in), self.attn_k[layer])
 
-    def neuron_index(self, layer, x_in):
+    def mlp_output(self, layer, mlp, x_in):
         if self.mlp is None:
             return None
-        return self._index("mlp", self.mlp.neuron_scores(layer, self.resid, x_in), self.mlp_k[layer])
+        if hasattr(self.mlp, "gathered_output"):  # selectors that compute part of the MLP to select
+            return self.mlp.gathered_output(layer, mlp, x_in, self)
+        idx = self._index("mlp", self.mlp.neuron_scores(layer, self.resid, x_in), self.mlp_k[layer])
+        return cpu_kernels.sparse_mlp(mlp, x_in, idx)
 
 
 class Recorder(Sparsity):

@@ -1,11 +1,14 @@
-"""Fused sparse MLP for the CPU: one pass over the selected neurons, fp32.
+"""Sparse kernels for the CPU, fp32: each reads only the selected weight rows, once.
 
-For each selected neuron i (a contiguous row of w_in: gate and up interleaved, or fc1) the
-kernel takes the dot products with x, applies the activation, and adds a_i * w_out_t[i] (a
-contiguous row: W_down transposed) into a per-thread output; the threads' outputs are summed
-at the end. Nothing is gathered into a temporary, so each selected weight byte is read once.
-Compiled on first use with torch's cpp_extension (needs a C++ compiler and ninja); where that
-fails, `available()` is False and the torch reference below is used instead.
+sparse_mlp      the MLP over selected neurons, from the two kernels below
+gather_matvec   out[b, j] = W[idx[j]] . x[b]       (gate/up rows, Q rows of selected heads)
+gather_axpy     out[b]   = sum_j a[b, j] W[idx[j]] (W_down / W_o rows, transposed layouts)
+
+The selected rows are read in place (no gathered temporary, which plain `W[idx] @ x` writes
+and reads again), four rows at a time so that more cache-line fills are in flight, with the
+next rows prefetched; gather_axpy sums into per-thread outputs added at the end. Compiled on
+first use with torch's cpp_extension (needs a C++ compiler and ninja); where that fails,
+`available()` is False and the same functions run in torch.
 """
 from __future__ import annotations
 
@@ -14,9 +17,7 @@ import os
 import sys
 
 import torch
-import torch.nn.functional as F
 
-ACT_CODES = {"silu": 0, "gelu_tanh": 1, "relu": 2}
 ENABLED = True  # benchmarks switch the kernel off to time the torch reference
 
 SOURCE = r"""
@@ -25,52 +26,126 @@ SOURCE = r"""
 #include <cmath>
 #include <vector>
 
-static inline float act(float v, int code) {
-  if (code == 0) return v / (1.f + std::exp(-v));
-  if (code == 1) return 0.5f * v * (1.f + std::tanh(0.7978845608f * (v + 0.044715f * v * v * v)));
-  return v > 0.f ? v : 0.f;
+#if defined(__AVX2__) && defined(__FMA__)
+#include <immintrin.h>
+// Four independent accumulators: a single FMA chain would be latency-bound, not bandwidth-bound.
+static inline float dot(const float* __restrict a, const float* __restrict b, int64_t n) {
+  __m256 s0 = _mm256_setzero_ps(), s1 = _mm256_setzero_ps(), s2 = _mm256_setzero_ps(), s3 = _mm256_setzero_ps();
+  int64_t j = 0;
+  for (; j + 32 <= n; j += 32) {
+    s0 = _mm256_fmadd_ps(_mm256_loadu_ps(a + j), _mm256_loadu_ps(b + j), s0);
+    s1 = _mm256_fmadd_ps(_mm256_loadu_ps(a + j + 8), _mm256_loadu_ps(b + j + 8), s1);
+    s2 = _mm256_fmadd_ps(_mm256_loadu_ps(a + j + 16), _mm256_loadu_ps(b + j + 16), s2);
+    s3 = _mm256_fmadd_ps(_mm256_loadu_ps(a + j + 24), _mm256_loadu_ps(b + j + 24), s3);
+  }
+  __m256 s = _mm256_add_ps(_mm256_add_ps(s0, s1), _mm256_add_ps(s2, s3));
+  __m128 h = _mm_add_ps(_mm256_castps256_ps128(s), _mm256_extractf128_ps(s, 1));
+  h = _mm_hadd_ps(h, h);
+  h = _mm_hadd_ps(h, h);
+  float r = _mm_cvtss_f32(h);
+  for (; j < n; ++j) r += a[j] * b[j];
+  return r;
 }
-
+// Four rows at once: four independent streams keep more cache-line fills in flight.
+static inline void dot4(const float* r0, const float* r1, const float* r2, const float* r3,
+                        const float* __restrict x, int64_t n, float* out) {
+  __m256 s0 = _mm256_setzero_ps(), s1 = _mm256_setzero_ps(), s2 = _mm256_setzero_ps(), s3 = _mm256_setzero_ps();
+  int64_t j = 0;
+  for (; j + 8 <= n; j += 8) {
+    const __m256 xv = _mm256_loadu_ps(x + j);
+    s0 = _mm256_fmadd_ps(_mm256_loadu_ps(r0 + j), xv, s0);
+    s1 = _mm256_fmadd_ps(_mm256_loadu_ps(r1 + j), xv, s1);
+    s2 = _mm256_fmadd_ps(_mm256_loadu_ps(r2 + j), xv, s2);
+    s3 = _mm256_fmadd_ps(_mm256_loadu_ps(r3 + j), xv, s3);
+  }
+  __m256 acc[4] = {s0, s1, s2, s3};
+  const float* rows[4] = {r0, r1, r2, r3};
+  for (int r = 0; r < 4; ++r) {
+    __m128 h = _mm_add_ps(_mm256_castps256_ps128(acc[r]), _mm256_extractf128_ps(acc[r], 1));
+    h = _mm_hadd_ps(h, h);
+    h = _mm_hadd_ps(h, h);
+    float v = _mm_cvtss_f32(h);
+    for (int64_t t = j; t < n; ++t) v += rows[r][t] * x[t];
+    out[r] = v;
+  }
+}
+#else
 static inline float dot(const float* __restrict a, const float* __restrict b, int64_t n) {
   float s = 0.f;
 #pragma omp simd reduction(+:s)
   for (int64_t j = 0; j < n; ++j) s += a[j] * b[j];
   return s;
 }
+static inline void dot4(const float* r0, const float* r1, const float* r2, const float* r3,
+                        const float* __restrict x, int64_t n, float* out) {
+  out[0] = dot(r0, x, n); out[1] = dot(r1, x, n); out[2] = dot(r2, x, n); out[3] = dot(r3, x, n);
+}
+#endif
 
-// x [B, d], w_in [F, n_in, d], b_in [F, n_in] or empty, w_out_t [F, d], idx [k] -> [B, d]
-torch::Tensor sparse_mlp(torch::Tensor x, torch::Tensor w_in, torch::Tensor b_in, torch::Tensor w_out_t,
-                         torch::Tensor idx, int64_t act_code) {
-  TORCH_CHECK(x.is_contiguous() && w_in.is_contiguous() && w_out_t.is_contiguous(), "contiguous inputs");
-  TORCH_CHECK(x.scalar_type() == torch::kFloat && w_in.scalar_type() == torch::kFloat, "fp32 only");
-  const int64_t B = x.size(0), d = x.size(1), n_in = w_in.size(1), k = idx.size(0);
-  const bool gated = n_in == 2, has_bias = b_in.numel() > 0;
+// Ask for the next row while this one is used: rows are scattered, so the hardware
+// prefetcher restarts at every row.
+static inline void prefetch_row(const float* p, int64_t n) {
+  for (int64_t j = 0; j < n; j += 16) __builtin_prefetch(p + j, 0, 0);
+}
+
+// x [B, d], W [N, d] with any row stride (unit column stride), idx [m] -> [B, m]
+torch::Tensor gather_matvec(torch::Tensor x, torch::Tensor W, torch::Tensor idx) {
+  TORCH_CHECK(x.is_contiguous() && W.stride(1) == 1, "x contiguous, W rows contiguous");
+  const int64_t B = x.size(0), d = x.size(1), m = idx.size(0), rs = W.stride(0);
+  auto out = torch::empty({B, m}, x.options());
   const float* X = x.data_ptr<float>();
-  const float* W = w_in.data_ptr<float>();
-  const float* Wo = w_out_t.data_ptr<float>();
-  const float* Bi = has_bias ? b_in.data_ptr<float>() : nullptr;
+  const float* Wp = W.data_ptr<float>();
+  const int64_t* I = idx.data_ptr<int64_t>();
+  float* O = out.data_ptr<float>();
+  at::parallel_for(0, m, 64, [&](int64_t begin, int64_t end) {
+    int64_t j = begin;
+    float v[4];
+    for (; j + 4 <= end; j += 4) {
+      const float* r[4] = {Wp + I[j] * rs, Wp + I[j + 1] * rs, Wp + I[j + 2] * rs, Wp + I[j + 3] * rs};
+      for (int64_t b = 0; b < B; ++b) {
+        dot4(r[0], r[1], r[2], r[3], X + b * d, d, v);
+        for (int q = 0; q < 4; ++q) O[b * m + j + q] = v[q];
+      }
+    }
+    for (; j < end; ++j)
+      for (int64_t b = 0; b < B; ++b) O[b * m + j] = dot(Wp + I[j] * rs, X + b * d, d);
+  });
+  return out;
+}
+
+// a [B, m], W [N, d] with any row stride, idx [m] -> [B, d]
+torch::Tensor gather_axpy(torch::Tensor a, torch::Tensor W, torch::Tensor idx) {
+  TORCH_CHECK(a.is_contiguous() && W.stride(1) == 1, "a contiguous, W rows contiguous");
+  const int64_t B = a.size(0), m = a.size(1), d = W.size(1), rs = W.stride(0);
+  const float* A = a.data_ptr<float>();
+  const float* Wp = W.data_ptr<float>();
   const int64_t* I = idx.data_ptr<int64_t>();
   const int nt = at::get_num_threads();
   std::vector<float> partial((size_t)nt * B * d, 0.f);
-  at::parallel_for(0, k, 16, [&](int64_t begin, int64_t end) {
+  at::parallel_for(0, m, 16, [&](int64_t begin, int64_t end) {
     float* out = partial.data() + (size_t)at::get_thread_num() * B * d;
-    for (int64_t t = begin; t < end; ++t) {
-      const int64_t n = I[t];
-      const float* row = W + n * n_in * d;
-      const float* orow = Wo + n * d;
+    int64_t j = begin;
+    for (; j + 4 <= end; j += 4) {  // four rows per pass over the output
+      const float *r0 = Wp + I[j] * rs, *r1 = Wp + I[j + 1] * rs, *r2 = Wp + I[j + 2] * rs, *r3 = Wp + I[j + 3] * rs;
       for (int64_t b = 0; b < B; ++b) {
-        const float* xb = X + b * d;
-        float h0 = dot(row, xb, d) + (has_bias ? Bi[n * n_in] : 0.f);
-        float a = act(h0, (int)act_code);
-        if (gated) a *= dot(row + d, xb, d) + (has_bias ? Bi[n * n_in + 1] : 0.f);
-        if (a == 0.f) continue;  // ReLU zeros cost no down-projection read
+        const float* ab = A + b * m + j;
+        const float a0 = ab[0], a1 = ab[1], a2 = ab[2], a3 = ab[3];
         float* ob = out + b * d;
 #pragma omp simd
-        for (int64_t j = 0; j < d; ++j) ob[j] += a * orow[j];
+        for (int64_t c = 0; c < d; ++c) ob[c] += a0 * r0[c] + a1 * r1[c] + a2 * r2[c] + a3 * r3[c];
+      }
+    }
+    for (; j < end; ++j) {
+      const float* row = Wp + I[j] * rs;
+      for (int64_t b = 0; b < B; ++b) {
+        const float s = A[b * m + j];
+        float* ob = out + b * d;
+#pragma omp simd
+        for (int64_t c = 0; c < d; ++c) ob[c] += s * row[c];
       }
     }
   });
-  auto result = torch::zeros({B, d}, x.options());
+  auto result = torch::zeros({B, d}, a.options());
   float* R = result.data_ptr<float>();
   for (int th = 0; th < nt; ++th) {
     const float* p = partial.data() + (size_t)th * B * d;
@@ -85,8 +160,8 @@ torch::Tensor sparse_mlp(torch::Tensor x, torch::Tensor w_in, torch::Tensor b_in
 def _extension():
     from torch.utils.cpp_extension import load_inline
     print("dejavu: compiling the fused CPU sparse-MLP kernel (once, about a minute)...", file=sys.stderr, flush=True)
-    return load_inline(name="dejavu_cpu_kernels", cpp_sources=[SOURCE], functions=["sparse_mlp"],
-                       extra_cflags=["-O3", "-march=native", "-fopenmp-simd"], verbose=False)
+    return load_inline(name="dejavu_cpu_kernels", cpp_sources=[SOURCE], functions=["gather_matvec", "gather_axpy"],
+                       extra_cflags=["-O3", "-march=native", "-fopenmp"], extra_ldflags=["-fopenmp"], verbose=False)
 
 
 @functools.cache
@@ -103,18 +178,37 @@ def available() -> bool:
 
 
 def sparse_mlp(mlp, x: torch.Tensor, idx: torch.Tensor) -> torch.Tensor:
-    """MLP output for the neurons idx only. x [..., d] fp32 on the CPU."""
-    shape = x.shape
-    b_in = mlp.b_in if mlp.b_in is not None else torch.empty(0)
-    out = _extension().sparse_mlp(x.reshape(-1, shape[-1]).contiguous(), mlp.w_in, b_in, mlp.w_out_t,
-                                  idx.to(torch.int64).contiguous(), ACT_CODES[mlp.cfg.act])
-    out = out.view(shape)
-    return out + mlp.b_out if mlp.b_out is not None else out
+    """MLP output for the neurons idx only. A neuron's gate and up rows are adjacent rows of
+    w_in viewed as [d_ff * n_in, d], so one gather_matvec reads them together."""
+    n_in = mlp.cfg.n_in
+    rows = (idx[:, None] * n_in + torch.arange(n_in)).flatten()
+    h = gather_matvec(x, mlp.w_in.flatten(0, 1), rows).unflatten(-1, (len(idx), n_in))
+    if mlp.b_in is not None:
+        h = h + mlp.b_in[idx]
+    a = mlp.act(h[..., 0]) * h[..., 1] if n_in == 2 else mlp.act(h[..., 0])
+    return mlp.project_out(a, idx)
 
 
 def sparse_mlp_reference(mlp, x: torch.Tensor, idx: torch.Tensor) -> torch.Tensor:
-    """The same in torch (gathers the rows into temporaries)."""
-    return mlp.project_out(mlp.activations(x, idx), idx)
+    """The same in plain torch (gathers the rows into temporaries)."""
+    out = mlp.activations(x, idx) @ mlp.w_out_t[idx]
+    return out + mlp.b_out if mlp.b_out is not None else out
+
+
+def gather_matvec(x: torch.Tensor, w: torch.Tensor, idx: torch.Tensor) -> torch.Tensor:
+    """x [..., d], w [N, d] (rows may be strided), idx [m] -> [..., m]: only the rows idx are read."""
+    if usable(x):
+        out = _extension().gather_matvec(x.reshape(-1, x.shape[-1]).contiguous(), w, idx.to(torch.int64).contiguous())
+        return out.view(*x.shape[:-1], len(idx))
+    return x @ w[idx].T
+
+
+def gather_axpy(a: torch.Tensor, w: torch.Tensor, idx: torch.Tensor) -> torch.Tensor:
+    """a [..., m], w [N, d], idx [m] -> [..., d] = a @ w[idx], reading only the rows idx."""
+    if usable(a):
+        out = _extension().gather_axpy(a.reshape(-1, a.shape[-1]).contiguous(), w, idx.to(torch.int64).contiguous())
+        return out.view(*a.shape[:-1], w.shape[-1])
+    return a @ w[idx]
 
 
 def usable(x: torch.Tensor) -> bool:
