@@ -178,7 +178,8 @@ def test_allocation_keeps_the_mean_and_favours_cheap_layers():
 
 
 @pytest.mark.parametrize("name,batch,selector", [("llama-gqa", 1, "predicted"), ("llama-gqa", 3, "predicted"),
-                                                 ("opt-relu", 2, "predicted"), ("llama-gqa", 2, "gate")])
+                                                 ("opt-relu", 2, "predicted"), ("llama-gqa", 2, "gate"),
+                                                 ("llama-gqa", 1, "gate"), ("gemma-geglu", 1, "gate")])
 def test_gathered_equals_masked_over_a_generation(name, batch, selector, tmp_path):
     """The fast path computes what was evaluated: same selection -> same logits, step after step
     over the KV cache (batch > 1: both use the batch's union of sets)."""

@@ -172,10 +172,16 @@ class GateSelector:
         n, k = self.model.cfg.d_ff, self.k[layer]
         if self.rank:
             raise DejavuError("gathered decode with the SVD-scored gate selector is not built; use rank 0")
+        n_cand = units_for(self.refine * k / n, n)
+        if x_in.numel() == x_in.shape[-1] and cpu_kernels.usable(x_in):  # one token: one fused call
+            out, kept = cpu_kernels.gate_first_mlp(mlp, x_in, self.down_norms[layer], n_cand, k)
+            sel.kept["mlp"][0] += len(kept)
+            sel.kept["mlp"][1] += n
+            return out.view(x_in.shape) + (mlp.b_out if mlp.b_out is not None else 0)
         x2 = x_in.reshape(-1, x_in.shape[-1])
         all_rows = torch.arange(n, device=x_in.device)
         g = mlp.act(cpu_kernels.gather_matvec(x2, mlp.w_in[:, 0], all_rows))       # [N, d_ff]
-        cand = (g.abs() * self.down_norms[layer]).topk(units_for(self.refine * k / n, n), dim=-1).indices
+        cand = (g.abs() * self.down_norms[layer]).topk(n_cand, dim=-1).indices
         cu = torch.unique(cand)                                                     # the batch's candidates
         up = cpu_kernels.gather_matvec(x2, mlp.w_in[:, 1], cu)                      # [N, |cu|]
         a = g[:, cu] * up

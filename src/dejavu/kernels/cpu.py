@@ -3,6 +3,7 @@
 sparse_mlp      the MLP over selected neurons, from the two kernels below
 gather_matvec   out[b, j] = W[idx[j]] . x[b]       (gate/up rows, Q rows of selected heads)
 gather_axpy     out[b]   = sum_j a[b, j] W[idx[j]] (W_down / W_o rows, transposed layouts)
+gate_first_mlp  one token's gate-first selection and sparse MLP in a single call
 
 The selected rows are read in place (no gathered temporary, which plain `W[idx] @ x` writes
 and reads again), four rows at a time so that more cache-line fills are in flight, with the
@@ -23,6 +24,7 @@ ENABLED = True  # benchmarks switch the kernel off to time the torch reference
 SOURCE = r"""
 #include <torch/extension.h>
 #include <ATen/Parallel.h>
+#include <algorithm>
 #include <cmath>
 #include <vector>
 
@@ -86,6 +88,78 @@ static inline void dot4(const float* r0, const float* r1, const float* r2, const
 // prefetcher restarts at every row.
 static inline void prefetch_row(const float* p, int64_t n) {
   for (int64_t j = 0; j < n; j += 16) __builtin_prefetch(p + j, 0, 0);
+}
+
+static inline float act(float v, int code) {
+  if (code == 0) return v / (1.f + std::exp(-v));                                     // silu
+  return 0.5f * v * (1.f + std::tanh(0.7978845608f * (v + 0.044715f * v * v * v)));  // gelu (tanh)
+}
+
+// Gate-first gated MLP for one token, in one call (the selection's small steps cost more
+// than the weights they save when each is a separate torch op):
+//   g = act(W_gate x) for every neuron; candidates = top n_cand by |g| * down_norm;
+//   a = g * (W_up x) for the candidates; keep the top k by |a| * down_norm; out = sum a_i W_down[i].
+// x [d], w_in [F, 2, d], w_out_t [F, d], down_norm [F] -> (out [d], kept neuron ids [k])
+std::vector<torch::Tensor> gate_first_mlp(torch::Tensor x, torch::Tensor w_in, torch::Tensor w_out_t,
+                                          torch::Tensor down_norm, int64_t n_cand, int64_t k, int64_t act_code) {
+  TORCH_CHECK(x.is_contiguous() && w_in.is_contiguous() && w_out_t.is_contiguous(), "contiguous inputs");
+  const int64_t F = w_in.size(0), d = x.numel();
+  const float* X = x.data_ptr<float>();
+  const float* W = w_in.data_ptr<float>();
+  const float* Wo = w_out_t.data_ptr<float>();
+  const float* DN = down_norm.data_ptr<float>();
+  std::vector<float> g(F), score(F);
+  at::parallel_for(0, F, 64, [&](int64_t begin, int64_t end) {
+    int64_t i = begin;
+    float v[4];
+    for (; i + 4 <= end; i += 4) {
+      dot4(W + i * 2 * d, W + (i + 1) * 2 * d, W + (i + 2) * 2 * d, W + (i + 3) * 2 * d, X, d, v);
+      for (int q = 0; q < 4; ++q) g[i + q] = act(v[q], (int)act_code);
+    }
+    for (; i < end; ++i) g[i] = act(dot(W + i * 2 * d, X, d), (int)act_code);
+    for (int64_t t = begin; t < end; ++t) score[t] = std::fabs(g[t]) * DN[t];
+  });
+  std::vector<int64_t> order(F);
+  for (int64_t i = 0; i < F; ++i) order[i] = i;
+  n_cand = std::min(n_cand, F);
+  std::nth_element(order.begin(), order.begin() + n_cand - 1, order.end(),
+                   [&](int64_t a, int64_t b) { return score[a] > score[b]; });
+  std::vector<float> a(n_cand), imp(n_cand);
+  at::parallel_for(0, n_cand, 64, [&](int64_t begin, int64_t end) {
+    int64_t j = begin;
+    float v[4];
+    for (; j + 4 <= end; j += 4) {
+      dot4(W + order[j] * 2 * d + d, W + order[j + 1] * 2 * d + d, W + order[j + 2] * 2 * d + d,
+           W + order[j + 3] * 2 * d + d, X, d, v);
+      for (int q = 0; q < 4; ++q) a[j + q] = g[order[j + q]] * v[q];
+    }
+    for (; j < end; ++j) a[j] = g[order[j]] * dot(W + order[j] * 2 * d + d, X, d);
+    for (int64_t t = begin; t < end; ++t) imp[t] = std::fabs(a[t]) * DN[order[t]];
+  });
+  k = std::min(k, n_cand);
+  std::vector<int64_t> pos(n_cand);
+  for (int64_t j = 0; j < n_cand; ++j) pos[j] = j;
+  std::nth_element(pos.begin(), pos.begin() + k - 1, pos.end(), [&](int64_t p, int64_t q) { return imp[p] > imp[q]; });
+  auto kept = torch::empty({k}, torch::kLong);
+  int64_t* K = kept.data_ptr<int64_t>();
+  for (int64_t j = 0; j < k; ++j) K[j] = order[pos[j]];
+  const int nt = at::get_num_threads();
+  std::vector<float> partial((size_t)nt * d, 0.f);
+  at::parallel_for(0, k, 16, [&](int64_t begin, int64_t end) {
+    float* ob = partial.data() + (size_t)at::get_thread_num() * d;
+    for (int64_t j = begin; j < end; ++j) {
+      const float s = a[pos[j]];
+      const float* row = Wo + K[j] * d;
+      if (j + 1 < end) prefetch_row(Wo + K[j + 1] * d, d);
+#pragma omp simd
+      for (int64_t c = 0; c < d; ++c) ob[c] += s * row[c];
+    }
+  });
+  auto out = torch::zeros({d}, x.options());
+  float* R = out.data_ptr<float>();
+  for (int th = 0; th < nt; ++th)
+    for (int64_t c = 0; c < d; ++c) R[c] += partial[(size_t)th * d + c];
+  return {out, kept};
 }
 
 // x [B, d], W [N, d] with any row stride (unit column stride), idx [m] -> [B, m]
@@ -160,7 +234,7 @@ torch::Tensor gather_axpy(torch::Tensor a, torch::Tensor W, torch::Tensor idx) {
 def _extension():
     from torch.utils.cpp_extension import load_inline
     print("dejavu: compiling the fused CPU sparse-MLP kernel (once, about a minute)...", file=sys.stderr, flush=True)
-    return load_inline(name="dejavu_cpu_kernels", cpp_sources=[SOURCE], functions=["gather_matvec", "gather_axpy"],
+    return load_inline(name="dejavu_cpu_kernels", cpp_sources=[SOURCE], functions=["gather_matvec", "gather_axpy", "gate_first_mlp"],
                        extra_cflags=["-O3", "-march=native", "-fopenmp"], extra_ldflags=["-fopenmp"], verbose=False)
 
 
@@ -187,6 +261,16 @@ def sparse_mlp(mlp, x: torch.Tensor, idx: torch.Tensor) -> torch.Tensor:
         h = h + mlp.b_in[idx]
     a = mlp.act(h[..., 0]) * h[..., 1] if n_in == 2 else mlp.act(h[..., 0])
     return mlp.project_out(a, idx)
+
+
+GATE_ACTS = {"silu": 0, "gelu_tanh": 1}
+
+
+def gate_first_mlp(mlp, x: torch.Tensor, down_norm: torch.Tensor, n_cand: int, k: int):
+    """One token's gate-first MLP in one kernel call: (output [d], kept neuron ids [k])."""
+    out, kept = _extension().gate_first_mlp(x.reshape(-1).contiguous(), mlp.w_in, mlp.w_out_t,
+                                            down_norm.contiguous(), n_cand, k, GATE_ACTS[mlp.cfg.act])
+    return out, kept
 
 
 def sparse_mlp_reference(mlp, x: torch.Tensor, idx: torch.Tensor) -> torch.Tensor:
