@@ -32,6 +32,8 @@ def test_generate_batch_and_sampling(capsys):
     (["generate", "--model", "opt-6.7b", "--device", "cpu", "--dtype", "float32"], None),
     (["info", "--model", "/nonexistent/folder"], "not found"),
     (["generate", "--device", "cuda"], None),
+    (["generate", "--sparse"], "--sparse needs --predictors"),
+    (["generate", "--sparse", "--predictors", "/nonexistent"], "holds no predictors"),
 ])
 def test_bad_input_is_a_clear_error_not_a_traceback(argv, msg, capsys):
     if argv[-1] == "cuda" and torch.cuda.is_available():
@@ -102,6 +104,16 @@ def test_calibrate_then_analyze_end_to_end(tmp_path, capsys):
     assert (out / "perplexity_vs_density.png").stat().st_size > 10_000 and (out / "layers.png").exists()
     assert "| oracle |" in (out / "analysis.md").read_text()
 
+    # the same predictors drive sparse decode
+    assert main(["generate", "--sparse", "--predictors", str(preds), "--prompt", "The capital of France is",
+                 "--max-new-tokens", "6", "--mlp-density", "0.5", "--attn-density", "0.67"]) == 0
+    err = capsys.readouterr().err
+    assert "achieved MLP density 0.50" in err and "attention density 0.66" in err
+    assert main(["bench", "--predictors", str(preds), "--rounds", "1", "--new-tokens", "4",
+                 "--prompt-tokens", "16"]) == 0
+    text = capsys.readouterr().out
+    assert "dense" in text and "sparse" in text and "vs dense" in text
+
 
 def test_analyze_refuses_predictors_of_another_model(tmp_path, capsys):
     from dejavu.predictor import Predictors, TrainSettings, train
@@ -116,7 +128,8 @@ def test_analyze_refuses_predictors_of_another_model(tmp_path, capsys):
 
 
 @pytest.mark.parametrize("argv", [["analyze", "--mlp-densities", "0.5,1.5"], ["analyze", "--attn-densities", "0"],
-                                  ["calibrate", "--label-density", "0"]])
+                                  ["calibrate", "--label-density", "0"], ["generate", "--mlp-density", "1.2"],
+                                  ["bench", "--attn-density", "-1"]])
 def test_impossible_densities_on_the_command_line(argv, capsys):
     try:
         rc = main(argv)
