@@ -95,7 +95,8 @@ class Sparsity:
 # ---------------------------------------------------------------- selectors
 # A selector scores the units of one layer for every token; the top-k are kept. It gets the
 # residual stream entering every layer so far (`resid`), the block part's normalized input
-# `x_in`, and in masked mode the part's dense output `out` (a or y), which only the oracle uses.
+# `x_in`, in masked mode the part's dense output `out` (a or y), which only the oracle uses,
+# and for neurons the final k (the gate selector refines a larger candidate set down to k).
 
 class OracleSelector:
     """The true importance (needs the dense output: evaluation only, an upper bound)."""
@@ -104,7 +105,7 @@ class OracleSelector:
     def __init__(self, model: Transformer):
         self.model, self.down_norms = model, neuron_norms(model)
 
-    def neuron_scores(self, layer, resid, x_in, out=None):
+    def neuron_scores(self, layer, resid, x_in, out=None, k=None):
         if out is None:
             raise DejavuError("oracle selection needs the dense output: it exists in masked (evaluation) mode only")
         return neuron_importance(out, self.down_norms[layer])
@@ -122,7 +123,7 @@ class StaticSelector:
     def __init__(self, mean_neuron: list[torch.Tensor] | None, mean_head: list[torch.Tensor] | None):
         self.mean_neuron, self.mean_head = mean_neuron, mean_head
 
-    def neuron_scores(self, layer, resid, x_in, out=None):
+    def neuron_scores(self, layer, resid, x_in, out=None, k=None):
         m = self.mean_neuron[layer].to(x_in.device)
         return m.expand(*x_in.shape[:-1], len(m))
 
@@ -144,32 +145,31 @@ class GateSelector:
         if not model.cfg.gated:
             raise DejavuError("the gate selector needs a gated MLP (SwiGLU/GeGLU); use a predictor for ReLU models")
         self.model, self.rank, self.refine, self.down_norms = model, rank, refine, neuron_norms(model)
-        self.w_gate = [b.mlp.w_in[:, 0].contiguous() for b in model.layers]  # contiguous copies for speed
-        self.w_up = [b.mlp.w_in[:, 1].contiguous() for b in model.layers] if refine else None
         self.factors = []
         for b in model.layers if rank else []:
             u, s, vh = torch.linalg.svd(b.mlp.w_in[:, 1].float(), full_matrices=False)  # W_up [d_ff, d]
             self.factors.append(((vh[:rank].T * s[:rank]).contiguous(), u[:, :rank].T.contiguous()))
-        self.k: list[int] | None = None  # set by Masked/Gathered: the final k per layer
 
-    def neuron_scores(self, layer, resid, x_in, out=None):
+    def neuron_scores(self, layer, resid, x_in, out=None, k=None):
+        """Masked mode: scores whose top-k is the selection (k: the final number of neurons)."""
         mlp = self.model.layers[layer].mlp
-        g = mlp.act(x_in @ self.w_gate[layer].T)
+        h = torch.nn.functional.linear(x_in, mlp.w_in.flatten(0, 1)).unflatten(-1, (mlp.cfg.d_ff, 2))
+        g, up = mlp.act(h[..., 0]), h[..., 1]  # one contiguous matmul; gathered mode reads less
         score = g.float().abs() * self.down_norms[layer]
         if self.rank:
             left, right = self.factors[layer]
             score = score * ((x_in.float() @ left) @ right).abs()
-        if self.refine is None or self.k is None:
+        if self.refine is None or k is None:
             return score
         n = score.shape[-1]
-        cand = topk_mask(score, units_for(self.refine * self.k[layer] / n, n))
-        exact = neuron_importance(g * (x_in @ self.w_up[layer].T), self.down_norms[layer])
+        cand = topk_mask(score, units_for(self.refine * k / n, n))
+        exact = neuron_importance(g * up, self.down_norms[layer])
         return torch.where(cand, exact, torch.full_like(exact, -1.0))
 
     def gathered_output(self, layer, mlp, x_in, sel: "Selection"):
         """Decode, reading only W_gate, the candidates' up rows and the kept down rows. Selects
         what neuron_scores + Selection.select (union over the batch) would."""
-        n, k = self.model.cfg.d_ff, self.k[layer]
+        n, k = self.model.cfg.d_ff, sel.mlp_k[layer]
         if self.rank:
             raise DejavuError("gathered decode with the SVD-scored gate selector is not built; use rank 0")
         n_cand = units_for(self.refine * k / n, n)
@@ -188,7 +188,7 @@ class GateSelector:
         exact = neuron_importance(a, self.down_norms[layer][cu])
         own = torch.zeros_like(exact, dtype=torch.bool).scatter_(1, torch.searchsorted(cu, cand), True)
         exact = torch.where(own, exact, torch.full_like(exact, -1.0))               # each token: its own candidates
-        keep = sel.select("mlp_sub", exact, k).any(0)                               # union of the top-k
+        keep = topk_mask(exact, k).any(0)                                           # union of the top-k
         sel.kept["mlp"][0] += int(keep.sum()) * len(x2)
         sel.kept["mlp"][1] += n * len(x2)
         idx = cu[keep]
@@ -216,10 +216,8 @@ class Selection(Sparsity):
             if mlp is not None else None
         self.attn_k = [units_for(d, cfg.n_heads) for d in per_layer("attention density", attn_density, cfg.n_layers)] \
             if heads is not None else None
-        if hasattr(mlp, "k"):  # selectors that refine candidates need the final k
-            mlp.k = self.mlp_k
         self.resid: list[torch.Tensor] = []
-        self.kept = {"mlp": [0, 0], "attn": [0, 0], "mlp_sub": [0, 0]}  # kept, total units (achieved density)
+        self.kept = {"mlp": [0, 0], "attn": [0, 0]}  # kept, total units (achieved density)
 
     def enter(self, layer, x):
         if layer == 0:
@@ -252,7 +250,7 @@ class Masked(Selection):
     def neurons(self, layer, x_in, a):
         if self.mlp is None:
             return a
-        s = self.mlp.neuron_scores(layer, self.resid, x_in, out=a)
+        s = self.mlp.neuron_scores(layer, self.resid, x_in, out=a, k=self.mlp_k[layer])
         return a * self.select("mlp", s, self.mlp_k[layer]).to(a.dtype)
 
 
@@ -276,7 +274,8 @@ class Gathered(Selection):
             return None
         if hasattr(self.mlp, "gathered_output"):  # selectors that compute part of the MLP to select
             return self.mlp.gathered_output(layer, mlp, x_in, self)
-        idx = self._index("mlp", self.mlp.neuron_scores(layer, self.resid, x_in), self.mlp_k[layer])
+        k = self.mlp_k[layer]
+        idx = self._index("mlp", self.mlp.neuron_scores(layer, self.resid, x_in, k=k), k)
         return cpu_kernels.sparse_mlp(mlp, x_in, idx)
 
 
