@@ -21,7 +21,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from .kernels import cpu as cpu_kernels
+from . import kernels
 
 
 @dataclass(frozen=True)
@@ -133,7 +133,7 @@ class Attention(nn.Module):
             q = F.linear(x, self.wq, self.bq)
         else:  # the selected heads' Q rows only
             rows = self.head_rows(idx)
-            q = cpu_kernels.gather_matvec(x, self.wq, rows)
+            q = kernels.gather_matvec(x, self.wq, rows)
             q = q + self.bq[rows] if self.bq is not None else q
         q = q.view(B, T, -1, cfg.head_dim).transpose(1, 2)
         k = F.linear(x, self.wk, self.bk).view(B, T, cfg.n_kv_heads, cfg.head_dim).transpose(1, 2)
@@ -161,7 +161,7 @@ class Attention(nn.Module):
         return (idx[:, None] * hd + torch.arange(hd, device=idx.device)).flatten()
 
     def project_out(self, y, idx=None):
-        out = y @ self.wo_t if idx is None else cpu_kernels.gather_axpy(y, self.wo_t, self.head_rows(idx))
+        out = y @ self.wo_t if idx is None else kernels.gather_axpy(y, self.wo_t, self.head_rows(idx))
         return out + self.bo if self.bo is not None else out
 
 
@@ -187,7 +187,7 @@ class MLP(nn.Module):
         return self.act(h[..., 0])
 
     def project_out(self, a, idx=None):
-        out = a @ self.w_out_t if idx is None else cpu_kernels.gather_axpy(a, self.w_out_t, idx)
+        out = a @ self.w_out_t if idx is None else kernels.gather_axpy(a, self.w_out_t, idx)
         return out + self.b_out if self.b_out is not None else out
 
     def forward(self, x, layer: int = 0, sparsity=None):

@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import torch
 
+from . import kernels
 from .kernels import cpu as cpu_kernels
 from .load import DejavuError
 from .model import Transformer
@@ -180,10 +181,10 @@ class GateSelector:
             return out.view(x_in.shape) + (mlp.b_out if mlp.b_out is not None else 0)
         x2 = x_in.reshape(-1, x_in.shape[-1])
         all_rows = torch.arange(n, device=x_in.device)
-        g = mlp.act(cpu_kernels.gather_matvec(x2, mlp.w_in[:, 0], all_rows))       # [N, d_ff]
+        g = mlp.act(kernels.gather_matvec(x2, mlp.w_in[:, 0], all_rows))       # [N, d_ff]
         cand = (g.abs() * self.down_norms[layer]).topk(n_cand, dim=-1).indices
         cu = torch.unique(cand)                                                     # the batch's candidates
-        up = cpu_kernels.gather_matvec(x2, mlp.w_in[:, 1], cu)                      # [N, |cu|]
+        up = kernels.gather_matvec(x2, mlp.w_in[:, 1], cu)                      # [N, |cu|]
         a = g[:, cu] * up
         exact = neuron_importance(a, self.down_norms[layer][cu])
         own = torch.zeros_like(exact, dtype=torch.bool).scatter_(1, torch.searchsorted(cu, cand), True)
@@ -192,7 +193,7 @@ class GateSelector:
         sel.kept["mlp"][0] += int(keep.sum()) * len(x2)
         sel.kept["mlp"][1] += n * len(x2)
         idx = cu[keep]
-        out = cpu_kernels.gather_axpy(a[:, keep].contiguous(), mlp.w_out_t, idx)
+        out = kernels.gather_axpy(a[:, keep].contiguous(), mlp.w_out_t, idx)
         return out.view(*x_in.shape[:-1], -1) + (mlp.b_out if mlp.b_out is not None else 0)
 
     def mlp_bytes_fraction(self, density: float) -> float:
@@ -276,7 +277,7 @@ class Gathered(Selection):
             return self.mlp.gathered_output(layer, mlp, x_in, self)
         k = self.mlp_k[layer]
         idx = self._index("mlp", self.mlp.neuron_scores(layer, self.resid, x_in, k=k), k)
-        return cpu_kernels.sparse_mlp(mlp, x_in, idx)
+        return kernels.sparse_mlp(mlp, x_in, idx)
 
 
 class Recorder(Sparsity):

@@ -1,6 +1,5 @@
 """Sparse kernels for the CPU, fp32: each reads only the selected weight rows, once.
 
-sparse_mlp      the MLP over selected neurons, from the two kernels below
 gather_matvec   out[b, j] = W[idx[j]] . x[b]       (gate/up rows, Q rows of selected heads)
 gather_axpy     out[b]   = sum_j a[b, j] W[idx[j]] (W_down / W_o rows, transposed layouts)
 gate_first_mlp  one token's gate-first selection and sparse MLP in a single call
@@ -251,18 +250,6 @@ def available() -> bool:
         return False
 
 
-def sparse_mlp(mlp, x: torch.Tensor, idx: torch.Tensor) -> torch.Tensor:
-    """MLP output for the neurons idx only. A neuron's gate and up rows are adjacent rows of
-    w_in viewed as [d_ff * n_in, d], so one gather_matvec reads them together."""
-    n_in = mlp.cfg.n_in
-    rows = (idx[:, None] * n_in + torch.arange(n_in)).flatten()
-    h = gather_matvec(x, mlp.w_in.flatten(0, 1), rows).unflatten(-1, (len(idx), n_in))
-    if mlp.b_in is not None:
-        h = h + mlp.b_in[idx]
-    a = mlp.act(h[..., 0]) * h[..., 1] if n_in == 2 else mlp.act(h[..., 0])
-    return mlp.project_out(a, idx)
-
-
 GATE_ACTS = {"silu": 0, "gelu_tanh": 1}
 
 
@@ -271,12 +258,6 @@ def gate_first_mlp(mlp, x: torch.Tensor, down_norm: torch.Tensor, n_cand: int, k
     out, kept = _extension().gate_first_mlp(x.reshape(-1).contiguous(), mlp.w_in, mlp.w_out_t,
                                             down_norm.contiguous(), n_cand, k, GATE_ACTS[mlp.cfg.act])
     return out, kept
-
-
-def sparse_mlp_reference(mlp, x: torch.Tensor, idx: torch.Tensor) -> torch.Tensor:
-    """The same in plain torch (gathers the rows into temporaries)."""
-    out = mlp.activations(x, idx) @ mlp.w_out_t[idx]
-    return out + mlp.b_out if mlp.b_out is not None else out
 
 
 def gather_matvec(x: torch.Tensor, w: torch.Tensor, idx: torch.Tensor) -> torch.Tensor:
