@@ -93,7 +93,11 @@ def sparse_decoder(model, args):
     from .sparse import Gathered
     if not args.predictors:
         raise DejavuError("--sparse needs --predictors DIR (make them with `dejavu calibrate --out DIR`)")
-    preds = Predictors.load(args.predictors, model)
+    if args.predictors == "synthetic":  # untrained, for speed work on synthetic weights
+        from .predictor import random_predictors
+        preds = random_predictors(model)
+    else:
+        preds = Predictors.load(args.predictors, model)
     neurons, heads = default_selectors(model, preds)
     return Gathered(model, mlp=neurons, heads=heads, mlp_density=args.mlp_density, attn_density=args.attn_density)
 
@@ -101,7 +105,8 @@ def sparse_decoder(model, args):
 def add_sparse_args(p: argparse.ArgumentParser, switch: bool = True):
     if switch:
         p.add_argument("--sparse", action="store_true", help="decode with contextual sparsity (needs --predictors)")
-    p.add_argument("--predictors", help="predictor folder from `dejavu calibrate`")
+    p.add_argument("--predictors", help="predictor folder from `dejavu calibrate` ('synthetic': untrained "
+                                        "predictors of the right shapes, for speed work on presets)")
     p.add_argument("--mlp-density", type=float, default=0.5, help="fraction of MLP neurons computed (default 0.5)")
     p.add_argument("--attn-density", type=float, default=0.67,
                    help="fraction of attention heads computed (default 0.67)")
@@ -275,23 +280,26 @@ def cmd_bench(args):
     from . import bench
     from .kernels import cpu as cpu_kernels
     loaded = load_from_args(args)
-    tok = need_tokenizer(loaded)
     model = loaded.model
-    if model.device.type != "cpu":
-        raise DejavuError("the GPU benchmark is not built yet; use --device cpu")
-    prompt = text_stream(tok, None, "heldout", args.prompt_tokens).tolist()
+    if loaded.tokenizer is not None:
+        prompt = text_stream(loaded.tokenizer, None, "heldout", args.prompt_tokens).tolist()
+    else:  # synthetic weights: any tokens will do
+        prompt = torch.randint(0, model.cfg.vocab_size, (args.prompt_tokens,),
+                               generator=torch.Generator().manual_seed(0)).tolist()
     variants = {"dense": (None, False)}
     if args.predictors:
         variants["sparse"] = (lambda: sparse_decoder(model, args), True)
-        if cpu_kernels.available():
+        if model.device.type == "cpu" and cpu_kernels.available():
             variants["sparse, torch reference"] = (lambda: sparse_decoder(model, args), False)
+    where = torch.cuda.get_device_name(model.device) if model.device.type == "cuda" else bench.cpu_info()
     print(f"decode, batch 1, prompt {len(prompt)} tokens, {args.new_tokens} new tokens, {args.rounds} rounds; "
-          f"{bench.cpu_info()}; {loaded.name} {model.dtype}")
+          f"{where}; {loaded.name} {model.dtype}")
     rates = bench.bench_decode(model, prompt, args.new_tokens, variants, args.rounds)
     rows = bench.summarize(rates)
-    print(f"\n{'variant':<26}{'median tokens/s':>16}{'vs dense':>10}")
+    print(f"\n{'variant':<26}{'median tokens/s':>16}{'ms/token':>10}{'vs dense':>10}")
     for r in rows:
-        print(f"{r['variant']:<26}{r['median_tokens_per_s']:>16.1f}{r['ratio']:>9.2f}x")
+        print(f"{r['variant']:<26}{r['median_tokens_per_s']:>16.1f}{1e3 / r['median_tokens_per_s']:>10.2f}"
+              f"{r['ratio']:>9.2f}x")
     if args.predictors:
         s = sparse_decoder(model, args)
         bench.decode_rate(model, prompt, 8, s)

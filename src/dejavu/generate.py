@@ -73,6 +73,8 @@ def generate(model: Transformer, prompts: list[list[int]], max_new_tokens: int, 
     t0 = time.perf_counter()
     logits = model(tokens.to(model.device), cache, 0)[:, -1]
     nxt = sample(logits, temperature, top_p, gen)
+    if nxt.is_cuda:
+        torch.cuda.synchronize()
     stats.prefill_seconds = time.perf_counter() - t0
     done = torch.zeros(B, dtype=torch.bool, device=model.device)
     for step in range(max_new_tokens):
@@ -86,6 +88,8 @@ def generate(model: Transformer, prompts: list[list[int]], max_new_tokens: int, 
         t = time.perf_counter()
         logits = model(nxt[:, None], cache, T + step, sparsity=sparsity)[:, -1]
         nxt = sample(logits, temperature, top_p, gen)
+        if nxt.is_cuda:
+            torch.cuda.synchronize()  # the step is timed to its end, not to its launch
         dt = time.perf_counter() - t
         stats.per_step.append(dt)
         stats.decode_seconds += dt

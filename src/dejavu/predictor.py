@@ -10,8 +10,8 @@ residual stream entering the head's own layer.
 Network: RMS-normalize the input (scale-free), then d -> r -> units. The MLP predictor is the
 paper's: no hidden activation, class-balanced BCE on the oracle top set at `label_density`.
 Head predictors are a small ReLU network regressing log-importance (measured better than BCE
-on SmolLM2, predictor issue). Rank defaults scale with d: r = d/4 for neurons (paper: about d/12
-at d = 12288, a model far sparser than small ones), r = d/8 for heads.
+on SmolLM2, predictor issue). Rank defaults scale with d: r = d/4 for neurons, d/8 for heads,
+capped at 1024 and 512 (paper: 1000 and 512 at d = 12288).
 """
 from __future__ import annotations
 
@@ -43,9 +43,8 @@ class LowRank(nn.Module):
         self.hidden_relu = hidden_relu
 
     def forward(self, x):
-        x = x.float()
-        x = x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + 1e-6)
-        h = self.down(x)
+        xf = x.float()
+        h = self.down((xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + 1e-6)).to(self.down.weight.dtype))
         return self.up(F.relu(h) if self.hidden_relu else h)
 
 
@@ -58,7 +57,9 @@ def mlp_input_name(layer: int, lookahead: bool = True) -> str:
 
 
 def default_ranks(d: int) -> tuple[int, int]:
-    return max(32, d // 4), max(16, d // 8)
+    """d/4 and d/8 for small models; capped at the paper's 1000-odd and 512 for large ones
+    (an uncapped d/4 predictor for OPT-30B would be a third of its MLP)."""
+    return min(1024, max(32, d // 4)), min(512, max(16, d // 8))
 
 
 @dataclass
@@ -305,6 +306,18 @@ class PredictorSelector:
 
     def head_scores(self, layer, resid, x_in, out=None):
         return self.p.heads[layer](resid[head_input_layer(layer, self.lookahead)])
+
+
+def random_predictors(model: Transformer, seed: int = 0) -> Predictors:
+    """Untrained predictors of the default shapes: for speed work on synthetic weights only."""
+    cfg = model.cfg
+    mlp_rank, head_rank = default_ranks(cfg.d_model)
+    torch.manual_seed(seed)
+    with torch.device(model.device):
+        mlp = [LowRank(cfg.d_model, mlp_rank, cfg.d_ff, False).to(model.dtype).eval() for _ in range(cfg.n_layers)]
+        heads = [LowRank(cfg.d_model, head_rank, cfg.n_heads, True).to(model.dtype).eval() for _ in range(cfg.n_layers)]
+    meta = dict(config=cfg.to_dict(), lookahead=True, mlp_rank=mlp_rank, head_rank=head_rank, synthetic=True)
+    return Predictors(mlp, heads, None, None, meta)
 
 
 def default_selectors(model: Transformer, preds: Predictors):

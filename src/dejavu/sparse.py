@@ -263,6 +263,10 @@ class Gathered(Selection):
         super().__init__(model, mlp, heads, mlp_density, attn_density, union=True)
 
     def _index(self, kind, scores, k):
+        if scores.numel() == scores.shape[-1]:  # one token: its top-k, a fixed size (no host sync)
+            self.kept[kind][0] += k
+            self.kept[kind][1] += scores.shape[-1]
+            return scores.reshape(-1).topk(k).indices
         return self.select(kind, scores, k).flatten(0, -2)[0].nonzero().squeeze(-1)
 
     def head_index(self, layer, x_in):
