@@ -254,8 +254,8 @@ def load(name: str = DEFAULT_MODEL, dtype: torch.dtype | None = None, device: st
     if name in PRESETS:
         cfg = config_from_hf(hf_config_for_preset(name), max_seq_len)
         with torch.device("meta"):
-            model = Transformer(cfg)
-        model = model.to_empty(device=device).to(dtype or torch.bfloat16)
+            model = Transformer(cfg).to(dtype or torch.bfloat16)  # cast on meta: no fp32 copy on the device
+        model = model.to_empty(device=device)
         model.rope_inv_freq = torch.tensor(cfg.rope_inv_freq, dtype=torch.float32, device=device)
         if model.device.type != "meta":  # `dejavu info` on a preset allocates nothing
             init_synthetic_(model, seed)

@@ -9,6 +9,8 @@ deterministic (no atomics: gather_axpy sums per-program fp32 partials in a fixed
 """
 from __future__ import annotations
 
+import functools
+
 import torch
 import triton
 import triton.language as tl
@@ -62,6 +64,11 @@ def _gather_axpy_kernel(a_ptr, w_ptr, idx_ptr, out_ptr, B, M, N, rows_per_split,
              mask=b_mask[:, None] & n_mask[None, :])
 
 
+@functools.cache
+def _sm_count(device: int) -> int:
+    return torch.cuda.get_device_properties(device).multi_processor_count
+
+
 def _precision(t: torch.Tensor) -> str:
     return "ieee" if t.dtype == torch.float32 else "tf32"  # fp32 stays exact fp32 (tests compare modes)
 
@@ -96,7 +103,7 @@ def gather_axpy(a: torch.Tensor, w: torch.Tensor, idx: torch.Tensor, block_m: in
     B, M = a2.shape
     N = w.shape[1]
     col_blocks = triton.cdiv(N, block_n)
-    target = 4 * torch.cuda.get_device_properties(a.device).multi_processor_count
+    target = 4 * _sm_count(a.device.index or 0)
     splits = max(1, min(triton.cdiv(M, block_m), triton.cdiv(target, col_blocks)))
     rows_per_split = triton.cdiv(triton.cdiv(M, splits), block_m) * block_m
     splits = triton.cdiv(M, rows_per_split)
