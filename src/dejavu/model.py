@@ -14,7 +14,6 @@ Weight layouts are chosen for sparse execution (one copy of every weight, DESIGN
 """
 from __future__ import annotations
 
-import contextlib
 import math
 from dataclasses import asdict, dataclass
 
@@ -149,9 +148,8 @@ class Attention(nn.Module):
         if idx is not None:  # each selected query head reads its own K/V group
             group = idx // (cfg.n_heads // cfg.n_kv_heads)
             k, v = k[:, group], v[:, group]
-        with sdpa_backends(x):
-            y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask,
-                                               enable_gqa=idx is None and cfg.n_heads != cfg.n_kv_heads)
+        y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask,
+                                           enable_gqa=idx is None and cfg.n_heads != cfg.n_kv_heads)
         y = y.transpose(1, 2)  # [B, T, heads, head_dim]
         if sparsity is not None:
             y = sparsity.heads(layer, x, y)
@@ -217,15 +215,6 @@ class Block(nn.Module):
             sparsity.enter(self.layer, x)
         x = x + self.attn(self.attn_norm(x), rope, mask, cache, self.layer, start_pos, sparsity)
         return x + self.mlp(self.mlp_norm(x), self.layer, sparsity)
-
-
-def sdpa_backends(x):
-    """On CUDA, leave cuDNN attention out: it rebuilds a plan whenever the cache length changes,
-    ~0.9 ms of CPU per call in decode (measured on an H100, perf-notes)."""
-    if not x.is_cuda:
-        return contextlib.nullcontext()
-    from torch.nn.attention import SDPBackend, sdpa_kernel
-    return sdpa_kernel([SDPBackend.FLASH_ATTENTION, SDPBackend.EFFICIENT_ATTENTION, SDPBackend.MATH])
 
 
 def apply_rope(x, rope):
