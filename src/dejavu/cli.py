@@ -441,10 +441,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--tasks", default="cb,copa,hellaswag,lambada,openbookqa,piqa,rte,winogrande",
                    help="comma-separated tasks (default: all of them)")
     p.add_argument("--limit", type=int, default=None, help="first N examples per task (default: all)")
-    p.add_argument("--predictors", help="predictor folder from `dejavu calibrate` (adds the sparse rows)")
-    p.add_argument("--mlp-density", type=float, default=0.5, help="fraction of MLP neurons kept (default 0.5)")
-    p.add_argument("--attn-density", type=float, default=0.67,
-                   help="fraction of attention heads kept (default 0.67)")
+    add_sparse_args(p, switch=False)  # --predictors adds the sparse rows
     p.add_argument("--batch-size", type=int, default=16, help="requests per forward (default 16)")
     p.add_argument("--out", help="write the markdown table here (and a JSON beside it)")
     p.set_defaults(func=cmd_eval)
