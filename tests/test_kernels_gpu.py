@@ -42,25 +42,15 @@ def test_gather_matvec_and_axpy(dtype, n, d, m, batch):
 
 @pytest.mark.parametrize("name", ["llama-gqa", "opt-relu"])
 def test_gathered_equals_masked_on_cuda(name, tmp_path):
-    from dejavu.collect import record
-    from dejavu.predictor import PredictorSelector, TrainSettings, train
+    from dejavu.predictor import PredictorSelector
     from dejavu.sparse import Gathered, Masked
     from test_model import random_pair
+    from test_sparse import decode_side_by_side, quick_predictors
     model, _ = random_pair(name)
-    record(model, torch.randint(0, 101, (1024,)), tmp_path, window=128, shard_tokens=256, progress=False)
-    preds = train(model, tmp_path, TrainSettings(epochs=1), progress=False)
+    preds = quick_predictors(model, tmp_path)
     model = model.cuda()
     for p in preds.mlp + preds.heads:
         p.cuda()
     gathered = Gathered(model, PredictorSelector(preds), PredictorSelector(preds), 0.4, 0.5)
     masked = Masked(model, PredictorSelector(preds), PredictorSelector(preds), 0.4, 0.5, union=True)
-    prompt = torch.randint(0, 101, (2, 9), device="cuda")
-    caches = [model.new_cache(2, 30), model.new_cache(2, 30)]
-    with torch.no_grad():
-        nxt = model(prompt, caches[0], 0)[:, -1].argmax(-1)
-        model(prompt, caches[1], 0)
-        for pos in range(9, 30):
-            lg = model(nxt[:, None], caches[0], pos, sparsity=gathered)
-            lm = model(nxt[:, None], caches[1], pos, sparsity=masked)
-            assert torch.allclose(lg, lm, atol=1e-4, rtol=1e-4), pos
-            nxt = lg[:, -1].argmax(-1)
+    decode_side_by_side(model, gathered, masked, torch.randint(0, 101, (2, 9), device="cuda"), 30, atol=1e-4)

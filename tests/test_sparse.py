@@ -177,6 +177,27 @@ def test_allocation_keeps_the_mean_and_favours_cheap_layers():
         allocate([cheap], 0.0, 100)
 
 
+def quick_predictors(model, folder):
+    """Predictors trained for one epoch on 1,024 random tokens: enough to select with."""
+    record(model, tokens(n=1024, b=1)[0], folder, window=128, shard_tokens=256, progress=False)
+    return train(model, folder, TrainSettings(epochs=1), progress=False)
+
+
+def decode_side_by_side(model, gathered, masked, prompt, length, atol):
+    """Dense prefill, then gathered and masked decode in step; their logits must agree at every
+    step. Returns the last token, the last gathered logits and both caches."""
+    caches = [model.new_cache(len(prompt), length), model.new_cache(len(prompt), length)]
+    with torch.no_grad():
+        nxt = model(prompt, caches[0], 0)[:, -1].argmax(-1)
+        model(prompt, caches[1], 0)
+        for pos in range(prompt.shape[1], length):
+            lg = model(nxt[:, None], caches[0], pos, sparsity=gathered)
+            lm = model(nxt[:, None], caches[1], pos, sparsity=masked)
+            assert torch.allclose(lg, lm, atol=atol, rtol=1e-4), pos
+            nxt = lg[:, -1].argmax(-1)
+    return nxt, lg, caches
+
+
 @pytest.mark.parametrize("name,batch,selector", [("llama-gqa", 1, "predicted"), ("llama-gqa", 3, "predicted"),
                                                  ("opt-relu", 2, "predicted"), ("llama-gqa", 2, "gate"),
                                                  ("llama-gqa", 1, "gate"), ("gemma-geglu", 1, "gate")])
@@ -185,22 +206,13 @@ def test_gathered_equals_masked_over_a_generation(name, batch, selector, tmp_pat
     over the KV cache (batch > 1: both use the batch's union of sets)."""
     from dejavu.sparse import Gathered
     model, _ = random_pair(name)
-    record(model, tokens(n=1024, b=1)[0], tmp_path, window=128, shard_tokens=256, progress=False)
-    preds = train(model, tmp_path, TrainSettings(epochs=1), progress=False)
+    preds = quick_predictors(model, tmp_path)
     pick = lambda: (GateSelector(model) if selector == "gate" else PredictorSelector(preds), PredictorSelector(preds))
     (n1, h1), (n2, h2) = pick(), pick()
     gathered = Gathered(model, mlp=n1, heads=h1, mlp_density=0.4, attn_density=0.5)
     masked = Masked(model, mlp=n2, heads=h2, mlp_density=0.4, attn_density=0.5, union=True)
-    prompt = tokens(n=9, b=batch, seed=5)
-    caches = [model.new_cache(batch, 40), model.new_cache(batch, 40)]
+    nxt, lg, caches = decode_side_by_side(model, gathered, masked, tokens(n=9, b=batch, seed=5), 40, atol=1e-5)
     with torch.no_grad():
-        nxt = model(prompt, caches[0], 0)[:, -1].argmax(-1)
-        model(prompt, caches[1], 0)
-        for pos in range(9, 40):
-            lg = model(nxt[:, None], caches[0], pos, sparsity=gathered)
-            lm = model(nxt[:, None], caches[1], pos, sparsity=masked)
-            assert torch.allclose(lg, lm, atol=1e-5, rtol=1e-4), pos
-            nxt = lg[:, -1].argmax(-1)
         dense = model(nxt[:, None], model.new_cache(batch, 40), 0)
     assert not torch.allclose(lg, dense)  # sparsity really acted
     assert torch.allclose(caches[0].k, caches[1].k, atol=1e-5) and torch.allclose(caches[0].v, caches[1].v, atol=1e-5)

@@ -190,13 +190,13 @@ def cmd_calibrate(args):
     preds = train(loaded.model, rec_dir, settings)
     preds.save(out)
     preds = Predictors.load(out, loaded.model)  # what later commands will read
-    print_predictor_report(preds, loaded.model)
+    print_predictor_report(preds)
     if not args.keep_recording:
         shutil.rmtree(rec_dir)
     print(f"predictors saved in {out}" + ("" if args.keep_recording else " (recording deleted; --keep-recording keeps it)"))
 
 
-def print_predictor_report(preds, model):
+def print_predictor_report(preds):
     m = preds.meta
     s = m["settings"]
     print(f"\nper layer, on {m['training']['heldout_tokens']} held-out calibration tokens "
@@ -207,7 +207,7 @@ def print_predictor_report(preds, model):
         a, h = r["mlp"], r["attn"]
         print(f"{i:5d} | {a['recall']:10.3f}  {a['calibrated_density']:12.2f}  {a['calibrated_precision']:15.3f} | "
               f"{h['recall']:12.3f}  {h['calibrated_density']:12.2f}  {h['calibrated_precision']:15.3f}")
-    c = preds.cost(model)
+    c = preds.cost()
     print(f"predictor cost per layer: MLP {c['mlp_bytes'] / 1024:.0f} KiB ({c['mlp_frac']:.1%} of the MLP's weights "
           f"and FLOPs), heads {c['head_bytes'] / 1024:.0f} KiB ({c['head_frac']:.1%} of attention's), at 2 bytes/weight")
 

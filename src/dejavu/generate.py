@@ -3,7 +3,7 @@ from __future__ import annotations
 
 import time
 from collections.abc import Iterator
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 import torch
 
@@ -41,7 +41,6 @@ class GenerationStats:
     prefill_seconds: float = 0.0
     decode_seconds: float = 0.0
     decode_steps: int = 0
-    per_step: list[float] = field(default_factory=list)
 
     @property
     def decode_tokens_per_s(self) -> float:
@@ -91,7 +90,6 @@ def generate(model: Transformer, prompts: list[list[int]], max_new_tokens: int, 
         if nxt.is_cuda:
             torch.cuda.synchronize()  # the step is timed to its end, not to its launch
         dt = time.perf_counter() - t
-        stats.per_step.append(dt)
         stats.decode_seconds += dt
         stats.decode_steps += 1
 

@@ -28,7 +28,7 @@ from tqdm import tqdm
 
 from .collect import load_layer, model_fingerprint, read_manifest, split_shards
 from .load import DejavuError
-from .model import Transformer
+from .model import ModelConfig, Transformer
 from .sparse import units_for
 
 PREDICTOR_VERSION = 1
@@ -150,8 +150,8 @@ def allocate(curves: list[list[float]], mean_density: float, n_units: int) -> li
     return [units_for(GRID[i], n_units) / n_units for i in idx]
 
 
-def train(model: Transformer, rec_dir: Path, settings: TrainSettings = TrainSettings(), progress: bool = True,
-          log=print) -> "Predictors":
+def train(model: Transformer, rec_dir: Path, settings: TrainSettings = TrainSettings(),
+          progress: bool = True) -> "Predictors":
     manifest = read_manifest(rec_dir, model)
     cfg = model.cfg
     mlp_rank, head_rank = default_ranks(cfg.d_model)
@@ -276,9 +276,9 @@ class Predictors:
         n = cfg["d_ff"] if part == "mlp" else cfg["n_heads"]
         return allocate([d[part] for d in self.meta["drop_curves"]["layers"]], mean_density, n)
 
-    def cost(self, model: Transformer, elem_bytes: int = 2) -> dict:
+    def cost(self, elem_bytes: int = 2) -> dict:
         """Predictor bytes and FLOPs per token relative to the block part it predicts."""
-        cfg = model.cfg
+        cfg = ModelConfig.from_dict(self.meta["config"])
         mlp_p = sum(p.numel() for p in self.mlp[0].parameters())
         head_p = sum(p.numel() for p in self.heads[0].parameters())
         mlp_block = cfg.d_ff * cfg.d_model * (cfg.n_in + 1)
@@ -293,9 +293,7 @@ class PredictorSelector:
 
     def __init__(self, preds: Predictors):
         self.p, self.lookahead = preds, preds.meta.get("lookahead", True)
-        cfg = preds.meta["config"]
-        mlp_params = sum(p.numel() for p in preds.mlp[0].parameters())
-        self.cost_frac = mlp_params / (cfg["d_ff"] * cfg["d_model"] * (3 if cfg["gated"] else 2))
+        self.cost_frac = preds.cost()["mlp_frac"]
 
     def mlp_bytes_fraction(self, density: float) -> float:
         """Weights read per token as a fraction of the MLP's: the selected rows plus the predictor."""
