@@ -1,45 +1,230 @@
-"""Triton gather kernels against fp32 torch references, and the engine's gathered path on CUDA."""
+"""Triton kernels against fp32 torch references, as torch custom ops under torch.compile and
+CUDA graphs, and the engine's gathered path on CUDA.
+
+On a GPU: `pytest -q tests/test_kernels_gpu.py`. Without one, the file is skipped; to check the
+kernels with Triton's CPU interpreter instead: `DEJAVU_TEST_DEVICE=cpu TRITON_INTERPRET=1 pytest
+-q tests/test_kernels_gpu.py` (Triton 3.6's interpreter needs numpy < 2.4, and its tl.dot is
+wrong for bf16 inputs, so bf16 gathers are only checked on the GPU)."""
+import os
+
 import pytest
 import torch
 
-pytestmark = pytest.mark.gpu
+DEV = os.environ.get("DEJAVU_TEST_DEVICE", "cuda")
+CUDA = DEV == "cuda"
+pytestmark = pytest.mark.gpu if CUDA else []
+if not CUDA and os.environ.get("TRITON_INTERPRET") != "1":
+    pytest.skip("a non-CUDA device needs TRITON_INTERPRET=1", allow_module_level=True)
+tg = pytest.importorskip("dejavu.kernels.triton_gather")
+from dejavu.kernels import triton_attention as ta  # noqa: E402
+
+TOL = {torch.bfloat16: 1e-2, torch.float16: 2e-3, torch.float32: 1e-5}
+DTYPES = [pytest.param(t, id=str(t).removeprefix("torch.")) for t in (torch.bfloat16, torch.float16, torch.float32)]
 
 
 def poison():
-    """Fill the caching allocator's free memory with NaN, so an unwritten output shows."""
-    junk = torch.full((1 << 26,), float("nan"), device="cuda")
-    del junk
+    """Fill the caching allocator's free memory with NaN, so an unwritten output shows. (On the
+    CPU there is no such pool: check() compares every element instead.)"""
+    if CUDA:
+        junk = torch.full((1 << 26,), float("nan"), device=DEV)
+        del junk
 
 
-def rel(a, b):
-    return ((a.double() - b.double()).norm() / b.double().norm()).item()
+def check(got, ref, dtype):
+    """Relative error, on the whole output (norm) and on every element (max error over max |ref|)."""
+    assert got.shape == ref.shape and got.dtype == dtype
+    assert torch.isfinite(got).all()
+    err = got.double() - ref.double()
+    assert (err.norm() / ref.double().norm()).item() < TOL[dtype]
+    assert (err.abs().max() / ref.double().abs().max()).item() < TOL[dtype]
 
 
-TOL = {torch.bfloat16: 1e-2, torch.float16: 2e-3, torch.float32: 1e-5}
+def randn(*shape, g, dtype=torch.float32):
+    return torch.randn(*shape, device=DEV, generator=g).to(dtype)
 
 
-@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16, torch.float32])
+def gen():
+    return torch.Generator(device=DEV).manual_seed(int.from_bytes(os.urandom(4), "little"))  # fresh every run
+
+
+def dot_ok(dtype):
+    if dtype == torch.bfloat16 and not CUDA:
+        pytest.skip("Triton's interpreter computes tl.dot wrong on bf16 inputs")
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
 @pytest.mark.parametrize("n,d,m", [(1000, 576, 37), (4133, 1000, 1500), (300, 4096, 300)])
 @pytest.mark.parametrize("batch", [1, 3, 17, 32])
 def test_gather_matvec_and_axpy(dtype, n, d, m, batch):
-    from dejavu.kernels import triton_gather as tg
-    g = torch.Generator(device="cuda").manual_seed(n + m + batch)
-    w_in = torch.randn(n, 2, d, device="cuda", generator=g).to(dtype)       # strided rows, as w_in[:, part]
-    w = torch.randn(n, d, device="cuda", generator=g).to(dtype)
-    x = torch.randn(batch, d, device="cuda", generator=g).to(dtype)
-    a = torch.randn(batch, m, device="cuda", generator=g).to(dtype)
-    idx = torch.randperm(n, device="cuda", generator=g)[:m]
+    dot_ok(dtype)
+    g = gen()
+    w_in = randn(n, 2, d, g=g, dtype=dtype)  # strided rows, as w_in[:, part]
+    w = randn(n, d, g=g, dtype=dtype)
+    x, a = randn(batch, d, g=g, dtype=dtype), randn(batch, m, g=g, dtype=dtype)
+    idx = torch.randperm(n, device=DEV, generator=g)[:m]
     for part in (0, 1):
         poison()
-        got = tg.gather_matvec(x, w_in[:, part], idx)
-        assert torch.isfinite(got).all()
-        assert rel(got, x.float() @ w_in[idx, part].float().T) < TOL[dtype]
+        check(tg.gather_matvec(x, w_in[:, part], idx), tg.gather_matvec_reference(x, w_in[:, part], idx), dtype)
     poison()
-    got = tg.gather_axpy(a, w, idx)
-    assert torch.isfinite(got).all()
-    assert rel(got, a.float() @ w[idx].float()) < TOL[dtype]
+    check(tg.gather_axpy(a, w, idx), tg.gather_axpy_reference(a, w, idx), dtype)
 
 
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("act,n_in,bias", [("silu", 2, False), ("gelu_tanh", 2, False), ("relu", 1, True),
+                                           ("silu", 2, True), ("relu", 1, False)])
+@pytest.mark.parametrize("n,d,m", [(1000, 576, 37), (4133, 1000, 1500), (300, 4096, 300)])
+@pytest.mark.parametrize("batch", [1, 3, 17, 32])
+def test_gather_act(dtype, act, n_in, bias, n, d, m, batch):
+    dot_ok(dtype)
+    g = gen()
+    w_in = randn(n, n_in, d, g=g, dtype=dtype)
+    b_in = randn(n, n_in, g=g, dtype=dtype) if bias else None
+    x = randn(batch, 1, d, g=g, dtype=dtype)  # [B, T=1, d] as the model passes it
+    idx = torch.randperm(n, device=DEV, generator=g)[:m]
+    poison()
+    check(tg.gather_act(x, w_in, b_in, idx, act), tg.gather_act_reference(x, w_in, b_in, idx, act), dtype)
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("H,hd,d,m", [(12, 64, 576, 5), (56, 128, 1000, 24), (40, 80, 300, 40), (9, 64, 4096, 1)])
+@pytest.mark.parametrize("batch", [1, 3, 32])
+@pytest.mark.parametrize("bias", [False, True])
+def test_head_gathers(dtype, H, hd, d, m, batch, bias):
+    """Head units: idx are head indices, each owning head_dim rows (expanded inside the kernels),
+    with the bias fused (wq's rows; wo's output bias)."""
+    dot_ok(dtype)
+    g = gen()
+    wq, wo_t = randn(H * hd, d, g=g, dtype=dtype), randn(H * hd, d, g=g, dtype=dtype)
+    bq, bo = (randn(H * hd, g=g, dtype=dtype), randn(d, g=g, dtype=dtype)) if bias else (None, None)
+    x, y = randn(batch, d, g=g, dtype=dtype), randn(batch, m * hd, g=g, dtype=dtype)
+    heads = torch.randperm(H, device=DEV, generator=g)[:m]
+    poison()
+    check(tg.gather_matvec(x, wq, heads, bq, unit=hd), tg.gather_matvec_reference(x, wq, heads, bq, unit=hd), dtype)
+    poison()
+    check(tg.gather_axpy(y, wo_t, heads, bo, unit=hd), tg.gather_axpy_reference(y, wo_t, heads, bo, unit=hd), dtype)
+
+
+def attention_inputs(batch, H, Hkv, hd, S, length, m, dtype, g):
+    q = randn(batch, m, hd, g=g, dtype=dtype)
+    k, v = randn(batch, Hkv, S, hd, g=g, dtype=dtype), randn(batch, Hkv, S, hd, g=g, dtype=dtype)
+    head_idx = torch.randperm(H, device=DEV, generator=g)[:m] if m < H else torch.arange(H, device=DEV)
+    pad = torch.randint(0, length, (batch,), device=DEV, generator=g)  # left padding, per row
+    pad[0] = 0
+    key_valid = torch.arange(S, device=DEV)[None, :] >= pad[:, None]
+    return q, k, v, head_idx, torch.tensor(length, device=DEV), key_valid
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("H,Hkv,hd,S,length", [(9, 3, 64, 300, 257), (32, 8, 128, 1000, 999), (12, 12, 64, 130, 1),
+                                               (12, 12, 80, 513, 200), (32, 8, 128, 4096, 3001)])
+@pytest.mark.parametrize("batch", [1, 3, 17, 32])
+@pytest.mark.parametrize("heads", ["some", "all"])
+@pytest.mark.parametrize("n_splits", [0, 7])
+def test_decode_attention(dtype, H, Hkv, hd, S, length, batch, heads, n_splits):
+    m = H if heads == "all" else max(1, H // 3)
+    if not CUDA and batch * m * length > 30_000:
+        pytest.skip("too slow for the CPU interpreter")
+    g = gen()
+    q, k, v, head_idx, L, key_valid = attention_inputs(batch, H, Hkv, hd, S, length, m, dtype, g)
+    poison()
+    got = ta.decode_attention(q, k, v, head_idx, H, L, key_valid, hd ** -0.5, n_splits=n_splits)
+    check(got, ta.decode_attention_reference(q, k, v, head_idx, H, L, key_valid, hd ** -0.5), dtype)
+
+
+def test_decode_attention_is_sdpa_for_all_heads():
+    """All heads, no padding: the same as torch's own GQA attention over the valid keys."""
+    g = gen()
+    q, k, v, head_idx, L, key_valid = attention_inputs(3, 32, 8, 128, 600, 555, 32, torch.float32, g)
+    key_valid.fill_(True)
+    got = ta.decode_attention(q, k, v, head_idx, 32, L, key_valid, 128 ** -0.5)
+    q, k, v = q.double(), k[:, :, :555].double(), v[:, :, :555].double()
+    sdpa = torch.nn.functional.scaled_dot_product_attention(q[:, :, None], k, v, enable_gqa=True)[:, :, 0]
+    check(got, sdpa, torch.float32)
+
+
+def step(x, w_in, w_out_t, wq, wo_t, k, v, idx, heads, length, key_valid):
+    """A sparse decode step's kernels, one after the other (the shapes chain: q rows, attention,
+    output projection, MLP)."""
+    hd, H = k.shape[-1], wq.shape[0] // k.shape[-1]
+    q = tg.gather_matvec(x, wq, heads, unit=hd).view(x.shape[0], -1, hd)
+    y = ta.decode_attention(q, k, v, heads, H, length, key_valid, hd ** -0.5)
+    h = x + tg.gather_axpy(y.flatten(1), wo_t, heads, unit=hd)
+    return h + tg.gather_axpy(tg.gather_act(h, w_in, None, idx, "silu"), w_out_t, idx)
+
+
+def step_inputs(g, dtype, B=3, d=256, d_ff=700, H=8, Hkv=2, hd=32, S=300):
+    return dict(x=randn(B, d, g=g, dtype=dtype), w_in=randn(d_ff, 2, d, g=g, dtype=dtype) / 16,
+                w_out_t=randn(d_ff, d, g=g, dtype=dtype) / 16, wq=randn(H * hd, d, g=g, dtype=dtype) / 16,
+                wo_t=randn(H * hd, d, g=g, dtype=dtype) / 16, k=randn(B, Hkv, S, hd, g=g, dtype=dtype),
+                v=randn(B, Hkv, S, hd, g=g, dtype=dtype), idx=torch.randperm(d_ff, device=DEV, generator=g)[:150],
+                heads=torch.randperm(H, device=DEV, generator=g)[:3],
+                length=torch.randint(100, S, (), device=DEV, generator=g),
+                key_valid=torch.arange(S, device=DEV)[None] >= torch.randint(0, 50, (B, 1), device=DEV, generator=g))
+
+
+def test_ops_under_torch_compile():
+    """fullgraph (no graph break), the four ops in the captured graph as ops, and the compiled
+    result right (on the CPU interpreter: Dynamo's capture, run eagerly)."""
+    from torch._inductor.compile_fx import compile_fx
+    seen = set()
+
+    def backend(gm, example_inputs):
+        seen.update(str(n.target) for n in gm.graph.nodes if n.op == "call_function")
+        return compile_fx(gm, example_inputs) if CUDA else gm.forward
+
+    dtype = torch.float16 if CUDA else torch.float32
+    inputs = step_inputs(gen(), dtype)
+    torch._dynamo.reset()
+    got = torch.compile(step, fullgraph=True, backend=backend)(**inputs)
+    assert {f"dejavu.{op}" for op in ("gather_matvec", "gather_act", "gather_axpy", "decode_attention")} <= seen
+    check(got, step(**inputs).float(), dtype)
+
+
+@pytest.mark.skipif(not CUDA, reason="CUDA graphs need a GPU")
+@pytest.mark.parametrize("op", ["gather_matvec", "gather_act", "gather_axpy", "decode_attention", "step"])
+def test_ops_in_cuda_graph(op):
+    """Capture once, then copy new inputs (other indices, other length, other padding) into the
+    static buffers and replay: the right answer each time."""
+    dtype = torch.bfloat16
+    g = gen()
+    static = step_inputs(g, dtype)
+    x, w_in, w_out_t, k, v = (static[n] for n in ("x", "w_in", "w_out_t", "k", "v"))
+    a = randn(x.shape[0], 150, g=g, dtype=dtype)
+    q = randn(x.shape[0], 3, k.shape[-1], g=g, dtype=dtype)
+    run, reference = {
+        "gather_matvec": (lambda: tg.gather_matvec(x, w_in[:, 1], static["idx"]),
+                          lambda: tg.gather_matvec_reference(x, w_in[:, 1], static["idx"])),
+        "gather_act": (lambda: tg.gather_act(x, w_in, None, static["idx"], "silu"),
+                       lambda: tg.gather_act_reference(x, w_in, None, static["idx"], "silu")),
+        "gather_axpy": (lambda: tg.gather_axpy(a, w_out_t, static["idx"]),
+                        lambda: tg.gather_axpy_reference(a, w_out_t, static["idx"])),
+        "decode_attention": (lambda: ta.decode_attention(q, k, v, static["heads"], 8, static["length"],
+                                                         static["key_valid"], 32 ** -0.5),
+                             lambda: ta.decode_attention_reference(q, k, v, static["heads"], 8, static["length"],
+                                                                   static["key_valid"], 32 ** -0.5)),
+        "step": (lambda: step(**static), None),
+    }[op]
+    side = torch.cuda.Stream()
+    side.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(side):  # warm up (compile the kernels) outside the capture
+        run()
+    torch.cuda.current_stream().wait_stream(side)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        out = run()
+    for _ in range(3):
+        fresh = step_inputs(g, dtype)
+        for name, t in static.items():
+            t.copy_(fresh[name])
+        a.copy_(randn(*a.shape, g=g, dtype=dtype))
+        q.copy_(randn(*q.shape, g=g, dtype=dtype))
+        out.fill_(float("nan"))
+        graph.replay()
+        expected = reference() if reference is not None else step(**static).float()
+        check(out, expected, dtype)
+
+
+@pytest.mark.skipif(not CUDA, reason="the engine's CUDA path")
 @pytest.mark.parametrize("name", ["llama-gqa", "opt-relu"])
 def test_gathered_equals_masked_on_cuda(name, tmp_path):
     from dejavu.predictor import PredictorSelector

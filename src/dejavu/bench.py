@@ -52,3 +52,217 @@ def cpu_info() -> str:
     except OSError:
         pass
     return f"{name}, {torch.get_num_threads()} threads, torch {torch.__version__}"
+
+
+# ---------------------------------------------------------------- GPU end to end (CUDA graphs)
+
+def copy_bandwidth(gib: float = 1.0) -> float:
+    """Device-to-device copy, bytes read + written per second (the roofline's bandwidth)."""
+    src = torch.empty(int(gib * 2**30), dtype=torch.uint8, device="cuda").random_()
+    dst = torch.empty_like(src)
+    ms = []
+    for _ in range(20):
+        a, b = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        a.record()
+        dst.copy_(src)
+        b.record()
+        b.synchronize()
+        ms.append(a.elapsed_time(b))
+    return 2 * src.numel() / (statistics.median(ms[5:]) / 1e3)
+
+
+def step_bytes(model, context: float, mlp_density: float | None = None, attn_density: float | None = None,
+               predictors=None, lazy_kv: bool = False) -> float:
+    """Bytes a batch-1 decode step must read: weights (the selected rows only when sparse), the
+    KV cache over `context` tokens (the selected heads' groups only), the lm_head, the predictors.
+    With the lazy K/V fill, K/V rows of the selected heads plus the heads refreshed in turn."""
+    from .engine import LAZY_WINDOW
+    c, el = model.cfg, model.dtype.itemsize
+    md, ad = mlp_density or 1.0, attn_density or 1.0
+    qo = 2 * c.n_heads * c.head_dim * c.d_model * ad
+    kv = 2 * c.n_kv_heads * c.head_dim * c.d_model
+    if lazy_kv:
+        kv *= min(1.0, ad + -(-c.n_heads // (LAZY_WINDOW - 1)) / c.n_heads)
+    mlp = (c.n_in + 1) * c.d_ff * c.d_model * md
+    kv_groups = min(1.0, ad * c.n_heads / c.n_kv_heads) if c.n_kv_heads == c.n_heads else 1.0
+    cache = 2 * c.n_kv_heads * kv_groups * context * c.head_dim
+    per_layer = (qo + kv + mlp + cache) * el
+    head = c.vocab_size * c.d_model * el
+    pred = 0
+    if predictors is not None:  # the MLP predictors only when the MLP is sparse, the head ones only for heads
+        used = (predictors.mlp if mlp_density else []) + (predictors.heads if attn_density else [])
+        pred = sum(p.numel() * p.element_size() for m in used for p in m.parameters())
+    return c.n_layers * per_layer + head + pred
+
+
+def hf_twin(model, hf_config):
+    """A transformers model whose parameters are views of ours (no second copy of the weights):
+    W_o and W_down as transposed views of wo_t and w_out_t, gate/up/fc1 as slices of w_in."""
+    from transformers import AutoModelForCausalLM
+    c = model.cfg
+    with torch.device("meta"):
+        hf = AutoModelForCausalLM.from_config(hf_config, dtype=model.dtype)
+    sd = {}
+    opt = c.family == "opt"
+    pre = "model.decoder." if opt else "model."
+    sd[pre + "embed_tokens.weight"] = model.tok_emb.weight
+    if opt:
+        pos = model.pos_emb.weight  # OPT's table has an offset of 2 and its full length; ours the used part
+        table = torch.zeros(hf_config.max_position_embeddings + 2, c.d_model, dtype=pos.dtype, device=pos.device)
+        table[2:2 + len(pos)] = pos
+        sd[pre + "embed_positions.weight"] = table
+        sd[pre + "final_layer_norm.weight"], sd[pre + "final_layer_norm.bias"] = model.norm.weight, model.norm.bias
+    else:
+        sd[pre + "norm.weight"] = model.norm.weight
+    for i, b in enumerate(model.layers):
+        p, a, m = f"{pre}layers.{i}.", b.attn, b.mlp
+        names = ("self_attn_layer_norm", "final_layer_norm", "out_proj") if opt else \
+            ("input_layernorm", "post_attention_layernorm", "o_proj")
+        for norm, name in zip((b.attn_norm, b.mlp_norm), names[:2]):
+            sd[p + name + ".weight"] = norm.weight
+            if norm.bias is not None:
+                sd[p + name + ".bias"] = norm.bias
+        for x, w, bias in (("q", a.wq, a.bq), ("k", a.wk, a.bk), ("v", a.wv, a.bv), ("o", a.wo_t.t(), a.bo)):
+            name = names[2] if x == "o" else f"{x}_proj"
+            sd[f"{p}self_attn.{name}.weight"] = w
+            if bias is not None:
+                sd[f"{p}self_attn.{name}.bias"] = bias
+        if opt:
+            sd[p + "fc1.weight"], sd[p + "fc1.bias"] = m.w_in[:, 0], m.b_in[:, 0]
+            sd[p + "fc2.weight"], sd[p + "fc2.bias"] = m.w_out_t.t(), m.b_out
+        else:
+            sd[p + "mlp.gate_proj.weight"], sd[p + "mlp.up_proj.weight"] = m.w_in[:, 0], m.w_in[:, 1]
+            sd[p + "mlp.down_proj.weight"] = m.w_out_t.t()
+    sd["lm_head.weight"] = model.tok_emb.weight if model.lm_head is None else model.lm_head
+    missing = hf.load_state_dict(sd, strict=False, assign=True).missing_keys
+    if missing:
+        raise RuntimeError(f"hf_twin: no weights for {missing[:5]}")
+    if not opt:  # rotary buffers were made on meta
+        hf.model.rotary_emb = type(hf.model.rotary_emb)(config=hf.config, device=model.device)
+    for name, t in list(hf.named_parameters()) + list(hf.named_buffers()):
+        if t.is_meta:
+            raise RuntimeError(f"hf_twin: {name} left on the meta device")
+    return hf.eval()
+
+
+def hf_ms_per_token(hf, prompt: torch.Tensor, n: int, static: bool = False) -> list[float]:
+    """transformers `generate`, greedy, n new tokens; ms between consecutive tokens from CUDA
+    events recorded as each step's logits arrive. `static`: its static cache (transformers
+    compiles the forward for it where it can)."""
+    from transformers import LogitsProcessor, LogitsProcessorList
+
+    class Stamp(LogitsProcessor):
+        def __init__(self):
+            self.events = []
+
+        def __call__(self, input_ids, scores):
+            e = torch.cuda.Event(enable_timing=True)
+            e.record()
+            self.events.append(e)
+            return scores
+
+    stamp = Stamp()
+    extra = dict(cache_implementation="static") if static else {}
+    with torch.no_grad():
+        hf.generate(prompt, attention_mask=torch.ones_like(prompt), max_new_tokens=n, min_new_tokens=n,
+                    do_sample=False, logits_processor=LogitsProcessorList([stamp]), pad_token_id=0, **extra)
+    torch.cuda.synchronize()
+    return [a.elapsed_time(b) for a, b in zip(stamp.events[1:], stamp.events[2:])]  # decode steps only
+
+
+def bench_e2e(shape: str, prompts: list[int], gen: int, points: list[tuple[float, float]], dtype=torch.float16,
+              mlp_rank: int | None = None, head_rank: int | None = None, batches: tuple[int, ...] = (),
+              hf_rows: bool = True, log=print) -> dict:
+    """The latency table of the GPU engine issue: per prompt length, ms/token (median over the
+    generated tokens) for transformers eager, transformers static cache, our dense CUDA-graph
+    engine and our sparse one at each (MLP, attention) density point, with roofline fractions
+    and peak memory. Synthetic weights of the named shape: speed only."""
+    from . import engine
+    from .load import hf_config_for_preset, load
+    from .predictor import PredictorSelector, random_predictors
+    from .sparse import Gathered
+
+    loaded = load(shape, dtype=dtype, device="cuda", max_seq_len=max(prompts) + gen + 8)
+    model = loaded.model
+    bw = copy_bandwidth()
+    preds = random_predictors(model, mlp_rank=mlp_rank, head_rank=head_rank)
+    sel = PredictorSelector(preds)
+    side = torch.cuda.Stream()
+    card = torch.cuda.get_device_name()
+    weights_gb = sum(p.numel() * p.element_size() for p in model.parameters()) / 1e9
+    pred_gb = sum(p.numel() * p.element_size() for m in preds.mlp + preds.heads for p in m.parameters()) / 1e9
+    log(f"{card}: copy bandwidth {bw / 1e12:.2f} TB/s; {loaded.source}, {dtype}, {weights_gb:.1f} GB of weights; "
+        f"predictors (untrained) MLP rank {preds.meta['mlp_rank']}, head rank {preds.meta['head_rank']}: "
+        f"{pred_gb:.2f} GB")
+    hf = hf_twin(model, hf_config_for_preset(shape)) if hf_rows else None
+    g = torch.Generator(device="cuda").manual_seed(0)
+    rows = []
+
+    def add(prompt_len, variant, ms_list, nbytes, peak=None, note=""):
+        ms = statistics.median(ms_list)
+        roof = nbytes / bw * 1e3
+        rows.append(dict(prompt=prompt_len, variant=variant, ms_per_token=ms, roofline_ms=roof,
+                         roofline_frac=roof / ms, peak_gb=peak, note=note))
+        log(f"  prompt {prompt_len:>5}  {variant:<44} {ms:8.2f} ms/token  roofline {roof:6.2f} ms "
+            f"({roof / ms:5.1%})" + (f"  peak {peak:.1f} GB" if peak else "") + (f"  {note}" if note else ""))
+
+    def ours(prompt, mlp_d=None, attn_d=None, stream=side, lazy_kv=None):
+        sparsity = None if mlp_d is None else Gathered(model, sel, sel, mlp_d, attn_d, side_stream=stream)
+        torch.cuda.reset_peak_memory_stats()
+        dec = engine.GraphDecoder(model, prompt.shape[0], prompt.shape[1] + gen + 4, sparsity, lazy_kv)
+        dec.prefill(prompt)
+        tokens, ms = dec.decode(gen)
+        return ms, torch.cuda.max_memory_allocated() / 1e9
+
+    for T in prompts:
+        prompt = torch.randint(0, model.cfg.vocab_size, (1, T), device="cuda", generator=g)
+        ctx = T + gen / 2
+        dense_bytes = step_bytes(model, ctx)
+        if hf is not None:
+            hf_ms_per_token(hf, prompt, 4)  # warm-up
+            add(T, "transformers eager generate", hf_ms_per_token(hf, prompt, gen), dense_bytes)
+            try:
+                hf_ms_per_token(hf, prompt, 4, static=True)  # compiles
+                add(T, "transformers static cache (+ its compile)", hf_ms_per_token(hf, prompt, gen, static=True),
+                    dense_bytes)
+            except Exception as e:  # report, don't hide
+                log(f"  prompt {T:>5}  transformers static cache: failed ({type(e).__name__}: {str(e)[:200]})")
+                rows.append(dict(prompt=T, variant="transformers static cache (+ its compile)", ms_per_token=None,
+                                 note=f"failed: {type(e).__name__}"))
+        ms, peak = ours(prompt)
+        add(T, "dejavu dense, CUDA graph", ms, dense_bytes, peak)
+        for i, (mlp_d, attn_d) in enumerate(points):
+            lazy = engine.lazy_kv_applies(model, 1, Gathered(model, sel, sel, mlp_d, attn_d))
+            ms, peak = ours(prompt, mlp_d, attn_d)
+            nbytes = step_bytes(model, ctx, mlp_d, attn_d, preds, lazy)
+            add(T, f"dejavu sparse MLP {mlp_d:g} / attention {attn_d:g}, CUDA graph"
+                + (", lazy K/V" if lazy else ""), ms, nbytes, peak)
+            if i == 0:  # the overlap: the same step with the predictors inline on the main stream
+                ms_inline, _ = ours(prompt, mlp_d, attn_d, stream=None)
+                add(T, "  same, predictors inline (no side stream)", ms_inline, nbytes,
+                    note=f"side stream saves {statistics.median(ms_inline) - statistics.median(ms):.2f} ms")
+            if i == 0 and lazy:  # the simple form: K/V for every head
+                ms_full, _ = ours(prompt, mlp_d, attn_d, lazy_kv=False)
+                add(T, "  same, K/V for every head (no lazy fill)", ms_full,
+                    step_bytes(model, ctx, mlp_d, attn_d, preds), note="")
+    return dict(card=card, copy_bandwidth=bw, shape=shape, weights=loaded.source, dtype=str(dtype), gen=gen,
+                mlp_rank=preds.meta["mlp_rank"], head_rank=preds.meta["head_rank"], predictor_gb=pred_gb,
+                weights_gb=weights_gb, rows=rows)
+
+
+def e2e_markdown(res: dict) -> str:
+    lines = [f"## {res['shape']} on {res['card']} ({res['dtype']}, {res['weights']})", "",
+             f"Copy bandwidth {res['copy_bandwidth'] / 1e12:.2f} TB/s; batch 1; {res['gen']} new tokens, "
+             f"ms/token = median over them (CUDA events). Predictors untrained (speed only), MLP rank "
+             f"{res['mlp_rank']}, head rank {res['head_rank']}, {res['predictor_gb']:.2f} GB, counted in the roofline.",
+             "", "| prompt | variant | ms/token | vs dejavu dense | roofline ms | of roofline | peak GB |",
+             "|---|---|---|---|---|---|---|"]
+    dense = {r["prompt"]: r["ms_per_token"] for r in res["rows"] if r["variant"].startswith("dejavu dense")}
+    for r in res["rows"]:
+        if r["ms_per_token"] is None:
+            lines.append(f"| {r['prompt']} | {r['variant']} | {r['note']} | | | | |")
+            continue
+        lines.append(f"| {r['prompt']} | {r['variant']} | {r['ms_per_token']:.2f} | "
+                     f"{dense[r['prompt']] / r['ms_per_token']:.2f}x | {r['roofline_ms']:.2f} | "
+                     f"{r['roofline_frac']:.0%} | {'' if r['peak_gb'] is None else format(r['peak_gb'], '.1f')} |")
+    return "\n".join(lines) + "\n"

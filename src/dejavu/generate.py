@@ -10,17 +10,24 @@ import torch
 from .model import Transformer
 
 
-def sample(logits: torch.Tensor, temperature: float = 0.0, top_p: float = 1.0,
-           generator: torch.Generator | None = None) -> torch.Tensor:
-    """logits [B, V] -> next tokens [B]. temperature 0 is greedy."""
-    if temperature <= 0:
-        return logits.argmax(dim=-1)
+def probabilities(logits: torch.Tensor, temperature: float, top_p: float = 1.0) -> torch.Tensor:
+    """logits [..., V] -> the sampling distribution [..., V] (temperature > 0), normalized."""
     probs = torch.softmax(logits.float() / temperature, dim=-1)
     if top_p < 1.0:
         sorted_p, order = probs.sort(dim=-1, descending=True)
         outside = sorted_p.cumsum(dim=-1) - sorted_p > top_p  # keep the smallest prefix reaching top_p
         sorted_p = sorted_p.masked_fill(outside, 0.0)
         probs = torch.zeros_like(probs).scatter_(-1, order, sorted_p)
+        probs = probs / probs.sum(dim=-1, keepdim=True)
+    return probs
+
+
+def sample(logits: torch.Tensor, temperature: float = 0.0, top_p: float = 1.0,
+           generator: torch.Generator | None = None) -> torch.Tensor:
+    """logits [B, V] -> next tokens [B]. temperature 0 is greedy."""
+    if temperature <= 0:
+        return logits.argmax(dim=-1)
+    probs = probabilities(logits, temperature, top_p)
     return torch.multinomial(probs, 1, generator=generator).squeeze(-1)
 
 
@@ -41,6 +48,7 @@ class GenerationStats:
     prefill_seconds: float = 0.0
     decode_seconds: float = 0.0
     decode_steps: int = 0
+    lossless: object = None  # speculative.LosslessStats in lossless mode
 
     @property
     def decode_tokens_per_s(self) -> float:
@@ -50,13 +58,23 @@ class GenerationStats:
 @torch.inference_mode()
 def generate(model: Transformer, prompts: list[list[int]], max_new_tokens: int, temperature: float = 0.0,
              top_p: float = 1.0, eos_id: int | None = None, pad_id: int = 0, seed: int | None = None,
-             stats: GenerationStats | None = None, sparsity=None) -> Iterator[torch.Tensor]:
+             stats: GenerationStats | None = None, sparsity=None, lossless: bool = False,
+             draft_tokens: int | None = None, guard=None) -> Iterator[torch.Tensor]:
     """Yields the next token of every sequence [B] per step; finished rows repeat eos_id.
 
     Prompts of different lengths are left-padded; the cache masks the padding. With
     `sparsity` (sparse.Gathered or Masked) the decode steps run sparse; the prefill stays
-    dense, so the KV cache of the prompt is exact.
+    dense, so the KV cache of the prompt is exact. With `lossless`, `sparsity` only drafts
+    and the dense model verifies: the dense model's output (speculative.py; batch 1;
+    draft_tokens: a fixed number of drafts per round, None adapts it). With `guard`
+    (guard.Guard, which holds its own sparse decoder) the decode steps run sparse with
+    sampled dense checks and fall back to dense when they disagree.
     """
+    if lossless:
+        from .speculative import generate_lossless
+        yield from generate_lossless(model, prompts, max_new_tokens, sparsity, temperature, top_p, eos_id, seed,
+                                     stats, draft_tokens)
+        return
     tokens, pad = left_pad(prompts, pad_id)
     B, T = tokens.shape
     total = T + max_new_tokens
@@ -76,6 +94,8 @@ def generate(model: Transformer, prompts: list[list[int]], max_new_tokens: int, 
         torch.cuda.synchronize()
     stats.prefill_seconds = time.perf_counter() - t0
     done = torch.zeros(B, dtype=torch.bool, device=model.device)
+    if guard is not None:
+        guard.begin()
     for step in range(max_new_tokens):
         if eos_id is not None:
             nxt = torch.where(done, torch.full_like(nxt, eos_id), nxt)
@@ -85,7 +105,10 @@ def generate(model: Transformer, prompts: list[list[int]], max_new_tokens: int, 
         if step == max_new_tokens - 1 or bool(done.all()):
             break
         t = time.perf_counter()
-        logits = model(nxt[:, None], cache, T + step, sparsity=sparsity)[:, -1]
+        if guard is not None:
+            logits = guard.step(nxt[:, None], cache, T + step)[:, -1]
+        else:
+            logits = model(nxt[:, None], cache, T + step, sparsity=sparsity)[:, -1]
         nxt = sample(logits, temperature, top_p, gen)
         if nxt.is_cuda:
             torch.cuda.synchronize()  # the step is timed to its end, not to its launch

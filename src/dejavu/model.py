@@ -77,6 +77,8 @@ class Norm(nn.Module):
         self.bias = nn.Parameter(torch.zeros(cfg.d_model)) if cfg.norm == "layer" else None
 
     def forward(self, x):
+        if x.is_cuda and kernels.norm_kernels() is not None and not torch.is_grad_enabled():
+            return kernels.norm_kernels().norm(x, self.weight, self.bias, self.eps, rms=self.bias is None)
         if self.bias is not None:
             return F.layer_norm(x, x.shape[-1:], self.weight, self.bias, self.eps)
         xf = x.float()  # RMS statistics in fp32, as the reference implementations do
@@ -93,10 +95,15 @@ class KVCache:
     `key_valid[b, s]` is False for left-padding slots of shorter prompts in a batch.
     """
 
-    def __init__(self, cfg: ModelConfig, batch: int, max_seq_len: int, device, dtype):
+    def __init__(self, cfg: ModelConfig, batch: int, max_seq_len: int, device, dtype, lazy_window: int = 0):
         shape = (cfg.n_layers, batch, cfg.n_kv_heads, max_seq_len, cfg.head_dim)
         self.k = torch.zeros(shape, device=device, dtype=dtype)
         self.v = torch.zeros(shape, device=device, dtype=dtype)
+        # Lazy K/V fill (multi-head models, batch 1, device positions): keep every token's
+        # normalized attention input, so a head's skipped K/V can be computed when it is selected.
+        self.lazy_window = lazy_window
+        self.x = torch.zeros(cfg.n_layers, batch, max_seq_len, cfg.d_model, device=device, dtype=dtype) \
+            if lazy_window else None
         self.key_valid = torch.ones(batch, max_seq_len, device=device, dtype=torch.bool)
         self.pad = torch.zeros(batch, device=device, dtype=torch.long)
         self.max_seq_len = max_seq_len
@@ -122,7 +129,7 @@ class Attention(nn.Module):
         self.bv = _maybe_bias(cfg.qkv_bias, kv_dim)
         self.bo = _maybe_bias(cfg.o_bias, cfg.d_model)
 
-    def forward(self, x, rope, mask, cache: KVCache | None, layer: int, start_pos: int, sparsity=None):
+    def forward(self, x, rope, mask, cache: KVCache | None, layer: int, start_pos, sparsity=None):
         """With a gathered sparsity (sparse.Gathered), only the selected query heads are
         computed: their Q rows, their attention, their W_o slice. K/V are computed for every
         head, so the cache stays complete whatever later tokens select."""
@@ -136,24 +143,58 @@ class Attention(nn.Module):
             q = kernels.gather_matvec(x, self.wq, rows)
             q = q + self.bq[rows] if self.bq is not None else q
         q = q.view(B, T, -1, cfg.head_dim).transpose(1, 2)
-        k = F.linear(x, self.wk, self.bk).view(B, T, cfg.n_kv_heads, cfg.head_dim).transpose(1, 2)
-        v = F.linear(x, self.wv, self.bv).view(B, T, cfg.n_kv_heads, cfg.head_dim).transpose(1, 2)
-        if rope is not None:
-            q, k = apply_rope(q, rope), apply_rope(k, rope)
-        if cache is not None:
-            end = start_pos + T
-            cache.k[layer, :, :, start_pos:end] = k
-            cache.v[layer, :, :, start_pos:end] = v
-            k, v = cache.k[layer, :, :, :end], cache.v[layer, :, :, :end]
-        if idx is not None:  # each selected query head reads its own K/V group
-            group = idx // (cfg.n_heads // cfg.n_kv_heads)
-            k, v = k[:, group], v[:, group]
-        y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask,
-                                           enable_gqa=idx is None and cfg.n_heads != cfg.n_kv_heads)
-        y = y.transpose(1, 2)  # [B, T, heads, head_dim]
+        static = isinstance(start_pos, torch.Tensor)  # static shapes (CUDA graphs): start_pos = the T slots
+        if cache is not None and cache.x is not None:
+            cache.x[layer].index_copy_(1, start_pos + torch.arange(T, device=x.device) if not static else start_pos, x)
+        if static and idx is not None and cache.x is not None and T == 1:
+            self.fill_kv_lazily(cache, layer, start_pos, idx)  # the selected heads' K/V only
+            k, v = cache.k[layer], cache.v[layer]
+        else:
+            k = F.linear(x, self.wk, self.bk).view(B, T, cfg.n_kv_heads, cfg.head_dim).transpose(1, 2)
+            v = F.linear(x, self.wv, self.bv).view(B, T, cfg.n_kv_heads, cfg.head_dim).transpose(1, 2)
+            if rope is not None:
+                q, k = apply_rope(q, rope), apply_rope(k, rope)
+            if static:  # write at the device position, attend over the whole cache (the mask hides the rest)
+                cache.k[layer].index_copy_(2, start_pos, k)
+                cache.v[layer].index_copy_(2, start_pos, v)
+                k, v = cache.k[layer], cache.v[layer]
+            elif cache is not None:
+                end = start_pos + T
+                cache.k[layer, :, :, start_pos:end] = k
+                cache.v[layer, :, :, start_pos:end] = v
+                k, v = cache.k[layer, :, :, :end], cache.v[layer, :, :, :end]
+        if static and T == 1 and x.is_cuda:  # the decode kernel: the selected heads' K/V groups only
+            heads = idx if idx is not None else torch.arange(cfg.n_heads, device=x.device)
+            y = kernels.decode_attention(q[:, :, 0], k, v, heads, cfg.n_heads, start_pos[-1] + 1,
+                                         cache.key_valid, cfg.head_dim ** -0.5)[:, None]
+        else:
+            if idx is not None:  # each selected query head reads its own K/V group
+                group = idx // (cfg.n_heads // cfg.n_kv_heads)
+                k, v = k[:, group], v[:, group]
+            y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask,
+                                               enable_gqa=idx is None and cfg.n_heads != cfg.n_kv_heads)
+            y = y.transpose(1, 2)  # [B, T, heads, head_dim]
         if sparsity is not None:
             y = sparsity.heads(layer, x, y)
         return self.project_out(y.flatten(2), idx)
+
+    def fill_kv_lazily(self, cache: KVCache, layer: int, pos: torch.Tensor, idx: torch.Tensor):
+        """DESIGN.md 4.3, with static shapes: compute K/V only for the selected heads, over the
+        last W positions (from the kept inputs), plus r heads in turn whatever the selection, so
+        that every head is refreshed at least every W - 1 steps. A selected head's K/V missing
+        since its last fill then always lie inside the window: the cache is right for every
+        head that attention reads. Weights read: (m + r) heads' K/V rows, not all H."""
+        cfg, W = self.cfg, cache.lazy_window
+        r = -(-cfg.n_heads // (W - 1))
+        turn = (pos * r + torch.arange(r, device=idx.device)) % cfg.n_heads
+        heads = torch.cat((idx, turn))
+        window = (pos - W + 1 + torch.arange(W, device=idx.device)).clamp(min=0)  # repeats slot 0 early on
+        xw = cache.x[layer, 0, window]                                              # [W, d]
+        rows = self.head_rows(heads)
+        for w, b, store in ((self.wk, self.bk, cache.k), (self.wv, self.bv, cache.v)):
+            kv = kernels.gather_matvec(xw, w, rows)
+            kv = kv + b[rows] if b is not None else kv
+            store[layer, 0][heads[:, None], window[None, :]] = kv.view(W, len(heads), -1).transpose(0, 1)
 
     def head_rows(self, idx):
         """Rows of wq / wo_t that belong to the heads idx."""
@@ -243,14 +284,19 @@ class Transformer(nn.Module):
     def dtype(self):
         return self.tok_emb.weight.dtype
 
-    def new_cache(self, batch: int, max_seq_len: int | None = None) -> KVCache:
+    def new_cache(self, batch: int, max_seq_len: int | None = None, lazy_window: int = 0) -> KVCache:
+        """lazy_window W > 1: lazy K/V fill for head-sparse decode with device positions
+        (Attention.fill_kv_lazily); multi-head models without RoPE (OPT), batch 1."""
         n = max_seq_len or self.cfg.max_seq_len
         if n > self.cfg.max_seq_len:
             raise ValueError(f"cache of {n} tokens exceeds the model's context of {self.cfg.max_seq_len}")
-        return KVCache(self.cfg, batch, n, self.device, self.dtype)
+        if lazy_window and not (lazy_window > 1 and batch == 1 and self.cfg.n_kv_heads == self.cfg.n_heads
+                                and self.cfg.positions != "rope"):
+            raise ValueError("lazy K/V fill needs a window > 1, batch 1 and a multi-head model without RoPE (OPT)")
+        return KVCache(self.cfg, batch, n, self.device, self.dtype, lazy_window)
 
     def positions(self, B: int, T: int, start_pos: int, cache: KVCache | None):
-        pos = torch.arange(start_pos, start_pos + T, device=self.device)[None, :].expand(B, T)
+        pos = (start_pos + torch.arange(T, device=self.device))[None, :].expand(B, T)
         if cache is not None:
             pos = (pos - cache.pad[:, None]).clamp(min=0)
         return pos
@@ -260,8 +306,9 @@ class Transformer(nn.Module):
         so padding rows stay finite)."""
         if cache is None:
             return torch.ones(T, T, dtype=torch.bool, device=self.device).tril()[None, None]
-        end = start_pos + T
-        slot_q = torch.arange(start_pos, end, device=self.device)[:, None]
+        static = isinstance(start_pos, torch.Tensor)  # keys: the whole cache (static shapes)
+        end = cache.max_seq_len if static else start_pos + T
+        slot_q = (start_pos + torch.arange(T, device=self.device))[:, None]
         slot_k = torch.arange(end, device=self.device)[None, :]
         causal = slot_k <= slot_q
         mask = causal[None] & (cache.key_valid[:, None, :end] | (slot_k == slot_q)[None])
@@ -290,15 +337,22 @@ class Transformer(nn.Module):
     def forward(self, tokens: torch.Tensor, cache: KVCache | None = None, start_pos: int = 0, sparsity=None):
         """tokens [B, T] -> logits [B, T, vocab]. With a cache, the tokens sit at slots
         start_pos..start_pos+T-1 and earlier slots are read from the cache. `sparsity`
-        (sparse.py) masks or records units on the way."""
+        (sparse.py) masks or records units on the way. start_pos may be a 0-dim device
+        tensor: then every shape is fixed and nothing syncs with the host, so the step can
+        be captured in a CUDA graph (engine.py); the caller keeps it inside the cache."""
         B, T = tokens.shape
-        if cache is not None and start_pos + T > cache.max_seq_len:
+        if isinstance(start_pos, torch.Tensor):
+            if cache is None:
+                raise ValueError("a device-tensor start_pos needs a cache")
+        elif cache is not None and start_pos + T > cache.max_seq_len:
             raise ValueError(f"sequence of {start_pos + T} tokens exceeds the cache of {cache.max_seq_len}")
         if cache is None and T > self.cfg.max_seq_len:
             raise ValueError(f"sequence of {T} tokens exceeds the model's context of {self.cfg.max_seq_len}")
         pos = self.positions(B, T, start_pos, cache)
         x = self.embed(tokens, pos)
         rope, mask = self.rope(pos), self.attention_mask(pos, T, start_pos, cache)
+        if isinstance(start_pos, torch.Tensor):  # the blocks get the slots, computed once
+            start_pos = start_pos + torch.arange(T, device=self.device)
         for block in self.layers:
             x = block(x, rope, mask, cache, start_pos, sparsity)
         return self.logits(x)

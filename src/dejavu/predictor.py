@@ -28,6 +28,7 @@ from tqdm import tqdm
 
 from .collect import load_layer, model_fingerprint, read_manifest, split_shards
 from .load import DejavuError
+from . import kernels
 from .model import ModelConfig, Transformer
 from .sparse import units_for
 
@@ -43,8 +44,14 @@ class LowRank(nn.Module):
         self.hidden_relu = hidden_relu
 
     def forward(self, x):
-        xf = x.float()
-        h = self.down((xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + 1e-6)).to(self.down.weight.dtype))
+        dtype = self.down.weight.dtype
+        if x.is_cuda and x.dtype == dtype and not torch.is_grad_enabled() and kernels.norm_kernels() is not None:
+            ones = torch.ones(x.shape[-1], device=x.device, dtype=dtype)  # one fused kernel, same rounding
+            xn = kernels.norm_kernels().norm(x, ones, None, 1e-6, rms=True)
+        else:
+            xf = x.float()
+            xn = (xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + 1e-6)).to(dtype)
+        h = self.down(xn)
         return self.up(F.relu(h) if self.hidden_relu else h)
 
 
@@ -306,10 +313,13 @@ class PredictorSelector:
         return self.p.heads[layer](resid[head_input_layer(layer, self.lookahead)])
 
 
-def random_predictors(model: Transformer, seed: int = 0) -> Predictors:
-    """Untrained predictors of the default shapes: for speed work on synthetic weights only."""
+def random_predictors(model: Transformer, seed: int = 0, mlp_rank: int | None = None,
+                      head_rank: int | None = None) -> Predictors:
+    """Untrained predictors (default shapes unless ranks are given): for speed work on synthetic
+    weights only."""
     cfg = model.cfg
-    mlp_rank, head_rank = default_ranks(cfg.d_model)
+    default_mlp, default_head = default_ranks(cfg.d_model)
+    mlp_rank, head_rank = mlp_rank or default_mlp, head_rank or default_head
     torch.manual_seed(seed)
     with torch.device(model.device):
         mlp = [LowRank(cfg.d_model, mlp_rank, cfg.d_ff, False).to(model.dtype).eval() for _ in range(cfg.n_layers)]

@@ -183,6 +183,14 @@ class GateSelector:
         all_rows = torch.arange(n, device=x_in.device)
         g = mlp.act(kernels.gather_matvec(x2, mlp.w_in[:, 0], all_rows))       # [N, d_ff]
         cand = (g.abs() * self.down_norms[layer]).topk(n_cand, dim=-1).indices
+        if len(x2) == 1:  # one token: fixed sizes and no host sync (CUDA-graph capturable)
+            cand = cand[0]
+            a = g[:, cand] * kernels.gather_matvec(x2, mlp.w_in[:, 1], cand)
+            top = neuron_importance(a, self.down_norms[layer][cand]).topk(k, dim=-1).indices[0]
+            sel.kept["mlp"][0] += k
+            sel.kept["mlp"][1] += n
+            out = kernels.gather_axpy(a[:, top], mlp.w_out_t, cand[top])
+            return out.view(x_in.shape) + (mlp.b_out if mlp.b_out is not None else 0)
         cu = torch.unique(cand)                                                     # the batch's candidates
         up = kernels.gather_matvec(x2, mlp.w_in[:, 1], cu)                      # [N, |cu|]
         a = g[:, cu] * up
@@ -259,8 +267,52 @@ class Gathered(Selection):
     """Decode: compute only the selected units (model.py gathers their rows). One set per
     forward: the union over the batch's tokens, so batch > 1 shares the rows it reads."""
 
-    def __init__(self, model: Transformer, mlp=None, heads=None, mlp_density=None, attn_density=None):
+    def __init__(self, model: Transformer, mlp=None, heads=None, mlp_density=None, attn_density=None,
+                 side_stream: "torch.cuda.Stream | None" = None):
         super().__init__(model, mlp, heads, mlp_density, attn_density, union=True)
+        self.n_layers, self.side_stream = model.cfg.n_layers, side_stream
+        self.units = {"mlp": model.cfg.d_ff, "attn": model.cfg.n_heads}
+        self.ahead: dict = {}  # (kind, layer) -> (unit indices, event): selections made early
+
+    def enter(self, layer, x):
+        super().enter(layer, x)
+        if self.side_stream is not None and x.shape[0] * x.shape[1] == 1:
+            self.select_ahead(layer)
+
+    def select_ahead(self, layer):
+        """Asynchronous lookahead (batch 1, CUDA): the residual entering `layer` is what the
+        lookahead predictors read for this layer's MLP and the next layer's heads, so their
+        top-k is computed now on the side stream, overlapping this layer's attention (and
+        MLP); the block waits on an event only where it uses the selection."""
+        jobs = []
+        if getattr(self.mlp, "lookahead", False):
+            jobs.append(("mlp", layer, lambda: self.mlp.neuron_scores(layer, self.resid, None), self.mlp_k))
+        if getattr(self.head_sel, "lookahead", False):
+            for t in ([0, 1] if layer == 0 else [layer + 1]):
+                if t < self.n_layers:
+                    jobs.append(("attn", t, lambda t=t: self.head_sel.head_scores(t, self.resid, None), self.attn_k))
+        if not jobs:
+            return
+        main = torch.cuda.current_stream()
+        self.side_stream.wait_stream(main)
+        with torch.cuda.stream(self.side_stream):
+            for kind, t, scores, ks in jobs:
+                idx = scores().reshape(-1).topk(ks[t]).indices
+                done = torch.cuda.Event()
+                done.record()
+                self.ahead[kind, t] = (idx, done)
+
+    def _early(self, kind, layer):
+        """The side stream's selection for (kind, layer), once the main stream waits for it."""
+        if (kind, layer) not in self.ahead:
+            return None
+        idx, done = self.ahead.pop((kind, layer))
+        main = torch.cuda.current_stream()
+        main.wait_event(done)
+        idx.record_stream(main)  # made on the side stream, used on the main one
+        self.kept[kind][0] += len(idx)
+        self.kept[kind][1] += self.units[kind]
+        return idx
 
     def _index(self, kind, scores, k):
         if scores.numel() == scores.shape[-1]:  # one token: its top-k, a fixed size (no host sync)
@@ -272,6 +324,9 @@ class Gathered(Selection):
     def head_index(self, layer, x_in):
         if self.head_sel is None:
             return None
+        early = self._early("attn", layer)
+        if early is not None:
+            return early
         return self._index("attn", self.head_sel.head_scores(layer, self.resid, x_in), self.attn_k[layer])
 
     def mlp_output(self, layer, mlp, x_in):
@@ -280,7 +335,9 @@ class Gathered(Selection):
         if hasattr(self.mlp, "gathered_output"):  # selectors that compute part of the MLP to select
             return self.mlp.gathered_output(layer, mlp, x_in, self)
         k = self.mlp_k[layer]
-        idx = self._index("mlp", self.mlp.neuron_scores(layer, self.resid, x_in, k=k), k)
+        idx = self._early("mlp", layer)
+        if idx is None:
+            idx = self._index("mlp", self.mlp.neuron_scores(layer, self.resid, x_in, k=k), k)
         return kernels.sparse_mlp(mlp, x_in, idx)
 
 

@@ -1,11 +1,12 @@
 """Gathered-row kernels, dispatched by device: C++ on the CPU (cpu.py), Triton on CUDA
-(triton_gather.py), plain torch where neither is available. Each reads only the selected
-rows of a weight, in place."""
+(triton_gather.py, triton_attention.py: torch custom ops `dejavu::*`), plain torch where neither
+is available. Each reads only the selected rows of a weight, in place."""
 from __future__ import annotations
 
 import functools
 
 import torch
+import torch.nn.functional as F
 
 from . import cpu
 
@@ -13,8 +14,8 @@ from . import cpu
 @functools.cache
 def _triton():
     try:
-        from . import triton_gather
-        return triton_gather
+        from . import triton_attention, triton_gather
+        return triton_gather, triton_attention
     except Exception:  # no triton: torch below
         return None
 
@@ -22,30 +23,64 @@ def _triton():
 def gather_matvec(x: torch.Tensor, w: torch.Tensor, idx: torch.Tensor) -> torch.Tensor:
     """x [..., d], w [N, d] (rows may be strided), idx [m] -> [..., m] = x @ w[idx].T"""
     if x.is_cuda and _triton() is not None and x.numel() // x.shape[-1] <= 32:
-        return _triton().gather_matvec(x, w, idx)
+        return _triton()[0].gather_matvec(x, w, idx)
     return cpu.gather_matvec(x, w, idx)
 
 
 def gather_axpy(a: torch.Tensor, w: torch.Tensor, idx: torch.Tensor) -> torch.Tensor:
     """a [..., m], w [N, d], idx [m] -> [..., d] = a @ w[idx]"""
     if a.is_cuda and _triton() is not None and a.numel() // a.shape[-1] <= 32:
-        return _triton().gather_axpy(a, w, idx)
+        return _triton()[0].gather_axpy(a, w, idx)
     return cpu.gather_axpy(a, w, idx)
 
 
-def sparse_mlp(mlp, x: torch.Tensor, idx: torch.Tensor) -> torch.Tensor:
-    """MLP output for the neurons idx only. A neuron's gate and up rows are adjacent rows of
-    w_in viewed as [d_ff * n_in, d], so one gather_matvec reads them together."""
-    n_in = mlp.cfg.n_in
+def gather_act(x: torch.Tensor, w_in: torch.Tensor, b_in: torch.Tensor | None, idx: torch.Tensor,
+               act: str) -> torch.Tensor:
+    """x [..., d], w_in [d_ff, n_in, d], b_in [d_ff, n_in] or None, idx [m] -> [..., m]:
+    act(gate) * up (n_in 2) or act(fc1 + bias) (n_in 1) for the neurons idx."""
+    if x.is_cuda and _triton() is not None and x.numel() // x.shape[-1] <= 32:
+        return _triton()[0].gather_act(x, w_in, b_in, idx, act)
+    n_in = w_in.shape[1]
     rows = (idx[:, None] * n_in + torch.arange(n_in, device=idx.device)).flatten()
-    h = gather_matvec(x, mlp.w_in.flatten(0, 1), rows).unflatten(-1, (len(idx), n_in))
-    if mlp.b_in is not None:
-        h = h + mlp.b_in[idx]
-    a = mlp.act(h[..., 0]) * h[..., 1] if n_in == 2 else mlp.act(h[..., 0])
-    return mlp.project_out(a, idx)
+    h = gather_matvec(x, w_in.flatten(0, 1), rows).unflatten(-1, (len(idx), n_in))
+    h = h + b_in[idx] if b_in is not None else h
+    a = ACTIVATIONS[act](h[..., 0])
+    return a * h[..., 1] if n_in == 2 else a
+
+
+def decode_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, head_idx: torch.Tensor,
+                     n_heads: int, length: torch.Tensor, key_valid: torch.Tensor, scale: float) -> torch.Tensor:
+    """One query token's attention for the query heads head_idx: q [B, m, hd], one layer's cache
+    [B, n_kv_heads, S, hd], length a 0-dim device tensor (keys 0..length-1), key_valid [B, S]."""
+    if q.is_cuda and _triton() is not None:
+        return _triton()[1].decode_attention(q, k_cache, v_cache, head_idx, n_heads, length, key_valid, scale)
+    L = int(length)  # torch path: host sync is fine off the GPU
+    group = head_idx // (n_heads // k_cache.shape[1])
+    mask = key_valid[:, None, None, :L] | (torch.arange(L, device=q.device) == L - 1)
+    return F.scaled_dot_product_attention(q[:, :, None], k_cache[:, group, :L], v_cache[:, group, :L],
+                                          attn_mask=mask, scale=scale)[:, :, 0]
+
+
+ACTIVATIONS = {"silu": F.silu, "gelu_tanh": lambda h: F.gelu(h, approximate="tanh"), "relu": F.relu}
+
+
+def sparse_mlp(mlp, x: torch.Tensor, idx: torch.Tensor) -> torch.Tensor:
+    """MLP output for the neurons idx only: the up side (rows, bias, activation) in one gather,
+    then the down side over the same neurons."""
+    return mlp.project_out(gather_act(x, mlp.w_in, mlp.b_in, idx, mlp.cfg.act), idx)
 
 
 def sparse_mlp_reference(mlp, x: torch.Tensor, idx: torch.Tensor) -> torch.Tensor:
     """The same in plain torch (gathers the rows into temporaries)."""
     out = mlp.activations(x, idx) @ mlp.w_out_t[idx]
     return out + mlp.b_out if mlp.b_out is not None else out
+
+
+@functools.cache
+def norm_kernels():
+    """The Triton norm for decode rows on CUDA (triton_norm.py), or None without triton."""
+    try:
+        from . import triton_norm as module
+        return module
+    except Exception:
+        return None

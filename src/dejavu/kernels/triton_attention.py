@@ -1,0 +1,131 @@
+"""Decode attention (one query token) for the selected query heads only, in Triton, beside its
+torch reference (fp32).
+
+Flash-decoding: the valid keys 0..length-1 are cut into n_splits chunks; program (b, head, split)
+reads its chunk of the head's K/V group once and writes its fp32 running max, sum and unnormalised
+output; a second kernel combines the splits. `length` is a device tensor read by the kernels, and
+the chunk size follows it, so the grid is static (sized for the cache, S) and one CUDA graph serves
+every step: splits past the end run no iterations. Only the selected heads' groups are read
+(query head h reads KV group h // (n_heads / n_kv_heads)); with head_idx = arange(n_heads) it is
+dense GQA/MHA decode attention. Padding slots (key_valid False) are skipped; the query's own slot
+(length - 1) always counts, as in Transformer.attention_mask.
+"""
+from __future__ import annotations
+
+import torch
+import triton
+import triton.language as tl
+from torch.library import triton_op
+
+from .triton_gather import launcher, sm_count
+
+
+@triton.jit
+def _decode_split_kernel(q_ptr, k_ptr, v_ptr, head_ptr, len_ptr, valid_ptr, m_ptr, l_ptr, o_ptr, M, group, scale,
+                         n_splits, stride_qb, stride_qh, stride_kb, stride_kh, stride_ks, stride_vb, stride_vh,
+                         stride_vs, stride_valid, HD: tl.constexpr, BLOCK_S: tl.constexpr, BLOCK_D: tl.constexpr):
+    pid_bh, pid_s = tl.program_id(0), tl.program_id(1)
+    b, h = pid_bh // M, pid_bh % M
+    kv = (tl.load(head_ptr + h) // group).to(tl.int64)
+    length = tl.load(len_ptr)
+    chunk = tl.cdiv(tl.cdiv(length, n_splits), BLOCK_S) * BLOCK_S
+    start = pid_s * chunk
+    end = tl.minimum(start + chunk, length)
+    offs_d = tl.arange(0, BLOCK_D)
+    d_mask = offs_d < HD
+    q = tl.load(q_ptr + b * stride_qb + h * stride_qh + offs_d, mask=d_mask, other=0.0).to(tl.float32) * scale
+    k_ptr += b.to(tl.int64) * stride_kb + kv * stride_kh
+    v_ptr += b.to(tl.int64) * stride_vb + kv * stride_vh
+    m_i = tl.max(tl.full((BLOCK_S,), float("-inf"), tl.float32), 0)  # fp32 scalars for the loop
+    l_i = tl.sum(tl.zeros((BLOCK_S,), tl.float32), 0)
+    acc = tl.zeros((BLOCK_D,), tl.float32)
+    for s0 in range(start, end, BLOCK_S):
+        offs_s = s0 + tl.arange(0, BLOCK_S)
+        in_range = offs_s < end
+        valid = in_range & ((tl.load(valid_ptr + b * stride_valid + offs_s, mask=in_range, other=0) != 0)
+                            | (offs_s == length - 1))
+        kv_mask = valid[:, None] & d_mask[None, :]
+        k = tl.load(k_ptr + offs_s[:, None] * stride_ks + offs_d[None, :], mask=kv_mask, other=0.0)
+        s = tl.where(valid, tl.sum(k.to(tl.float32) * q[None, :], 1), float("-inf"))
+        m_new = tl.maximum(m_i, tl.max(s, 0))
+        m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)  # a chunk of padding only: no NaN
+        alpha = tl.exp(m_i - m_safe)
+        p = tl.exp(s - m_safe)
+        v = tl.load(v_ptr + offs_s[:, None] * stride_vs + offs_d[None, :], mask=kv_mask, other=0.0)
+        acc = acc * alpha + tl.sum(p[:, None] * v.to(tl.float32), 0)
+        l_i = l_i * alpha + tl.sum(p, 0)
+        m_i = m_new
+    part = pid_bh * n_splits + pid_s
+    tl.store(m_ptr + part, m_i)
+    tl.store(l_ptr + part, l_i)
+    tl.store(o_ptr + part * HD + offs_d, acc, mask=d_mask)
+
+
+@triton.jit
+def _decode_reduce_kernel(m_ptr, l_ptr, o_ptr, out_ptr, n_splits, HD: tl.constexpr,
+                          BLOCK_SPLITS: tl.constexpr, BLOCK_D: tl.constexpr):
+    pid = tl.program_id(0)  # b * heads + head
+    offs_s = tl.arange(0, BLOCK_SPLITS)
+    s_mask = offs_s < n_splits
+    offs_d = tl.arange(0, BLOCK_D)
+    d_mask = offs_d < HD
+    part = pid * n_splits + offs_s
+    m = tl.load(m_ptr + part, mask=s_mask, other=float("-inf"))
+    l = tl.load(l_ptr + part, mask=s_mask, other=0.0)
+    o = tl.load(o_ptr + part[:, None] * HD + offs_d[None, :], mask=s_mask[:, None] & d_mask[None, :], other=0.0)
+    w = tl.exp(m - tl.max(m, 0))  # the max is finite: the query's own slot is always valid
+    out = tl.sum(w[:, None] * o, 0) / tl.sum(w * l, 0)
+    tl.store(out_ptr + pid * HD + offs_d, out.to(out_ptr.dtype.element_ty), mask=d_mask)
+
+
+def _n_splits(B: int, heads: int, S: int, block_s: int, device_sms: int) -> int:
+    """Enough (batch, head, split) programs to fill the GPU about twice, from the static sizes only."""
+    return max(1, min(triton.cdiv(S, block_s), triton.cdiv(2 * device_sms, B * heads), 64))
+
+
+@triton_op("dejavu::decode_attention", mutates_args=())
+def _decode_attention_op(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, head_idx: torch.Tensor,
+                         n_heads: int, length: torch.Tensor, key_valid: torch.Tensor, scale: float,
+                         n_splits: int = 0, block_s: int = 64) -> torch.Tensor:
+    q = q.contiguous()
+    B, M, hd = q.shape
+    S = k_cache.shape[2]
+    n_splits = n_splits or _n_splits(B, M, S, block_s, sm_count(q))
+    # fp32 partials and the output: allocated here, from the graph's pool under CUDA graphs
+    m = torch.empty(B * M * n_splits, device=q.device, dtype=torch.float32)
+    l = torch.empty_like(m)
+    o = torch.empty(B * M * n_splits, hd, device=q.device, dtype=torch.float32)
+    out = torch.empty(B, M, hd, device=q.device, dtype=q.dtype)
+    block_d = triton.next_power_of_2(hd)
+    launcher(_decode_split_kernel)[(B * M, n_splits)](
+        q, k_cache, v_cache, head_idx, length, key_valid, m, l, o, M, n_heads // k_cache.shape[1], scale,
+        n_splits, q.stride(0), q.stride(1), k_cache.stride(0), k_cache.stride(1), k_cache.stride(2),
+        v_cache.stride(0), v_cache.stride(1), v_cache.stride(2), key_valid.stride(0),
+        HD=hd, BLOCK_S=block_s, BLOCK_D=block_d)
+    launcher(_decode_reduce_kernel)[(B * M,)](m, l, o, out, n_splits, HD=hd,
+                                              BLOCK_SPLITS=triton.next_power_of_2(n_splits), BLOCK_D=block_d)
+    return out
+
+
+def decode_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, head_idx: torch.Tensor,
+                     n_heads: int, length: torch.Tensor, key_valid: torch.Tensor, scale: float,
+                     n_splits: int = 0, block_s: int = 64) -> torch.Tensor:
+    """q [B, m, hd] (the selected heads' queries), k_cache / v_cache [B, n_kv_heads, S, hd] (one
+    layer of the static cache), head_idx [m] query head ids, length: 0-dim int64 device tensor
+    (keys 0..length-1, length >= 1), key_valid [B, S] bool -> [B, m, hd]. n_splits 0: chosen
+    from the static sizes."""
+    assert k_cache.stride(-1) == 1 and v_cache.stride(-1) == 1, "K/V cache rows must be contiguous"
+    assert n_heads % k_cache.shape[1] == 0, "n_heads must be a multiple of the KV heads"
+    assert key_valid.dtype == torch.bool and length.dim() == 0
+    return torch.ops.dejavu.decode_attention(q, k_cache, v_cache, head_idx, n_heads, length, key_valid, scale,
+                                             n_splits, block_s)
+
+
+def decode_attention_reference(q, k_cache, v_cache, head_idx, n_heads, length, key_valid, scale):
+    L = int(length)
+    group = head_idx // (n_heads // k_cache.shape[1])
+    k, v = k_cache[:, group, :L].float(), v_cache[:, group, :L].float()  # [B, m, L, hd]
+    s = torch.einsum("bhd,bhsd->bhs", q.float(), k) * scale
+    valid = key_valid[:, :L] | (torch.arange(L, device=q.device) == L - 1)
+    s = s.masked_fill(~valid[:, None], float("-inf"))
+    return torch.einsum("bhs,bhsd->bhd", s.softmax(-1), v)

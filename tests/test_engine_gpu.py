@@ -1,0 +1,106 @@
+"""The CUDA-graph decode engine (engine.py) against the eager engine, on the device."""
+import pytest
+import torch
+
+pytestmark = pytest.mark.gpu
+
+
+def eager_greedy(model, prompt, n, sparsity=None):
+    """The eager engine (int positions, cache sliced to the tokens so far), greedy."""
+    cache = model.new_cache(prompt.shape[0], prompt.shape[1] + n + 4)
+    out = []
+    with torch.no_grad():
+        nxt = model(prompt, cache, 0)[:, -1].argmax(-1)
+        for i in range(n):
+            out.append(nxt)
+            logits = model(nxt[:, None], cache, prompt.shape[1] + i, sparsity=sparsity)[:, -1]
+            nxt = logits.argmax(-1)
+    return torch.stack(out, 1), logits
+
+
+def graph_greedy(model, prompt, n, sparsity=None):
+    from dejavu.engine import GraphDecoder
+    dec = GraphDecoder(model, prompt.shape[0], prompt.shape[1] + n + 4, sparsity)
+    dec.prefill(prompt)
+    return dec.decode(n)[0], dec.logits
+
+
+
+
+@pytest.mark.parametrize("name", ["llama-gqa", "opt-relu"])
+@pytest.mark.parametrize("sparse", [False, True])
+def test_graph_step_gives_the_eager_tokens(name, sparse, tmp_path):
+    """Same weights, same selections: the whole-step graph (device positions, whole-cache
+    attention, predictors on a side stream) gives the eager engine's tokens."""
+    from dejavu.predictor import PredictorSelector
+    from dejavu.sparse import Gathered
+    from test_model import random_pair
+    from test_sparse import quick_predictors
+    model, _ = random_pair(name)
+    preds = quick_predictors(model, tmp_path)
+    model = model.cuda()
+    for p in preds.mlp + preds.heads:
+        p.cuda()
+
+    def make(side):
+        if not sparse:
+            return None
+        return Gathered(model, PredictorSelector(preds), PredictorSelector(preds), 0.4, 0.5, side_stream=side)
+
+    prompt = torch.randint(0, 101, (1, 9), device="cuda", generator=torch.Generator("cuda").manual_seed(3))
+    graph_sparsity = make(torch.cuda.Stream())
+    got, got_logits = graph_greedy(model, prompt, 40, graph_sparsity)
+    want, want_logits = eager_greedy(model, prompt, 40, make(None))
+    assert torch.equal(got, want)
+    torch.testing.assert_close(got_logits, want_logits, rtol=1e-4, atol=1e-5)
+    if sparse:
+        assert graph_sparsity.density("mlp") == pytest.approx(round(0.4 * model.cfg.d_ff) / model.cfg.d_ff)
+        assert not torch.allclose(got_logits, eager_greedy(model, prompt, 40)[1])  # sparsity really acted
+
+
+def test_graph_step_on_smollm2_shape_dense_and_gate_first():
+    """SmolLM2's shape in fp32 (synthetic weights: the device has no model package): dense and
+    gate-first sparse MLP, graph == eager."""
+    from dejavu.load import load
+    from dejavu.sparse import Gathered, GateSelector
+    model = load("smollm2-135m-shape", dtype=torch.float32, device="cuda", max_seq_len=256).model
+    prompt = torch.randint(0, 49152, (1, 16), device="cuda", generator=torch.Generator("cuda").manual_seed(0))
+    assert torch.equal(graph_greedy(model, prompt, 48)[0], eager_greedy(model, prompt, 48)[0])
+    make = lambda: Gathered(model, GateSelector(model), None, mlp_density=0.5)
+    assert torch.equal(graph_greedy(model, prompt, 48, make())[0], eager_greedy(model, prompt, 48, make())[0])
+
+
+def test_graph_step_batch_with_left_padding():
+    from dejavu.engine import GraphDecoder
+    from dejavu.load import load
+    model = load("smollm2-135m-shape", dtype=torch.float32, device="cuda", max_seq_len=256).model
+    prompt = torch.randint(0, 49152, (3, 12), device="cuda", generator=torch.Generator("cuda").manual_seed(1))
+    pad = torch.tensor([0, 4, 7], device="cuda")
+    dec = GraphDecoder(model, 3, 12 + 30 + 4)
+    dec.cache.set_padding(pad)
+    dec.prefill(prompt)
+    got = dec.decode(30)[0]
+    cache = model.new_cache(3, 12 + 30 + 4)
+    cache.set_padding(pad)
+    with torch.no_grad():
+        nxt = model(prompt, cache, 0)[:, -1].argmax(-1)
+        want = []
+        for i in range(30):
+            want.append(nxt)
+            nxt = model(nxt[:, None], cache, 12 + i)[:, -1].argmax(-1)
+    assert torch.equal(got, torch.stack(want, 1))
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16, torch.float32])
+@pytest.mark.parametrize("rows,d", [(1, 7168), (3, 576), (17, 1000), (1, 12288)])
+@pytest.mark.parametrize("rms", [True, False])
+def test_triton_norm_matches_torch(dtype, rows, d, rms):
+    from dejavu.kernels.triton_norm import norm, norm_reference
+    g = torch.Generator("cuda").manual_seed(rows * d)
+    x = (torch.randn(rows, d, device="cuda", generator=g) * 3 + 0.5).to(dtype)
+    w = (1 + 0.1 * torch.randn(d, device="cuda", generator=g)).to(dtype)
+    b = None if rms else (0.1 * torch.randn(d, device="cuda", generator=g)).to(dtype)
+    got = norm(x, w, b, 1e-5, rms)
+    want = norm_reference(x.double(), w.double(), None if b is None else b.double(), 1e-5, rms)
+    err = ((got.double() - want).norm() / want.norm()).item()
+    assert err < {torch.bfloat16: 1e-2, torch.float16: 2e-3, torch.float32: 1e-5}[dtype]
