@@ -107,6 +107,18 @@ class KVCache:
         self.key_valid = torch.ones(batch, max_seq_len, device=device, dtype=torch.bool)
         self.pad = torch.zeros(batch, device=device, dtype=torch.long)
         self.max_seq_len = max_seq_len
+        self._plan = None
+
+    def lazy_plan(self, pos: torch.Tensor, n_heads: int):
+        """For the lazy fill at slot pos (a device tensor): the r heads refreshed in turn and the
+        window's last W slots. The same for every layer of a step: computed once per pos tensor."""
+        if self._plan is None or self._plan[0] is not pos:
+            W = self.lazy_window
+            r = -(-n_heads // (W - 1))
+            turn = (pos * r + torch.arange(r, device=pos.device)) % n_heads
+            window = (pos - W + 1 + torch.arange(W, device=pos.device)).clamp(min=0)  # repeats slot 0 early on
+            self._plan = (pos, turn, window)
+        return self._plan[1:]
 
     def set_padding(self, pad: torch.Tensor):
         self.pad = pad.to(self.key_valid.device)
@@ -139,9 +151,7 @@ class Attention(nn.Module):
         if idx is None:
             q = F.linear(x, self.wq, self.bq)
         else:  # the selected heads' Q rows only
-            rows = self.head_rows(idx)
-            q = kernels.gather_matvec(x, self.wq, rows)
-            q = q + self.bq[rows] if self.bq is not None else q
+            q = kernels.gather_matvec(x, self.wq, idx, self.bq, unit=cfg.head_dim)
         q = q.view(B, T, -1, cfg.head_dim).transpose(1, 2)
         static = isinstance(start_pos, torch.Tensor)  # static shapes (CUDA graphs): start_pos = the T slots
         if cache is not None and cache.x is not None:
@@ -185,25 +195,19 @@ class Attention(nn.Module):
         since its last fill then always lie inside the window: the cache is right for every
         head that attention reads. Weights read: (m + r) heads' K/V rows, not all H."""
         cfg, W = self.cfg, cache.lazy_window
-        r = -(-cfg.n_heads // (W - 1))
-        turn = (pos * r + torch.arange(r, device=idx.device)) % cfg.n_heads
+        turn, window = cache.lazy_plan(pos, cfg.n_heads)
         heads = torch.cat((idx, turn))
-        window = (pos - W + 1 + torch.arange(W, device=idx.device)).clamp(min=0)  # repeats slot 0 early on
         xw = cache.x[layer, 0, window]                                              # [W, d]
-        rows = self.head_rows(heads)
+        slots = (window[:, None] + heads[None, :] * cache.max_seq_len).flatten()  # [W, heads] in [H * S]
         for w, b, store in ((self.wk, self.bk, cache.k), (self.wv, self.bv, cache.v)):
-            kv = kernels.gather_matvec(xw, w, rows)
-            kv = kv + b[rows] if b is not None else kv
-            store[layer, 0][heads[:, None], window[None, :]] = kv.view(W, len(heads), -1).transpose(0, 1)
-
-    def head_rows(self, idx):
-        """Rows of wq / wo_t that belong to the heads idx."""
-        hd = self.cfg.head_dim
-        return (idx[:, None] * hd + torch.arange(hd, device=idx.device)).flatten()
+            kv = kernels.gather_matvec(xw, w, heads, b, unit=cfg.head_dim)          # [W, heads * hd]
+            store[layer, 0].view(-1, cfg.head_dim).index_copy_(0, slots, kv.view(-1, cfg.head_dim))
 
     def project_out(self, y, idx=None):
-        out = y @ self.wo_t if idx is None else kernels.gather_axpy(y, self.wo_t, self.head_rows(idx))
-        return out + self.bo if self.bo is not None else out
+        """Through W_o: all heads, or the heads idx only (each a head_dim-row slice of wo_t)."""
+        if idx is not None:
+            return kernels.gather_axpy(y, self.wo_t, idx, self.bo, unit=self.cfg.head_dim)
+        return y @ self.wo_t + self.bo if self.bo is not None else y @ self.wo_t
 
 
 class MLP(nn.Module):
@@ -227,9 +231,8 @@ class MLP(nn.Module):
             return self.act(h[..., 0]) * h[..., 1]
         return self.act(h[..., 0])
 
-    def project_out(self, a, idx=None):
-        out = a @ self.w_out_t if idx is None else kernels.gather_axpy(a, self.w_out_t, idx)
-        return out + self.b_out if self.b_out is not None else out
+    def project_out(self, a):
+        return a @ self.w_out_t + self.b_out if self.b_out is not None else a @ self.w_out_t
 
     def forward(self, x, layer: int = 0, sparsity=None):
         if sparsity is not None:

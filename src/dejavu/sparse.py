@@ -182,15 +182,14 @@ class GateSelector:
         x2 = x_in.reshape(-1, x_in.shape[-1])
         all_rows = torch.arange(n, device=x_in.device)
         g = mlp.act(kernels.gather_matvec(x2, mlp.w_in[:, 0], all_rows))       # [N, d_ff]
-        cand = (g.abs() * self.down_norms[layer]).topk(n_cand, dim=-1).indices
+        cand = (g.abs() * self.down_norms[layer]).topk(n_cand, dim=-1, sorted=False).indices
         if len(x2) == 1:  # one token: fixed sizes and no host sync (CUDA-graph capturable)
             cand = cand[0]
             a = g[:, cand] * kernels.gather_matvec(x2, mlp.w_in[:, 1], cand)
-            top = neuron_importance(a, self.down_norms[layer][cand]).topk(k, dim=-1).indices[0]
+            top = neuron_importance(a, self.down_norms[layer][cand]).topk(k, dim=-1, sorted=False).indices[0]
             sel.kept["mlp"][0] += k
             sel.kept["mlp"][1] += n
-            out = kernels.gather_axpy(a[:, top], mlp.w_out_t, cand[top])
-            return out.view(x_in.shape) + (mlp.b_out if mlp.b_out is not None else 0)
+            return kernels.gather_axpy(a[:, top], mlp.w_out_t, cand[top], mlp.b_out).view(x_in.shape)
         cu = torch.unique(cand)                                                     # the batch's candidates
         up = kernels.gather_matvec(x2, mlp.w_in[:, 1], cu)                      # [N, |cu|]
         a = g[:, cu] * up
@@ -201,8 +200,7 @@ class GateSelector:
         sel.kept["mlp"][0] += int(keep.sum()) * len(x2)
         sel.kept["mlp"][1] += n * len(x2)
         idx = cu[keep]
-        out = kernels.gather_axpy(a[:, keep].contiguous(), mlp.w_out_t, idx)
-        return out.view(*x_in.shape[:-1], -1) + (mlp.b_out if mlp.b_out is not None else 0)
+        return kernels.gather_axpy(a[:, keep].contiguous(), mlp.w_out_t, idx, mlp.b_out).view(x_in.shape)
 
     def mlp_bytes_fraction(self, density: float) -> float:
         """Weights read per token, as a fraction of the MLP's: W_gate, SVD factors, up rows, down columns."""
@@ -297,7 +295,7 @@ class Gathered(Selection):
         self.side_stream.wait_stream(main)
         with torch.cuda.stream(self.side_stream):
             for kind, t, scores, ks in jobs:
-                idx = scores().reshape(-1).topk(ks[t]).indices
+                idx = scores().reshape(-1).topk(ks[t], sorted=False).indices
                 done = torch.cuda.Event()
                 done.record()
                 self.ahead[kind, t] = (idx, done)
@@ -318,7 +316,7 @@ class Gathered(Selection):
         if scores.numel() == scores.shape[-1]:  # one token: its top-k, a fixed size (no host sync)
             self.kept[kind][0] += k
             self.kept[kind][1] += scores.shape[-1]
-            return scores.reshape(-1).topk(k).indices
+            return scores.reshape(-1).topk(k, sorted=False).indices
         return self.select(kind, scores, k).flatten(0, -2)[0].nonzero().squeeze(-1)
 
     def head_index(self, layer, x_in):

@@ -20,18 +20,29 @@ def _triton():
         return None
 
 
-def gather_matvec(x: torch.Tensor, w: torch.Tensor, idx: torch.Tensor) -> torch.Tensor:
-    """x [..., d], w [N, d] (rows may be strided), idx [m] -> [..., m] = x @ w[idx].T"""
+def unit_rows(idx: torch.Tensor, unit: int) -> torch.Tensor:
+    """The weight rows of units idx, each `unit` rows long (a head: head_dim rows)."""
+    return (idx[:, None] * unit + torch.arange(unit, device=idx.device)).flatten() if unit > 1 else idx
+
+
+def gather_matvec(x: torch.Tensor, w: torch.Tensor, idx: torch.Tensor, bias: torch.Tensor | None = None,
+                  unit: int = 1) -> torch.Tensor:
+    """x [..., d], w [N, d] (rows may be strided), idx [m] -> [..., m * unit] = x @ w[rows].T + bias[rows],
+    rows = unit_rows(idx, unit)"""
     if x.is_cuda and _triton() is not None and x.numel() // x.shape[-1] <= 32:
-        return _triton()[0].gather_matvec(x, w, idx)
-    return cpu.gather_matvec(x, w, idx)
+        return _triton()[0].gather_matvec(x, w, idx, bias, unit)
+    rows = unit_rows(idx, unit)
+    out = cpu.gather_matvec(x, w, rows)
+    return out + bias[rows] if bias is not None else out
 
 
-def gather_axpy(a: torch.Tensor, w: torch.Tensor, idx: torch.Tensor) -> torch.Tensor:
-    """a [..., m], w [N, d], idx [m] -> [..., d] = a @ w[idx]"""
+def gather_axpy(a: torch.Tensor, w: torch.Tensor, idx: torch.Tensor, bias: torch.Tensor | None = None,
+                unit: int = 1) -> torch.Tensor:
+    """a [..., m * unit], w [N, d], idx [m] -> [..., d] = a @ w[rows] + bias, rows = unit_rows(idx, unit)"""
     if a.is_cuda and _triton() is not None and a.numel() // a.shape[-1] <= 32:
-        return _triton()[0].gather_axpy(a, w, idx)
-    return cpu.gather_axpy(a, w, idx)
+        return _triton()[0].gather_axpy(a, w, idx, bias, unit)
+    out = cpu.gather_axpy(a, w, unit_rows(idx, unit))
+    return out + bias if bias is not None else out
 
 
 def gather_act(x: torch.Tensor, w_in: torch.Tensor, b_in: torch.Tensor | None, idx: torch.Tensor,
@@ -67,7 +78,7 @@ ACTIVATIONS = {"silu": F.silu, "gelu_tanh": lambda h: F.gelu(h, approximate="tan
 def sparse_mlp(mlp, x: torch.Tensor, idx: torch.Tensor) -> torch.Tensor:
     """MLP output for the neurons idx only: the up side (rows, bias, activation) in one gather,
     then the down side over the same neurons."""
-    return mlp.project_out(gather_act(x, mlp.w_in, mlp.b_in, idx, mlp.cfg.act), idx)
+    return gather_axpy(gather_act(x, mlp.w_in, mlp.b_in, idx, mlp.cfg.act), mlp.w_out_t, idx, mlp.b_out)
 
 
 def sparse_mlp_reference(mlp, x: torch.Tensor, idx: torch.Tensor) -> torch.Tensor:

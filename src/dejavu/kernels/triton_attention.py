@@ -101,7 +101,7 @@ def _decode_attention_op(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.
         q, k_cache, v_cache, head_idx, length, key_valid, m, l, o, M, n_heads // k_cache.shape[1], scale,
         n_splits, q.stride(0), q.stride(1), k_cache.stride(0), k_cache.stride(1), k_cache.stride(2),
         v_cache.stride(0), v_cache.stride(1), v_cache.stride(2), key_valid.stride(0),
-        HD=hd, BLOCK_S=block_s, BLOCK_D=block_d)
+        HD=hd, BLOCK_S=block_s, BLOCK_D=block_d, num_stages=2)  # inductor's default stages overflow shared memory
     launcher(_decode_reduce_kernel)[(B * M,)](m, l, o, out, n_splits, HD=hd,
                                               BLOCK_SPLITS=triton.next_power_of_2(n_splits), BLOCK_D=block_d)
     return out

@@ -26,7 +26,7 @@ import triton
 import triton.language as tl
 from torch.library import triton_op, wrap_triton
 
-from . import ACTIVATIONS
+from . import ACTIVATIONS, unit_rows
 
 INTERPRET = os.environ.get("TRITON_INTERPRET") == "1"  # Triton's CPU interpreter, for checking without a GPU
 
@@ -180,15 +180,15 @@ def _sum_splits_kernel(part_ptr, b_ptr, out_ptr, S, N, stride_s, stride_p, strid
     tl.store(out_ptr + pid_b * stride_o + offs_n, acc.to(out_ptr.dtype.element_ty), mask=n_mask)
 
 
-def _block_m(M: int, t: torch.Tensor, block_m: int) -> int:
-    """Rows per program: 64, or fewer when that leaves SMs idle (a decode step's gathers have a
-    few thousand rows: 64 per program gives ~50 programs for 132 SMs)."""
-    if block_m:
-        return block_m
-    for bm in (64, 32):
-        if triton.cdiv(M, bm) >= sm_count(t):
-            return bm
-    return 16
+def _tile(M: int, x: torch.Tensor, block_m: int, block_k: int) -> tuple[int, int]:
+    """Rows per program and columns per step: 64 x 128, or fewer rows when that leaves SMs idle
+    (a decode step's gathers have a few thousand rows: 64 per program gives ~50 programs for 132
+    SMs), with longer steps so that each program keeps as many bytes in flight; the x tile caps
+    the step (fp32 or a batch of 32: shared memory)."""
+    if not block_m:
+        block_m = next((bm for bm in (64, 32) if triton.cdiv(M, bm) >= sm_count(x)), 16)
+    x_cap = 32768 // (x.element_size() * _block_b(x.shape[0]))
+    return block_m, block_k or max(128, min(8192 // block_m, x_cap))
 
 
 @triton_op("dejavu::gather_matvec", mutates_args=())
@@ -197,7 +197,7 @@ def _gather_matvec_op(x: torch.Tensor, w: torch.Tensor, bias: torch.Tensor | Non
     x = x.contiguous()
     (B, K), M = x.shape, idx.numel() * unit
     out = torch.empty(B, M, device=x.device, dtype=x.dtype)  # graph pool under CUDA graphs
-    block_m = _block_m(M, x, block_m)
+    block_m, block_k = _tile(M, x, block_m, block_k)
     launcher(_gather_matvec_kernel)[(triton.cdiv(M, block_m),)](
         x, w, bias if bias is not None else x, idx, out, B, M, K, w.stride(0), x.stride(0), out.stride(0),
         UNIT=unit, HAS_BIAS=bias is not None, BLOCK_B=_block_b(B), BLOCK_M=block_m, BLOCK_K=block_k,
@@ -212,7 +212,7 @@ def _gather_act_op(x: torch.Tensor, w_in: torch.Tensor, b_in: torch.Tensor | Non
     (B, K), M = x.shape, idx.numel()
     out = torch.empty(B, M, device=x.device, dtype=x.dtype)  # graph pool under CUDA graphs
     bias = b_in if b_in is not None else x  # a placeholder pointer, never read
-    block_m = _block_m(M, x, block_m)
+    block_m, block_k = _tile(M, x, block_m, block_k)
     launcher(_gather_act_kernel)[(triton.cdiv(M, block_m),)](
         x, w_in, bias, idx, out, B, M, K, w_in.stride(0), w_in.stride(1), bias.stride(0), bias.stride(-1),
         x.stride(0), out.stride(0), N_IN=w_in.shape[1], ACT=act, HAS_BIAS=b_in is not None,
@@ -241,7 +241,7 @@ def _gather_axpy_op(a: torch.Tensor, w: torch.Tensor, bias: torch.Tensor | None,
 
 
 def gather_matvec(x: torch.Tensor, w: torch.Tensor, idx: torch.Tensor, bias: torch.Tensor | None = None,
-                  unit: int = 1, block_m: int = 0, block_k: int = 128) -> torch.Tensor:
+                  unit: int = 1, block_m: int = 0, block_k: int = 0) -> torch.Tensor:
     """x [..., d], w [N, d] (rows may be strided, columns contiguous), idx [m] -> [..., m * unit]
     = x @ w[rows].T (+ bias[rows]), rows = the `unit` rows of each index (a head's head_dim rows)."""
     assert w.stride(1) == 1, "weight rows must be contiguous"
@@ -250,7 +250,7 @@ def gather_matvec(x: torch.Tensor, w: torch.Tensor, idx: torch.Tensor, bias: tor
 
 
 def gather_act(x: torch.Tensor, w_in: torch.Tensor, b_in: torch.Tensor | None, idx: torch.Tensor, act: str,
-               block_m: int = 0, block_k: int = 128) -> torch.Tensor:
+               block_m: int = 0, block_k: int = 0) -> torch.Tensor:
     """x [..., d], w_in [d_ff, n_in, d], b_in [d_ff, n_in] or None, idx [m] -> a [..., m]:
     act(gate) * up for n_in = 2 (SwiGLU 'silu', GeGLU 'gelu_tanh'), act(fc1 + bias) for n_in = 1."""
     assert w_in.stride(2) == 1 and w_in.shape[1] in (1, 2), "w_in must be [d_ff, n_in, d] with contiguous rows"
@@ -267,11 +267,6 @@ def gather_axpy(a: torch.Tensor, w: torch.Tensor, idx: torch.Tensor, bias: torch
     assert w.stride(1) == 1, "weight rows must be contiguous"
     out = torch.ops.dejavu.gather_axpy(a.reshape(-1, a.shape[-1]), w, bias, idx, unit, block_m, block_n)
     return out.view(*a.shape[:-1], w.shape[1])
-
-
-def unit_rows(idx: torch.Tensor, unit: int) -> torch.Tensor:
-    """The weight rows of units idx (each `unit` rows long)."""
-    return (idx[:, None] * unit + torch.arange(unit, device=idx.device)).flatten() if unit > 1 else idx
 
 
 def gather_matvec_reference(x, w, idx, bias=None, unit=1):
