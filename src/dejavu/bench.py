@@ -172,7 +172,7 @@ def hf_ms_per_token(hf, prompt: torch.Tensor, n: int, static: bool = False) -> l
 
 def bench_e2e(shape: str, prompts: list[int], gen: int, points: list[tuple[float, float]], dtype=torch.float16,
               mlp_rank: int | None = None, head_rank: int | None = None, batches: tuple[int, ...] = (),
-              hf_rows: bool = True, log=print) -> dict:
+              hf_rows: bool = True, tp: tuple[int, int] = (0, 1), log=print) -> dict:
     """The latency table of the GPU engine issue: per prompt length, ms/token (median over the
     generated tokens) for transformers eager, transformers static cache, our dense CUDA-graph
     engine and our sparse one at each (MLP, attention) density point, with roofline fractions
@@ -182,8 +182,12 @@ def bench_e2e(shape: str, prompts: list[int], gen: int, points: list[tuple[float
     from .predictor import PredictorSelector, random_predictors
     from .sparse import Gathered
 
-    loaded = load(shape, dtype=dtype, device="cuda", max_seq_len=max(prompts) + gen + 8)
+    loaded = load(shape, dtype=dtype, device="cuda", max_seq_len=max(prompts) + gen + 8, tp=tp)
     model = loaded.model
+    if tp[1] > 1 and hf_rows:
+        log(f"tensor parallelism over {tp[1]} GPUs: no transformers rows (its model is not sharded); roofline "
+            "and memory are per GPU (one shard), the all-reduces are not in the roofline")
+        hf_rows = False
     bw = copy_bandwidth()
     preds = random_predictors(model, mlp_rank=mlp_rank, head_rank=head_rank)
     sel = PredictorSelector(preds)
@@ -245,13 +249,14 @@ def bench_e2e(shape: str, prompts: list[int], gen: int, points: list[tuple[float
                 ms_full, _ = ours(prompt, mlp_d, attn_d, lazy_kv=False)
                 add(T, "  same, K/V for every head (no lazy fill)", ms_full,
                     step_bytes(model, ctx, mlp_d, attn_d, preds), note="")
-    return dict(card=card, copy_bandwidth=bw, shape=shape, weights=loaded.source, dtype=str(dtype), gen=gen,
+    return dict(card=card, copy_bandwidth=bw, shape=shape, tp=tp[1], weights=loaded.source, dtype=str(dtype), gen=gen,
                 mlp_rank=preds.meta["mlp_rank"], head_rank=preds.meta["head_rank"], predictor_gb=pred_gb,
                 weights_gb=weights_gb, rows=rows)
 
 
 def e2e_markdown(res: dict) -> str:
-    lines = [f"## {res['shape']} on {res['card']} ({res['dtype']}, {res['weights']})", "",
+    gpus = f"{res['tp']} x " if res.get("tp", 1) > 1 else ""
+    lines = [f"## {res['shape']} on {gpus}{res['card']} ({res['dtype']}, {res['weights']})", "",
              f"Copy bandwidth {res['copy_bandwidth'] / 1e12:.2f} TB/s; batch 1; {res['gen']} new tokens, "
              f"ms/token = median over them (CUDA events). Predictors untrained (speed only), MLP rank "
              f"{res['mlp_rank']}, head rank {res['head_rank']}, {res['predictor_gb']:.2f} GB, counted in the roofline.",

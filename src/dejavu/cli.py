@@ -326,8 +326,12 @@ def cmd_bench_e2e(args):
         check_density("MLP density", mlp_d)
         check_density("attention density", attn_d)
     dtype = DTYPES[args.dtype] if args.dtype else torch.bfloat16
+    from . import tp
+    rank = tp.init(args.tp)
     res = bench.bench_e2e(args.shape, prompts, args.gen, points, dtype, args.mlp_rank, args.head_rank,
-                          hf_rows=not args.no_hf)
+                          hf_rows=not args.no_hf, tp=(rank, args.tp), log=print if rank == 0 else lambda *a: None)
+    if rank:
+        return
     table = bench.e2e_markdown(res)
     print("\n" + table)
     if args.out:
@@ -577,6 +581,9 @@ def build_parser() -> argparse.ArgumentParser:
     e2e.add_argument("--mlp-rank", type=int, help="MLP predictor rank (default: predictor.default_ranks)")
     e2e.add_argument("--head-rank", type=int, help="head predictor rank (default: predictor.default_ranks)")
     e2e.add_argument("--no-hf", action="store_true", help="skip the transformers rows")
+    e2e.add_argument("--tp", type=int, default=1, metavar="N",
+                     help="tensor parallelism over N GPUs; launch with `torchrun --nproc-per-node N -m dejavu "
+                          "bench e2e --tp N` (default 1)")
     e2e.add_argument("--out", help="folder for e2e.json and e2e.md (default: print only)")
     p.set_defaults(func=cmd_bench)
 

@@ -249,17 +249,21 @@ def resolve_folder(name: str) -> tuple[Path, str]:
 
 
 def load(name: str = DEFAULT_MODEL, dtype: torch.dtype | None = None, device: str = "cpu",
-         max_seq_len: int | None = None, seed: int = 0) -> Loaded:
+         max_seq_len: int | None = None, seed: int = 0, tp: tuple[int, int] = (0, 1)) -> Loaded:
+    """`tp` (rank, world): keep this rank's shard only (tp.py); synthetic weights are sharded
+    before they are allocated, real ones after loading."""
+    from . import tp as tensor_parallel
     t0 = time.perf_counter()
     if name in PRESETS:
         cfg = config_from_hf(hf_config_for_preset(name), max_seq_len)
         with torch.device("meta"):
             model = Transformer(cfg).to(dtype or torch.bfloat16)  # cast on meta: no fp32 copy on the device
-        model = model.to_empty(device=device)
+        model = tensor_parallel.shard(model, *tp).to_empty(device=device)
         model.rope_inv_freq = torch.tensor(cfg.rope_inv_freq, dtype=torch.float32, device=device)
         if model.device.type != "meta":  # `dejavu info` on a preset allocates nothing
             init_synthetic_(model, seed)
-        return Loaded(model.eval(), None, f"synthetic weights of the {name} shape (seed {seed})", name,
+        shard = f", tensor-parallel shard {tp[0]} of {tp[1]}" if tp[1] > 1 else ""
+        return Loaded(model.eval(), None, f"synthetic weights of the {name} shape (seed {seed}){shard}", name,
                       time.perf_counter() - t0)
 
     folder, source = resolve_folder(name)
@@ -280,5 +284,5 @@ def load(name: str = DEFAULT_MODEL, dtype: torch.dtype | None = None, device: st
                else "restore the files or re-download the model")
         raise DejavuError(f"cannot load the weights in {folder} ({type(e).__name__}: {str(e)[:300]}). "
                           f"The files look corrupt or incomplete. Fix: {fix}.") from None
-    model = from_hf_model(hf, dtype, device, max_seq_len)
+    model = tensor_parallel.shard(from_hf_model(hf, dtype, device, max_seq_len), *tp)
     return Loaded(model, tok, source, name, time.perf_counter() - t0)

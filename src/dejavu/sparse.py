@@ -213,16 +213,17 @@ class GateSelector:
 class Selection(Sparsity):
     """Top-k units per layer from the selectors; shared by the masked and gathered modes.
     With `union`, a batch shares one set: the union of its tokens' top-k (what gathered
-    decode computes for batch > 1)."""
+    decode computes for batch > 1). With `shards` N, the units are N equal contiguous slices
+    and each slice keeps its own top-k/N: tensor parallelism's rule (tp.py), on one rank."""
 
     def __init__(self, model: Transformer, mlp=None, heads=None, mlp_density=None, attn_density=None,
-                 union: bool = False):
+                 union: bool = False, shards: int = 1):
         cfg = model.cfg
-        self.mlp, self.head_sel, self.union = mlp, heads, union
-        self.mlp_k = [units_for(d, cfg.d_ff) for d in per_layer("MLP density", mlp_density, cfg.n_layers)] \
+        self.mlp, self.head_sel, self.union, self.shards = mlp, heads, union, shards
+        self.mlp_k = [units_for(d, cfg.d_ff // shards) for d in per_layer("MLP density", mlp_density, cfg.n_layers)] \
             if mlp is not None else None
-        self.attn_k = [units_for(d, cfg.n_heads) for d in per_layer("attention density", attn_density, cfg.n_layers)] \
-            if heads is not None else None
+        self.attn_k = [units_for(d, cfg.n_heads // shards)
+                       for d in per_layer("attention density", attn_density, cfg.n_layers)] if heads is not None else None
         self.resid: list[torch.Tensor] = []
         self.kept = {"mlp": [0, 0], "attn": [0, 0]}  # kept, total units (achieved density)
 
@@ -233,7 +234,7 @@ class Selection(Sparsity):
 
     def select(self, kind, scores, k) -> torch.Tensor:
         """Boolean mask [..., units]: each token's top-k, or with `union` the batch's union."""
-        mask = topk_mask(scores, k)
+        mask = topk_mask(scores.unflatten(-1, (self.shards, -1)), k).flatten(-2)
         if self.union:
             mask = mask.flatten(0, -2).any(0).expand_as(mask)
         self.kept[kind][0] += int(mask.sum())
