@@ -271,3 +271,32 @@ def e2e_markdown(res: dict) -> str:
                      f"{dense[r['prompt']] / r['ms_per_token']:.2f}x | {r['roofline_ms']:.2f} | "
                      f"{r['roofline_frac']:.0%} | {'' if r['peak_gb'] is None else format(r['peak_gb'], '.1f')} |")
     return "\n".join(lines) + "\n"
+
+
+def e2e_plot(res: dict, path):
+    """ms/token against prompt length, one line per variant, the roofline of dense and sparse
+    dashed (matplotlib PNG)."""
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    fig, ax = plt.subplots(figsize=(11, 4.8))
+    variants = list(dict.fromkeys(r["variant"] for r in res["rows"]))
+    for v in variants:
+        pts = [(r["prompt"], r["ms_per_token"]) for r in res["rows"] if r["variant"] == v and r["ms_per_token"]]
+        if pts:
+            ax.plot(*zip(*pts), marker="o", label=v.strip())
+    for v in variants:
+        if v.startswith("dejavu dense") or v.startswith("dejavu sparse MLP 0.1"):
+            pts = [(r["prompt"], r["roofline_ms"]) for r in res["rows"] if r["variant"] == v]
+            ax.plot(*zip(*pts), ls="--", color="gray", lw=1)
+    ax.set_xscale("log", base=2)
+    ax.set_xticks(sorted({r["prompt"] for r in res["rows"]}), labels=sorted({r["prompt"] for r in res["rows"]}))
+    ax.set_yscale("log")
+    ax.set_xlabel("prompt tokens")
+    ax.set_ylabel("ms / token (batch 1, median)")
+    gpus = f"{res['tp']} x " if res.get("tp", 1) > 1 else ""
+    ax.set_title(f"{res['shape']} (synthetic weights) on {gpus}{res['card']}; dashed: rooflines", fontsize=10)
+    ax.legend(fontsize=7, loc="upper left", bbox_to_anchor=(1.01, 1))
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)

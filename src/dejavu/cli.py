@@ -339,7 +339,8 @@ def cmd_bench_e2e(args):
         out.mkdir(parents=True, exist_ok=True)
         (out / f"e2e_{args.shape}.json").write_text(json.dumps(res, indent=1))
         (out / f"e2e_{args.shape}.md").write_text(table)
-        print(f"wrote {out}/e2e_{args.shape}.json and .md")
+        bench.e2e_plot(res, out / f"e2e_{args.shape}.png")
+        print(f"wrote {out}/e2e_{args.shape}.json, .md and .png")
 
 
 def cmd_bench(args):
