@@ -137,6 +137,21 @@ def add_sparse_args(p: argparse.ArgumentParser, switch: bool = True):
                    help="fraction of attention heads computed (default 0.67)")
 
 
+def add_guard_args(p: argparse.ArgumentParser, title: str, unit: str, extra: str = ""):
+    """The guard's flags (guard_from_args reads them); `unit` is what a trip finishes dense."""
+    g = p.add_argument_group(title)
+    g.add_argument("--guard", action="store_true",
+                   help="check every 8th decode step against dense (top-1 agreement, KL, selector recall) and "
+                        f"finish {unit} dense when the rolling agreement falls below 0.5{extra}")
+    g.add_argument("--conservative", action="store_true",
+                   help="the guard's cautious preset: check every 2nd step, fall back below 0.8 agreement")
+    g.add_argument("--check-every", type=int, default=None, help="guard: check every Nth decode step")
+    g.add_argument("--min-agreement", type=float, default=None,
+                   help="guard: rolling top-1 agreement (0-1) below which it trips")
+    g.add_argument("--on-trip", choices=("dense", "raise"), default=None,
+                   help=f"guard: 'dense' finishes {unit} dense (default); 'raise' steps the densities up by 0.25")
+
+
 def add_lossless_args(p: argparse.ArgumentParser):
     p.add_argument("--lossless", action="store_true",
                    help="the sparse model (--predictors, densities) drafts, the dense model verifies: output "
@@ -530,17 +545,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--chat", action="store_true", help="wrap the prompt in the model's chat template")
     add_sparse_args(p)
     add_lossless_args(p)
-    g = p.add_argument_group("run-time guard (with --sparse)")
-    g.add_argument("--guard", action="store_true",
-                   help="check every 8th decode step against dense (top-1 agreement, KL, selector recall) and "
-                        "finish the request dense when the rolling agreement falls below 0.5; prints the figures")
-    g.add_argument("--conservative", action="store_true",
-                   help="the guard's cautious preset: check every 2nd step, fall back below 0.8 agreement")
-    g.add_argument("--check-every", type=int, default=None, help="guard: check every Nth decode step")
-    g.add_argument("--min-agreement", type=float, default=None,
-                   help="guard: rolling top-1 agreement (0-1) below which it trips")
-    g.add_argument("--on-trip", choices=("dense", "raise"), default=None,
-                   help="guard: 'dense' finishes the request dense (default); 'raise' steps the densities up by 0.25")
+    add_guard_args(p, "run-time guard (with --sparse)", "the request", "; prints the figures")
     p.set_defaults(func=cmd_generate)
 
     p = sub.add_parser("info", help="model shape and bytes per part",
@@ -663,17 +668,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--test-faults", action="store_true",
                    help="testing only: requests whose 'user' field is dejavu-test-fault:nan-cache or "
                         "dejavu-test-fault:raise fail on purpose (to check that others are unaffected)")
-    g = p.add_argument_group("run-time guard (with --predictors; its figures go to /metrics)")
-    g.add_argument("--guard", action="store_true",
-                   help="check every 8th decode step of the batch against dense (top-1 agreement, KL, selector "
-                        "recall) and finish the batch dense when the rolling agreement falls below 0.5")
-    g.add_argument("--conservative", action="store_true",
-                   help="the guard's cautious preset: check every 2nd step, fall back below 0.8 agreement")
-    g.add_argument("--check-every", type=int, default=None, help="guard: check every Nth decode step")
-    g.add_argument("--min-agreement", type=float, default=None,
-                   help="guard: rolling top-1 agreement (0-1) below which it trips")
-    g.add_argument("--on-trip", choices=("dense", "raise"), default=None,
-                   help="guard: 'dense' finishes the batch dense (default); 'raise' steps the densities up by 0.25")
+    add_guard_args(p, "run-time guard (with --predictors; its figures go to /metrics)", "the batch")
     p.set_defaults(func=cmd_serve)
 
     p = sub.add_parser("pilot", help="the trade-off report: dense vs sparse speed, quality and cost (main job)",
