@@ -239,3 +239,14 @@ def test_gathered_equals_masked_on_cuda(name, tmp_path):
     gathered = Gathered(model, PredictorSelector(preds), PredictorSelector(preds), 0.4, 0.5)
     masked = Masked(model, PredictorSelector(preds), PredictorSelector(preds), 0.4, 0.5, union=True)
     decode_side_by_side(model, gathered, masked, torch.randint(0, 101, (2, 9), device="cuda"), 30, atol=1e-4)
+
+
+@pytest.mark.skipif(not CUDA, reason="times kernels on the GPU")
+def test_bench_kernels_table():
+    """`dejavu bench kernels` end to end on one shape: every row timed, bandwidth under the card's."""
+    from dejavu import bench
+    res = bench.bench_kernels(["llama-3-8b"], (0.1, 1.0), (1,), log=lambda *a: None)
+    assert len(res["rows"]) == 4 and {r["side"] for r in res["rows"]} == {"up", "down"}
+    for r in res["rows"]:
+        assert 0 < r["ms"] and 0 < r["of_copy_bw"] < 1.2 and r["speedup"] > 0
+    assert "| llama-3-8b | up | 1 | 0.1 |" in bench.kernels_markdown(res)

@@ -54,6 +54,85 @@ def cpu_info() -> str:
     return f"{name}, {torch.get_num_threads()} threads, torch {torch.__version__}"
 
 
+# ---------------------------------------------------------------- GPU kernels (MLP gathers)
+
+KERNEL_SHAPES = {  # name: (d_model, d_ff, gated), the MLP of each model
+    "opt-6.7b": (4096, 16384, False), "opt-66b": (9216, 36864, False), "opt-175b": (12288, 49152, False),
+    "llama-3-8b": (4096, 14336, True), "llama-3-70b": (8192, 28672, True),
+}
+
+
+def gpu_ms(fn) -> float:
+    """Median ms of fn on the GPU: CUDA events around each call, L2 flushed before each
+    (triton.testing.do_bench), so the weights come from HBM as in a real decode step."""
+    import triton
+    return triton.testing.do_bench(fn, warmup=10, rep=50, return_mode="median")
+
+
+def bench_kernels(shapes=tuple(KERNEL_SHAPES), densities=(0.05, 0.1, 0.25, 0.5, 1.0), batches=(1, 8, 32),
+                  dtype=torch.bfloat16, time_ms=gpu_ms, device="cuda", log=print) -> dict:
+    """The MLP's two gathered kernels against dense F.linear on the same card, in the same run:
+    up side (gather_act: the selected rows of W_gate+W_up or fc1, activation fused) and down side
+    (gather_axpy: the selected rows of W_down^T). Per row: time, bytes touched (weights read +
+    activations + the down side's fp32 partials), achieved bandwidth, fraction of the measured
+    copy bandwidth, speed-up over dense."""
+    import torch.nn.functional as F
+    from .kernels import triton_gather as tg
+    bw = copy_bandwidth() if device == "cuda" else float("nan")
+    card = torch.cuda.get_device_name() if device == "cuda" else cpu_info()
+    log(f"{card}: copy bandwidth {bw / 1e12:.2f} TB/s (bytes read + written per second)")
+    g = torch.Generator(device=device).manual_seed(0)
+    el = torch.tensor([], dtype=dtype).element_size()
+    rows = []
+    for name in shapes:
+        d, n, gated = KERNEL_SHAPES[name]
+        n_in, act = (2, "silu") if gated else (1, "relu")
+        w_in = torch.randn(n, n_in, d, device=device, dtype=dtype, generator=g) / d ** 0.5
+        w_out_t = torch.randn(n, d, device=device, dtype=dtype, generator=g) / n ** 0.5
+        w_down = w_out_t.t().contiguous()  # dense F.linear's own layout [d, d_ff]
+        for B in batches:
+            x = torch.randn(B, d, device=device, dtype=dtype, generator=g)
+            a_all = torch.randn(B, n, device=device, dtype=dtype, generator=g)
+            dense_up = time_ms(lambda: F.linear(x, w_in.view(n * n_in, d)))
+            dense_down = time_ms(lambda: F.linear(a_all, w_down))
+            for density in densities:
+                k = max(1, round(density * n))
+                idx = torch.randperm(n, device=device, generator=g)[:k]
+                a = a_all[:, :k].contiguous()
+                splits = max(1, min(-(-k // 64), -(-4 * tg.sm_count(a) // -(-d // 128))))
+                for side, fn, dense, nbytes in (
+                        ("up", lambda: tg.gather_act(x, w_in, None, idx, act), dense_up,
+                         (k * n_in * d + B * d + B * k) * el + k * 8),
+                        ("down", lambda: tg.gather_axpy(a, w_out_t, idx), dense_down,
+                         (k * d + B * k + B * d) * el + k * 8 + 2 * splits * B * d * 4)):
+                    ms = time_ms(fn)
+                    row = dict(shape=name, side=side, batch=B, density=density, units=k, ms=ms, bytes=nbytes,
+                               tb_per_s=nbytes / ms / 1e9, of_copy_bw=nbytes / (ms / 1e3) / bw,
+                               dense_ms=dense, speedup=dense / ms)
+                    rows.append(row)
+                    log(f"  {name:<12} {side:<4} B {B:>2} density {density:4.2f}  {ms * 1e3:8.1f} us  "
+                        f"{row['tb_per_s']:5.2f} TB/s ({row['of_copy_bw']:4.0%} of copy)  dense {dense * 1e3:8.1f} us  "
+                        f"{row['speedup']:5.2f}x")
+        del w_in, w_out_t, w_down
+        if device == "cuda":
+            torch.cuda.empty_cache()
+    return dict(card=card, copy_bandwidth=bw, dtype=str(dtype), rows=rows)
+
+
+def kernels_markdown(res: dict) -> str:
+    lines = [f"## MLP gather kernels on {res['card']} ({res['dtype']})", "",
+             f"Copy bandwidth {res['copy_bandwidth'] / 1e12:.2f} TB/s (read + write). Time: median over calls "
+             "with the L2 flushed before each (CUDA events). Fraction: bytes touched per second over the copy "
+             "figure (as the e2e roofline counts it).", "",
+             "| shape | side | batch | density | units | us | GB touched | TB/s | of copy bw | dense us | speed-up |",
+             "|---|---|---|---|---|---|---|---|---|---|---|"]
+    for r in res["rows"]:
+        lines.append(f"| {r['shape']} | {r['side']} | {r['batch']} | {r['density']:g} | {r['units']} | "
+                     f"{r['ms'] * 1e3:.1f} | {r['bytes'] / 1e9:.3f} | {r['tb_per_s']:.2f} | {r['of_copy_bw']:.0%} | "
+                     f"{r['dense_ms'] * 1e3:.1f} | {r['speedup']:.2f}x |")
+    return "\n".join(lines) + "\n"
+
+
 # ---------------------------------------------------------------- GPU end to end (CUDA graphs)
 
 def copy_bandwidth(gib: float = 1.0) -> float:

@@ -358,9 +358,48 @@ def cmd_bench_e2e(args):
         print(f"wrote {out}/e2e_{args.shape}.json, .md and .png")
 
 
+def bench_shapes():
+    from .bench import KERNEL_SHAPES
+    return list(KERNEL_SHAPES)
+
+
+def cmd_bench_kernels(args):
+    import json
+    from pathlib import Path
+    from . import bench
+    if not torch.cuda.is_available():
+        raise DejavuError("`dejavu bench kernels` times the Triton kernels: it needs a CUDA GPU")
+    try:
+        shapes = args.shapes.split(",")
+        densities = [float(v) for v in args.densities.split(",")]
+        batches = [int(v) for v in args.batches.split(",")]
+    except ValueError:
+        raise DejavuError("--densities takes numbers like 0.1,0.5 and --batches integers like 1,8,32") from None
+    unknown = [s for s in shapes if s not in bench.KERNEL_SHAPES]
+    if unknown:
+        raise DejavuError(f"unknown kernel shape(s) {unknown}; choose from {', '.join(bench.KERNEL_SHAPES)}")
+    from .sparse import check_density
+    for dens in densities:
+        check_density("density", dens)
+    if not all(1 <= b <= 32 for b in batches):
+        raise DejavuError(f"the gather kernels take batches 1 to 32, got {batches}")
+    dtype = DTYPES[args.dtype] if args.dtype else torch.bfloat16
+    res = bench.bench_kernels(shapes, densities, batches, dtype)
+    table = bench.kernels_markdown(res)
+    print("\n" + table)
+    if args.out:
+        out = Path(args.out)
+        out.mkdir(parents=True, exist_ok=True)
+        (out / "kernels.json").write_text(json.dumps(res, indent=1))
+        (out / "kernels.md").write_text(table)
+        print(f"wrote {out}/kernels.json and .md")
+
+
 def cmd_bench(args):
     if args.what == "e2e":
         return cmd_bench_e2e(args)
+    if args.what == "kernels":
+        return cmd_bench_kernels(args)
     from . import bench
     from .kernels import cpu as cpu_kernels
     loaded = load_from_args(args)
@@ -566,9 +605,10 @@ def build_parser() -> argparse.ArgumentParser:
                                    "in turn, several rounds; prints the medians and the ratio to dense.")
     add_model_args(p)
     add_sparse_args(p, switch=False)
-    p.add_argument("what", nargs="?", choices=("decode", "e2e"), default="decode",
+    p.add_argument("what", nargs="?", choices=("decode", "e2e", "kernels"), default="decode",
                    help="decode (default): tokens/s of this process's eager engine, CPU or GPU; "
-                        "e2e: the GPU latency table (CUDA graphs vs transformers) on a shape preset")
+                        "e2e: the GPU latency table (CUDA graphs vs transformers) on a shape preset; "
+                        "kernels: the GPU MLP gather kernels vs dense F.linear (bandwidth, speed-up)")
     p.add_argument("--rounds", type=int, default=5)
     p.add_argument("--new-tokens", type=int, default=64)
     p.add_argument("--prompt-tokens", type=int, default=128)
@@ -590,7 +630,11 @@ def build_parser() -> argparse.ArgumentParser:
     e2e.add_argument("--tp", type=int, default=1, metavar="N",
                      help="tensor parallelism over N GPUs; launch with `torchrun --nproc-per-node N -m dejavu "
                           "bench e2e --tp N` (default 1)")
-    e2e.add_argument("--out", help="folder for e2e.json and e2e.md (default: print only)")
+    e2e.add_argument("--out", help="folder for the e2e or kernels .json/.md/.png (default: print only)")
+    kern = p.add_argument_group("kernels (GPU)")
+    kern.add_argument("--shapes", default=",".join(bench_shapes()), help="MLP shapes, comma-separated (default: all)")
+    kern.add_argument("--densities", default="0.05,0.1,0.25,0.5,1", help="densities (default 0.05,0.1,0.25,0.5,1)")
+    kern.add_argument("--batches", default="1,8,32", help="batch sizes up to 32 (default 1,8,32)")
     p.set_defaults(func=cmd_bench)
 
     p = sub.add_parser("calibrate", help="record calibration data and train lookahead predictors",
