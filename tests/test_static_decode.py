@@ -12,7 +12,7 @@ from test_sparse import quick_predictors, tokens
 
 def decode(model, prompt, n, sparsity=None, static=False, lazy_window=0):
     """Greedy decode; returns every step's logits."""
-    cache = model.new_cache(1, prompt.shape[1] + n, lazy_window=lazy_window)
+    cache = model.new_cache(prompt.shape[0], prompt.shape[1] + n, lazy_window=lazy_window)
     out = []
     with torch.no_grad():
         nxt = model(prompt, cache, 0)[:, -1].argmax(-1)
@@ -50,3 +50,35 @@ def test_lazy_kv_fill_is_refused_where_it_cannot_be_right():
     model, _ = random_pair("llama-gqa")
     with pytest.raises(ValueError, match="multi-head model without RoPE"):
         model.new_cache(1, 16, lazy_window=8)
+
+
+def test_fixed_size_union_for_batches(tmp_path):
+    """Batch > 1 with static shapes (union_cap): at a cap of every unit it is dense; for a batch
+    of identical rows (union = each row's top-k) with the cap at k it is the eager union."""
+    model, _ = random_pair("opt-relu")
+    preds = quick_predictors(model, tmp_path)
+    make = lambda cap=None: Gathered(model, PredictorSelector(preds), PredictorSelector(preds), 0.3, 0.5,
+                                     union_cap=cap)
+    prompt = tokens(n=6, b=2, seed=5)
+    torch.testing.assert_close(decode(model, prompt, 12, make((1.0, 1.0)), static=True),
+                               decode(model, prompt, 12), rtol=1e-4, atol=1e-5)
+    same = tokens(n=6, b=1, seed=6).expand(2, 6)
+    capped = decode(model, same, 12, make((0.3, 0.5)), static=True)
+    torch.testing.assert_close(capped, decode(model, same, 12, make()), rtol=1e-4, atol=1e-5)
+    assert not torch.allclose(capped, decode(model, same, 12), atol=1e-3)  # units really skipped
+
+
+def test_fixed_size_union_keeps_the_union_first():
+    """Row 0 scores units 0-9 far above everything (its top-4: 0-3), row 1 prefers 20-23 mildly:
+    the union {0-3, 20-23} must come before row 0's runners-up 4-9, whose scores are higher."""
+    model, _ = random_pair("opt-relu")  # 96 neurons
+    scores = torch.zeros(2, 1, 96)
+    scores[0, 0, :10] = torch.arange(100.0, 90.0, -1)
+    scores[1, 0, 20:24] = 1.0
+    union = {0, 1, 2, 3, 20, 21, 22, 23}
+    exact = Gathered(model, union_cap=(8 / 96, 1.0))._index("mlp", scores, 4)
+    assert set(exact.tolist()) == union
+    wide = Gathered(model, union_cap=(0.25, 1.0))._index("mlp", scores, 4)   # 24 units: the union and the best rest
+    assert len(wide) == 24 and union | set(range(4, 10)) <= set(wide.tolist())
+    narrow = Gathered(model, union_cap=(5 / 96, 1.0))._index("mlp", scores, 4)  # fewer than the union
+    assert len(narrow) == 5 and set(narrow.tolist()) <= union

@@ -344,7 +344,8 @@ def cmd_bench_e2e(args):
     from . import tp
     rank = tp.init(args.tp)
     res = bench.bench_e2e(args.shape, prompts, args.gen, points, dtype, args.mlp_rank, args.head_rank,
-                          hf_rows=not args.no_hf, tp=(rank, args.tp), log=print if rank == 0 else lambda *a: None)
+                          batches_from_args(args), hf_rows=not args.no_hf, tp=(rank, args.tp),
+                          log=print if rank == 0 else lambda *a: None)
     if rank:
         return
     table = bench.e2e_markdown(res)
@@ -363,6 +364,16 @@ def bench_shapes():
     return list(KERNEL_SHAPES)
 
 
+def batches_from_args(args) -> list[int]:
+    try:
+        batches = [int(v) for v in args.batches.split(",")]
+    except ValueError:
+        raise DejavuError("--batches takes integers like 1,8,32") from None
+    if not all(1 <= b <= 32 for b in batches):
+        raise DejavuError(f"the gathered GPU kernels take batches 1 to 32, got {batches}")
+    return batches
+
+
 def cmd_bench_kernels(args):
     import json
     from pathlib import Path
@@ -372,17 +383,15 @@ def cmd_bench_kernels(args):
     try:
         shapes = args.shapes.split(",")
         densities = [float(v) for v in args.densities.split(",")]
-        batches = [int(v) for v in args.batches.split(",")]
     except ValueError:
-        raise DejavuError("--densities takes numbers like 0.1,0.5 and --batches integers like 1,8,32") from None
+        raise DejavuError("--densities takes numbers like 0.1,0.5") from None
+    batches = batches_from_args(args)
     unknown = [s for s in shapes if s not in bench.KERNEL_SHAPES]
     if unknown:
         raise DejavuError(f"unknown kernel shape(s) {unknown}; choose from {', '.join(bench.KERNEL_SHAPES)}")
     from .sparse import check_density
     for dens in densities:
         check_density("density", dens)
-    if not all(1 <= b <= 32 for b in batches):
-        raise DejavuError(f"the gather kernels take batches 1 to 32, got {batches}")
     dtype = DTYPES[args.dtype] if args.dtype else torch.bfloat16
     res = bench.bench_kernels(shapes, densities, batches, dtype)
     table = bench.kernels_markdown(res)
@@ -634,7 +643,8 @@ def build_parser() -> argparse.ArgumentParser:
     kern = p.add_argument_group("kernels (GPU)")
     kern.add_argument("--shapes", default=",".join(bench_shapes()), help="MLP shapes, comma-separated (default: all)")
     kern.add_argument("--densities", default="0.05,0.1,0.25,0.5,1", help="densities (default 0.05,0.1,0.25,0.5,1)")
-    kern.add_argument("--batches", default="1,8,32", help="batch sizes up to 32 (default 1,8,32)")
+    p.add_argument("--batches", default="1,8,32",
+                   help="kernels: batch sizes up to 32; e2e: a throughput row for each one above 1 (default 1,8,32)")
     p.set_defaults(func=cmd_bench)
 
     p = sub.add_parser("calibrate", help="record calibration data and train lookahead predictors",

@@ -267,11 +267,16 @@ class Gathered(Selection):
     forward: the union over the batch's tokens, so batch > 1 shares the rows it reads."""
 
     def __init__(self, model: Transformer, mlp=None, heads=None, mlp_density=None, attn_density=None,
-                 side_stream: "torch.cuda.Stream | None" = None):
+                 side_stream: "torch.cuda.Stream | None" = None, union_cap: tuple[float, float] | None = None):
         super().__init__(model, mlp, heads, mlp_density, attn_density, union=True)
         self.n_layers, self.side_stream = model.cfg.n_layers, side_stream
         self.units = {"mlp": model.cfg.d_ff, "attn": model.cfg.n_heads}
         self.ahead: dict = {}  # (kind, layer) -> (unit indices, event): selections made early
+        # union_cap (MLP, attention densities): batch > 1 computes a fixed number of units, so the
+        # step has static shapes (CUDA graphs): the union of the rows' top-k first, then the
+        # best of the rest by their highest score in the batch; past the cap, the union's best.
+        self.cap = None if union_cap is None else {
+            kind: units_for(d, self.units[kind]) for kind, d in zip(("mlp", "attn"), union_cap)}
 
     def enter(self, layer, x):
         super().enter(layer, x)
@@ -318,6 +323,14 @@ class Gathered(Selection):
             self.kept[kind][0] += k
             self.kept[kind][1] += scores.shape[-1]
             return scores.reshape(-1).topk(k, sorted=False).indices
+        if self.cap is not None:  # a batch, fixed size (no host sync)
+            s = scores.flatten(0, -2).float()
+            best = s.amax(0)
+            member = topk_mask(s, k).any(0)
+            key = best + member * (best.max() - best.min() + 1)  # members rank above every non-member
+            self.kept[kind][0] += self.cap[kind] * len(s)
+            self.kept[kind][1] += s.shape[-1] * len(s)
+            return key.topk(self.cap[kind], sorted=False).indices
         return self.select(kind, scores, k).flatten(0, -2)[0].nonzero().squeeze(-1)
 
     def head_index(self, layer, x_in):
