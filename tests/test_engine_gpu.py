@@ -25,8 +25,6 @@ def graph_greedy(model, prompt, n, sparsity=None):
     return dec.decode(n)[0], dec.logits
 
 
-
-
 @pytest.mark.parametrize("name", ["llama-gqa", "opt-relu"])
 @pytest.mark.parametrize("sparse", [False, True])
 def test_graph_step_gives_the_eager_tokens(name, sparse, tmp_path):
@@ -56,6 +54,26 @@ def test_graph_step_gives_the_eager_tokens(name, sparse, tmp_path):
     if sparse:
         assert graph_sparsity.density("mlp") == pytest.approx(round(0.4 * model.cfg.d_ff) / model.cfg.d_ff)
         assert not torch.allclose(got_logits, eager_greedy(model, prompt, 40)[1])  # sparsity really acted
+
+
+def test_graph_step_batch_sparse_with_fixed_union(tmp_path):
+    """Batch 3 sparse in the graph (union_cap: a fixed number of units per step) gives the
+    eager engine's tokens with the same rule."""
+    from dejavu.predictor import PredictorSelector
+    from dejavu.sparse import Gathered
+    from test_model import random_pair
+    from test_sparse import quick_predictors
+    model, _ = random_pair("opt-relu")
+    preds = quick_predictors(model, tmp_path)
+    model = model.cuda()
+    for p in preds.mlp + preds.heads:
+        p.cuda()
+    make = lambda: Gathered(model, PredictorSelector(preds), PredictorSelector(preds), 0.3, 0.5, union_cap=(0.6, 0.75))
+    prompt = torch.randint(0, 101, (3, 9), device="cuda", generator=torch.Generator("cuda").manual_seed(4))
+    got, got_logits = graph_greedy(model, prompt, 30, make())
+    want, want_logits = eager_greedy(model, prompt, 30, make())
+    assert torch.equal(got, want)
+    torch.testing.assert_close(got_logits, want_logits, rtol=1e-4, atol=1e-5)
 
 
 def test_graph_step_on_smollm2_shape_dense_and_gate_first():
