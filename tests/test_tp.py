@@ -55,11 +55,16 @@ def worker(rank, port, name, device, results):
         sharded = tp.shard(copy.deepcopy(ref), rank, WORLD)
         dense = side_by_side(ref, sharded, None, None)
         preds = random_predictors(ref, seed=1)
-        own = tp.shard_predictors(copy.deepcopy(preds), rank, WORLD)
+        own = tp.shard_predictors(preds, rank, WORLD)
         masked = Masked(ref, PredictorSelector(preds), PredictorSelector(preds), 0.5, 0.5, union=True, shards=WORLD)
         gathered = Gathered(sharded, PredictorSelector(own), PredictorSelector(own), 0.5, 0.5)
         sparse = side_by_side(ref, sharded, masked, gathered)
-        results[rank] = (dense, sparse)
+        graph_equal = True
+        if device == "cuda":  # the CUDA-graph step, all-reduces captured: the same tokens as one rank
+            from dejavu.engine import greedy
+            prompt = torch.randint(0, 101, (1, 7), generator=torch.Generator().manual_seed(4)).to(device)
+            graph_equal = torch.equal(greedy(sharded, prompt, 8)[0], greedy(ref, prompt, 8)[0])
+        results[rank] = (dense, sparse, graph_equal)
     finally:
         dist.destroy_process_group()
 
@@ -79,7 +84,8 @@ def test_two_ranks_match_one(name, device):
     results = mp.Manager().dict()
     mp.spawn(worker, args=(free_port(), name, device, results), nprocs=WORLD, join=True)
     for rank in range(WORLD):
-        dense, sparse = results[rank]
+        dense, sparse, graph_equal = results[rank]
+        assert graph_equal, f"rank {rank}: the CUDA-graph decode's tokens differ from one rank's"
         assert dense < 1e-5, f"rank {rank}: dense logits differ by {dense}"
         assert sparse < 1e-5, f"rank {rank}: sparse logits differ by {sparse}"
 
@@ -104,3 +110,17 @@ def test_indivisible_shapes_are_refused():
         tp.shard(model, 0, 3)
     with pytest.raises(DejavuError, match="torchrun --nproc-per-node 2"):
         tp.init(2)
+
+
+def test_gate_first_candidates_are_per_shard():
+    """Gate-first selection under the shards rule: every shard gets its own refine * k candidates,
+    so each shard's k kept neurons are all candidates (exact scores, never the -1 of a non-candidate)."""
+    from dejavu.sparse import GateSelector
+    from test_model import random_pair
+    model, _ = random_pair("llama-gqa")
+    x = torch.randn(1, 5, model.cfg.d_model)
+    n, shards = model.cfg.d_ff, 2
+    k = n // shards // 4
+    scores = GateSelector(model, refine=1.5).neuron_scores(0, [x], x, k=k, shards=shards)
+    per_shard_candidates = (scores.unflatten(-1, (shards, -1)) >= 0).sum(-1)
+    assert (per_shard_candidates >= k).all(), per_shard_candidates

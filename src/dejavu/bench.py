@@ -251,17 +251,18 @@ def hf_ms_per_token(hf, prompt: torch.Tensor, n: int, static: bool = False) -> l
 
 def bench_e2e(shape: str, prompts: list[int], gen: int, points: list[tuple[float, float]], dtype=torch.float16,
               mlp_rank: int | None = None, head_rank: int | None = None, batches: tuple[int, ...] = (),
-              hf_rows: bool = True, tp: tuple[int, int] = (0, 1), log=print) -> dict:
+              hf_rows: bool = True, tp: tuple[int, int] = (0, 1), layers: int | None = None, log=print) -> dict:
     """The latency table of the GPU engine issue: per prompt length, ms/token (median over the
     generated tokens) for transformers eager, transformers static cache, our dense CUDA-graph
     engine and our sparse one at each (MLP, attention) density point, with roofline fractions
-    and peak memory. Synthetic weights of the named shape: speed only."""
+    and peak memory. Synthetic weights of the named shape: speed only. `layers`: the first n
+    layers only (a model too large to hold); the table then adds a full-depth estimate."""
     from . import engine
     from .load import hf_config_for_preset, load
     from .predictor import PredictorSelector, random_predictors
     from .sparse import Gathered
 
-    loaded = load(shape, dtype=dtype, device="cuda", max_seq_len=max(prompts) + gen + 8, tp=tp)
+    loaded = load(shape, dtype=dtype, device="cuda", max_seq_len=max(prompts) + gen + 8, tp=tp, layers=layers)
     model = loaded.model
     if tp[1] > 1 and hf_rows:
         log(f"tensor parallelism over {tp[1]} GPUs: no transformers rows (its model is not sharded); roofline "
@@ -277,7 +278,7 @@ def bench_e2e(shape: str, prompts: list[int], gen: int, points: list[tuple[float
     log(f"{card}: copy bandwidth {bw / 1e12:.2f} TB/s; {loaded.source}, {dtype}, {weights_gb:.1f} GB of weights; "
         f"predictors (untrained) MLP rank {preds.meta['mlp_rank']}, head rank {preds.meta['head_rank']}: "
         f"{pred_gb:.2f} GB")
-    hf = hf_twin(model, hf_config_for_preset(shape)) if hf_rows else None
+    hf = hf_twin(model, hf_config_for_preset(shape, layers)) if hf_rows else None
     g = torch.Generator(device="cuda").manual_seed(0)
     rows = []
 
@@ -355,7 +356,9 @@ def bench_e2e(shape: str, prompts: list[int], gen: int, points: list[tuple[float
         except Exception as e:  # report it and keep the latency table above
             log(f"  batch {B:>2}: failed ({type(e).__name__}: {str(e)[:300]})")
             batch_rows.append(dict(batch=B, variant=f"failed: {type(e).__name__}: {str(e)[:120]}"))
+    full_layers = hf_config_for_preset(shape).num_hidden_layers
     return dict(card=card, copy_bandwidth=bw, shape=shape, tp=tp[1], batch_rows=batch_rows, weights=loaded.source,
+                layers=model.cfg.n_layers, full_layers=full_layers,
                 dtype=str(dtype), gen=gen,
                 mlp_rank=preds.meta["mlp_rank"], head_rank=preds.meta["head_rank"], predictor_gb=pred_gb,
                 weights_gb=weights_gb, rows=rows)
@@ -398,6 +401,13 @@ def e2e_markdown(res: dict) -> str:
         lines += [f"| {r['batch']} | {r['variant']} | {r['ms_per_step']:.2f} | {r['tokens_per_s']:.1f} | "
                   f"{r['roofline_frac']:.0%} | {r['peak_gb']:.1f} |" if "ms_per_step" in r else
                   f"| {r['batch']} | {r['variant']} | | | | |" for r in res["batch_rows"]]
+    n, full = res.get("layers"), res.get("full_layers")
+    if n and full and n < full:  # a partial model: extrapolate, labelled as such
+        lines += ["", f"**Estimate** for all {full} layers (the rows above time the first {n}): ms/token x {full}/{n}. "
+                  "The embedding, final norm and LM head are counted that many times too, so this overestimates.", "",
+                  "| prompt | variant | estimated ms/token, all layers |", "|---|---|---|"]
+        lines += [f"| {r['prompt']} | {r['variant']} | {r['ms_per_token'] * full / n:.1f} |"
+                  for r in res["rows"] if r["ms_per_token"] is not None]
     return "\n".join(lines) + "\n"
 
 

@@ -344,7 +344,7 @@ def cmd_bench_e2e(args):
     from . import tp
     rank = tp.init(args.tp)
     res = bench.bench_e2e(args.shape, prompts, args.gen, points, dtype, args.mlp_rank, args.head_rank,
-                          batches_from_args(args), hf_rows=not args.no_hf, tp=(rank, args.tp),
+                          batches_from_args(args), hf_rows=not args.no_hf, tp=(rank, args.tp), layers=args.layers,
                           log=print if rank == 0 else lambda *a: None)
     if rank:
         return
@@ -353,10 +353,11 @@ def cmd_bench_e2e(args):
     if args.out:
         out = Path(args.out)
         out.mkdir(parents=True, exist_ok=True)
-        (out / f"e2e_{args.shape}.json").write_text(json.dumps(res, indent=1))
-        (out / f"e2e_{args.shape}.md").write_text(table)
-        bench.e2e_plot(res, out / f"e2e_{args.shape}.png")
-        print(f"wrote {out}/e2e_{args.shape}.json, .md and .png")
+        stem = f"e2e_{args.shape}" + (f"_tp{args.tp}" if args.tp > 1 else "") + (f"_{args.layers}layers" if args.layers else "")
+        (out / f"{stem}.json").write_text(json.dumps(res, indent=1))
+        (out / f"{stem}.md").write_text(table)
+        bench.e2e_plot(res, out / f"{stem}.png")
+        print(f"wrote {out}/{stem}.json, .md and .png")
 
 
 def bench_shapes():
@@ -639,6 +640,9 @@ def build_parser() -> argparse.ArgumentParser:
     e2e.add_argument("--tp", type=int, default=1, metavar="N",
                      help="tensor parallelism over N GPUs; launch with `torchrun --nproc-per-node N -m dejavu "
                           "bench e2e --tp N` (default 1)")
+    e2e.add_argument("--layers", type=int, metavar="N",
+                     help="time the shape's first N layers only (a model too large for the GPUs): the table adds a "
+                          "full-depth estimate, labelled as one")
     e2e.add_argument("--out", help="folder for the e2e or kernels .json/.md/.png (default: print only)")
     kern = p.add_argument_group("kernels (GPU)")
     kern.add_argument("--shapes", default=",".join(bench_shapes()), help="MLP shapes, comma-separated (default: all)")

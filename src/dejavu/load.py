@@ -65,9 +65,15 @@ def cache_root() -> Path:
 
 # ---------------------------------------------------------------- configs
 
-def hf_config_for_preset(name: str):
+def hf_config_for_preset(name: str, layers: int | None = None):
+    """The preset's HF config; `layers` keeps only the first n layers (timing a model too large
+    to hold whole: per-layer figures at full width)."""
     from transformers import LlamaConfig, OPTConfig
     family, fields = PRESETS[name]
+    if layers is not None:
+        if not 1 <= layers <= fields["num_hidden_layers"]:
+            raise DejavuError(f"--layers must be 1 to {fields['num_hidden_layers']} for {name}, got {layers}")
+        fields = dict(fields, num_hidden_layers=layers)
     if family == "opt":
         return OPTConfig(max_position_embeddings=2048, vocab_size=50272, word_embed_proj_dim=fields["hidden_size"],
                          **fields)
@@ -249,13 +255,15 @@ def resolve_folder(name: str) -> tuple[Path, str]:
 
 
 def load(name: str = DEFAULT_MODEL, dtype: torch.dtype | None = None, device: str = "cpu",
-         max_seq_len: int | None = None, seed: int = 0, tp: tuple[int, int] = (0, 1)) -> Loaded:
+         max_seq_len: int | None = None, seed: int = 0, tp: tuple[int, int] = (0, 1),
+         layers: int | None = None) -> Loaded:
     """`tp` (rank, world): keep this rank's shard only (tp.py); synthetic weights are sharded
-    before they are allocated, real ones after loading."""
+    before they are allocated, real ones on the CPU before they move to `device`. `layers`:
+    presets only, the first n layers (hf_config_for_preset)."""
     from . import tp as tensor_parallel
     t0 = time.perf_counter()
     if name in PRESETS:
-        cfg = config_from_hf(hf_config_for_preset(name), max_seq_len)
+        cfg = config_from_hf(hf_config_for_preset(name, layers), max_seq_len)
         with torch.device("meta"):
             model = Transformer(cfg).to(dtype or torch.bfloat16)  # cast on meta: no fp32 copy on the device
         model = tensor_parallel.shard(model, *tp).to_empty(device=device)
@@ -263,7 +271,8 @@ def load(name: str = DEFAULT_MODEL, dtype: torch.dtype | None = None, device: st
         if model.device.type != "meta":  # `dejavu info` on a preset allocates nothing
             init_synthetic_(model, seed)
         shard = f", tensor-parallel shard {tp[0]} of {tp[1]}" if tp[1] > 1 else ""
-        return Loaded(model.eval(), None, f"synthetic weights of the {name} shape (seed {seed}){shard}", name,
+        part = f", first {layers} of {PRESETS[name][1]['num_hidden_layers']} layers" if layers else ""
+        return Loaded(model.eval(), None, f"synthetic weights of the {name} shape (seed {seed}){part}{shard}", name,
                       time.perf_counter() - t0)
 
     folder, source = resolve_folder(name)
@@ -275,6 +284,8 @@ def load(name: str = DEFAULT_MODEL, dtype: torch.dtype | None = None, device: st
     except Exception as e:
         raise DejavuError(f"cannot read {folder / 'config.json'} ({type(e).__name__}: {e}). "
                           "Fix: restore the file or point --model at an intact folder.") from None
+    if layers is not None:
+        raise DejavuError("--layers applies to shape presets (synthetic weights) only")
     config_from_hf(hf_cfg, max_seq_len)  # unsupported architectures fail here, before reading weights
     try:
         hf = AutoModelForCausalLM.from_pretrained(folder, dtype=dtype or torch.float32)
@@ -284,5 +295,5 @@ def load(name: str = DEFAULT_MODEL, dtype: torch.dtype | None = None, device: st
                else "restore the files or re-download the model")
         raise DejavuError(f"cannot load the weights in {folder} ({type(e).__name__}: {str(e)[:300]}). "
                           f"The files look corrupt or incomplete. Fix: {fix}.") from None
-    model = tensor_parallel.shard(from_hf_model(hf, dtype, device, max_seq_len), *tp)
+    model = tensor_parallel.shard(from_hf_model(hf, dtype, "cpu", max_seq_len), *tp).to(device)  # a shard, not all
     return Loaded(model, tok, source, name, time.perf_counter() - t0)

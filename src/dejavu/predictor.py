@@ -306,7 +306,7 @@ class PredictorSelector:
         """Weights read per token as a fraction of the MLP's: the selected rows plus the predictor."""
         return density + self.cost_frac
 
-    def neuron_scores(self, layer, resid, x_in, out=None, k=None):
+    def neuron_scores(self, layer, resid, x_in, out=None, k=None, shards=1):
         return self.p.mlp[layer](resid[layer] if self.lookahead else x_in)
 
     def head_scores(self, layer, resid, x_in, out=None):

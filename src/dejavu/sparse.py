@@ -106,7 +106,7 @@ class OracleSelector:
     def __init__(self, model: Transformer):
         self.model, self.down_norms = model, neuron_norms(model)
 
-    def neuron_scores(self, layer, resid, x_in, out=None, k=None):
+    def neuron_scores(self, layer, resid, x_in, out=None, k=None, shards=1):
         if out is None:
             raise DejavuError("oracle selection needs the dense output: it exists in masked (evaluation) mode only")
         return neuron_importance(out, self.down_norms[layer])
@@ -124,7 +124,7 @@ class StaticSelector:
     def __init__(self, mean_neuron: list[torch.Tensor] | None, mean_head: list[torch.Tensor] | None):
         self.mean_neuron, self.mean_head = mean_neuron, mean_head
 
-    def neuron_scores(self, layer, resid, x_in, out=None, k=None):
+    def neuron_scores(self, layer, resid, x_in, out=None, k=None, shards=1):
         m = self.mean_neuron[layer].to(x_in.device)
         return m.expand(*x_in.shape[:-1], len(m))
 
@@ -151,7 +151,7 @@ class GateSelector:
             u, s, vh = torch.linalg.svd(b.mlp.w_in[:, 1].float(), full_matrices=False)  # W_up [d_ff, d]
             self.factors.append(((vh[:rank].T * s[:rank]).contiguous(), u[:, :rank].T.contiguous()))
 
-    def neuron_scores(self, layer, resid, x_in, out=None, k=None):
+    def neuron_scores(self, layer, resid, x_in, out=None, k=None, shards=1):
         """Masked mode: scores whose top-k is the selection (k: the final number of neurons)."""
         mlp = self.model.layers[layer].mlp
         h = torch.nn.functional.linear(x_in, mlp.w_in.flatten(0, 1)).unflatten(-1, (mlp.cfg.d_ff, 2))
@@ -162,8 +162,8 @@ class GateSelector:
             score = score * ((x_in.float() @ left) @ right).abs()
         if self.refine is None or k is None:
             return score
-        n = score.shape[-1]
-        cand = topk_mask(score, units_for(self.refine * k / n, n))
+        n = score.shape[-1] // shards  # k and the candidates are per shard (tensor parallelism's rule)
+        cand = topk_mask(score.unflatten(-1, (shards, n)), units_for(self.refine * k / n, n)).flatten(-2)
         exact = neuron_importance(g * up, self.down_norms[layer])
         return torch.where(cand, exact, torch.full_like(exact, -1.0))
 
@@ -190,6 +190,9 @@ class GateSelector:
             sel.kept["mlp"][0] += k
             sel.kept["mlp"][1] += n
             return kernels.gather_axpy(a[:, top], mlp.w_out_t, cand[top], mlp.b_out).view(x_in.shape)
+        if x_in.is_cuda and torch.cuda.is_current_stream_capturing():
+            raise DejavuError("gate-first selection at batch > 1 reads a data-dependent number of rows, which a CUDA "
+                              "graph cannot capture: decode batch > 1 without the graph, or use batch 1")
         cu = torch.unique(cand)                                                     # the batch's candidates
         up = kernels.gather_matvec(x2, mlp.w_in[:, 1], cu)                      # [N, |cu|]
         a = g[:, cu] * up
@@ -258,7 +261,7 @@ class Masked(Selection):
     def neurons(self, layer, x_in, a):
         if self.mlp is None:
             return a
-        s = self.mlp.neuron_scores(layer, self.resid, x_in, out=a, k=self.mlp_k[layer])
+        s = self.mlp.neuron_scores(layer, self.resid, x_in, out=a, k=self.mlp_k[layer], shards=self.shards)
         return a * self.select("mlp", s, self.mlp_k[layer]).to(a.dtype)
 
 

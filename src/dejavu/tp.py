@@ -18,6 +18,7 @@ any torch.distributed program; NCCL on CUDA, gloo on CPU.
 """
 from __future__ import annotations
 
+import copy
 import dataclasses
 import os
 
@@ -90,11 +91,15 @@ def shard(model: Transformer, rank: int, world: int) -> Transformer:
 
 
 def shard_predictors(preds, rank: int, world: int):
-    """This rank's slice of every predictor's output (its own neurons and heads); the shared
-    low-rank input projection stays whole."""
+    """This rank's slice of every predictor's output (its own neurons and heads), a copy (the
+    caller's predictors stay whole); the shared low-rank input projection stays whole. The
+    metadata's config becomes the shard's, so costs compare with the shard's block."""
     from .predictor import Predictors
+    preds = copy.deepcopy(preds)
     for p in preds.mlp + preds.heads:
         p.up.weight, p.up.bias = _rows(p.up.weight, rank, world), _rows(p.up.bias, rank, world)
     sn = None if preds.static_neuron is None else [s.chunk(world)[rank] for s in preds.static_neuron]
     sh = None if preds.static_head is None else [s.chunk(world)[rank] for s in preds.static_head]
-    return Predictors(preds.mlp, preds.heads, sn, sh, dict(preds.meta, tp=[rank, world]))
+    g = preds.meta["config"]
+    local = dict(g, n_heads=g["n_heads"] // world, n_kv_heads=g["n_kv_heads"] // world, d_ff=g["d_ff"] // world)
+    return Predictors(preds.mlp, preds.heads, sn, sh, dict(preds.meta, config=local, tp=[rank, world]))

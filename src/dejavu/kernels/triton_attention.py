@@ -33,7 +33,8 @@ def _decode_split_kernel(q_ptr, k_ptr, v_ptr, head_ptr, len_ptr, valid_ptr, m_pt
     end = tl.minimum(start + chunk, length)
     offs_d = tl.arange(0, BLOCK_D)
     d_mask = offs_d < HD
-    q = tl.load(q_ptr + b * stride_qb + h * stride_qh + offs_d, mask=d_mask, other=0.0).to(tl.float32) * scale
+    q = tl.load(q_ptr + b * stride_qb + h * stride_qh + offs_d, mask=d_mask, other=0.0).to(tl.float32)
+    q = (q * scale).to(tl.float32)  # under torch.compile `scale` arrives as fp64: keep the loop's types fp32
     k_ptr += b.to(tl.int64) * stride_kb + kv * stride_kh
     v_ptr += b.to(tl.int64) * stride_vb + kv * stride_vh
     m_i = tl.max(tl.full((BLOCK_S,), float("-inf"), tl.float32), 0)  # fp32 scalars for the loop
