@@ -104,6 +104,32 @@ def test_head_gathers(dtype, H, hd, d, m, batch, bias):
     check(tg.gather_axpy(y, wo_t, heads, bo, unit=hd), tg.gather_axpy_reference(y, wo_t, heads, bo, unit=hd), dtype)
 
 
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("H,hd,d,m,r,W,S", [(56, 128, 1000, 24, 2, 32, 300), (12, 64, 576, 5, 1, 8, 40),
+                                           (9, 64, 300, 1, 3, 17, 17)])
+@pytest.mark.parametrize("bias", [False, True])
+def test_qkv_lazily(dtype, H, hd, d, m, r, W, S, bias):
+    """The lazy fill's one pass: Q of the last window slot returned, K/V rows of every window slot
+    written into the cache (the window repeats slot 0 early on), every other slot untouched."""
+    dot_ok(dtype)
+    g = gen()
+    wqkv = randn(3 * H * hd, d, g=g, dtype=dtype)
+    bqkv = randn(3 * H * hd, g=g, dtype=dtype) if bias else None
+    x = randn(S, d, g=g, dtype=dtype)
+    heads = torch.randperm(H, device=DEV, generator=g)[:m + r]
+    units = torch.cat((heads[:m], H + heads, 2 * H + heads))
+    pos = torch.randint(0, S, (), device=DEV, generator=g)
+    window = (pos - W + 1 + torch.arange(W, device=DEV)).clamp(min=0)
+    kv = torch.full((2, H, S, hd), float("nan"), device=DEV, dtype=dtype)
+    want_kv = kv.clone()
+    want_q = tg.gather_qkv_lazily_reference(x, wqkv, bqkv, units, m, H, window, want_kv)
+    poison()
+    check(tg.gather_qkv_lazily(x, wqkv, bqkv, units, m, H, window, kv), want_q, dtype)
+    written = ~torch.isnan(want_kv)
+    assert torch.equal(written, ~torch.isnan(kv)), "the kernel wrote other slots than the window's K/V heads"
+    check(kv[written], want_kv[written].float(), dtype)
+
+
 def attention_inputs(batch, H, Hkv, hd, S, length, m, dtype, g):
     q = randn(batch, m, hd, g=g, dtype=dtype)
     k, v = randn(batch, Hkv, S, hd, g=g, dtype=dtype), randn(batch, Hkv, S, hd, g=g, dtype=dtype)

@@ -167,10 +167,9 @@ def weights_from_hf(sd: dict[str, torch.Tensor], cfg: ModelConfig) -> dict[str, 
         src, dst = f"{pre}layers.{i}.", f"layers.{i}."
         norm(dst + "attn_norm", src + names["attn_norm"])
         norm(dst + "mlp_norm", src + names["mlp_norm"])
-        for x in "qkv":
-            out[f"{dst}attn.w{x}"] = sd[f"{src}{names[x]}.weight"]
-            if cfg.qkv_bias:
-                out[f"{dst}attn.b{x}"] = sd[f"{src}{names[x]}.bias"]
+        out[dst + "attn.wqkv"] = torch.cat([sd[f"{src}{names[x]}.weight"] for x in "qkv"])
+        if cfg.qkv_bias:
+            out[dst + "attn.bqkv"] = torch.cat([sd[f"{src}{names[x]}.bias"] for x in "qkv"])
         out[dst + "attn.wo_t"] = sd[src + names["o"] + ".weight"].t().contiguous()
         if cfg.o_bias:
             out[dst + "attn.bo"] = sd[src + names["o"] + ".bias"]

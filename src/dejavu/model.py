@@ -6,7 +6,9 @@ Families are config switches, not classes:
   opt    (the paper's family): LayerNorm, learned positions, multi-head attention, ReLU, biases
 
 Weight layouts are chosen for sparse execution (one copy of every weight, DESIGN.md 2):
-  attention  wq/wk/wv [heads*head_dim, d]  (a head's rows are contiguous)
+  attention  wqkv     [(heads + 2 kv_heads)*head_dim, d]  Q, K, V rows in one weight (one
+                       read for dense, one kernel for a sparse step); a head's rows are
+                       contiguous in each part (wq, wk, wv: views)
              wo_t     [heads*head_dim, d]  (W_o transposed: a head's slice is contiguous rows)
   MLP        w_in     [d_ff, n_in, d]      (n_in = 2 for gated: gate and up rows of a neuron
                                             interleaved, so one neuron is one contiguous row)
@@ -96,9 +98,9 @@ class KVCache:
     """
 
     def __init__(self, cfg: ModelConfig, batch: int, max_seq_len: int, device, dtype, lazy_window: int = 0):
-        shape = (cfg.n_layers, batch, cfg.n_kv_heads, max_seq_len, cfg.head_dim)
-        self.k = torch.zeros(shape, device=device, dtype=dtype)
-        self.v = torch.zeros(shape, device=device, dtype=dtype)
+        shape = (2, cfg.n_layers, batch, cfg.n_kv_heads, max_seq_len, cfg.head_dim)
+        self.kv = torch.zeros(shape, device=device, dtype=dtype)  # one tensor: a kernel can write K and V
+        self.k, self.v = self.kv[0], self.kv[1]
         # Lazy K/V fill (multi-head models, batch 1, device positions): keep every token's
         # normalized attention input, so a head's skipped K/V can be computed when it is selected.
         self.lazy_window = lazy_window
@@ -132,14 +134,23 @@ class Attention(nn.Module):
         super().__init__()
         self.cfg = cfg
         q_dim, kv_dim = cfg.n_heads * cfg.head_dim, cfg.n_kv_heads * cfg.head_dim
-        self.wq = nn.Parameter(torch.empty(q_dim, cfg.d_model))
-        self.wk = nn.Parameter(torch.empty(kv_dim, cfg.d_model))
-        self.wv = nn.Parameter(torch.empty(kv_dim, cfg.d_model))
+        self.wqkv = nn.Parameter(torch.empty(q_dim + 2 * kv_dim, cfg.d_model))
         self.wo_t = nn.Parameter(torch.empty(q_dim, cfg.d_model))
-        self.bq = _maybe_bias(cfg.qkv_bias, q_dim)
-        self.bk = _maybe_bias(cfg.qkv_bias, kv_dim)
-        self.bv = _maybe_bias(cfg.qkv_bias, kv_dim)
+        self.bqkv = _maybe_bias(cfg.qkv_bias, q_dim + 2 * kv_dim)
         self.bo = _maybe_bias(cfg.o_bias, cfg.d_model)
+
+    def _part(self, t, i):
+        if t is None:
+            return None
+        q_dim, kv_dim = self.cfg.n_heads * self.cfg.head_dim, self.cfg.n_kv_heads * self.cfg.head_dim
+        return t.split((q_dim, kv_dim, kv_dim))[i]
+
+    wq = property(lambda self: self._part(self.wqkv, 0))  # views: [heads*head_dim, d]
+    wk = property(lambda self: self._part(self.wqkv, 1))
+    wv = property(lambda self: self._part(self.wqkv, 2))
+    bq = property(lambda self: self._part(self.bqkv, 0))
+    bk = property(lambda self: self._part(self.bqkv, 1))
+    bv = property(lambda self: self._part(self.bqkv, 2))
 
     def forward(self, x, rope, mask, cache: KVCache | None, layer: int, start_pos, sparsity=None):
         """With a gathered sparsity (sparse.Gathered), only the selected query heads are
@@ -148,20 +159,25 @@ class Attention(nn.Module):
         cfg = self.cfg
         B, T, _ = x.shape
         idx = sparsity.head_index(layer, x) if sparsity is not None else None
-        if idx is None:
-            q = F.linear(x, self.wq, self.bq)
-        else:  # the selected heads' Q rows only
-            q = kernels.gather_matvec(x, self.wq, idx, self.bq, unit=cfg.head_dim)
-        q = q.view(B, T, -1, cfg.head_dim).transpose(1, 2)
         static = isinstance(start_pos, torch.Tensor)  # static shapes (CUDA graphs): start_pos = the T slots
         if cache is not None and cache.x is not None:
             cache.x[layer].index_copy_(1, start_pos + torch.arange(T, device=x.device) if not static else start_pos, x)
-        if static and idx is not None and cache.x is not None and T == 1:
-            self.fill_kv_lazily(cache, layer, start_pos, idx)  # the selected heads' K/V only
+        lazy = static and idx is not None and cache.x is not None and T == 1
+        if lazy:  # Q and the selected heads' K/V in one pass, K/V written into the cache
+            q = self.qkv_lazily(cache, layer, start_pos, idx)
+        elif idx is None:  # Q, K, V in one matmul
+            q, k, v = F.linear(x, self.wqkv, self.bqkv).split(
+                (cfg.n_heads * cfg.head_dim, cfg.n_kv_heads * cfg.head_dim, cfg.n_kv_heads * cfg.head_dim), -1)
+        else:  # the selected heads' Q rows only (the first rows of wqkv), K/V for every head
+            q = kernels.gather_matvec(x, self.wqkv, idx, self.bqkv, unit=cfg.head_dim)
+            k, v = F.linear(x, self.wqkv[cfg.n_heads * cfg.head_dim:],
+                            None if self.bqkv is None else self.bqkv[cfg.n_heads * cfg.head_dim:]).chunk(2, -1)
+        q = q.reshape(B, T, -1, cfg.head_dim).transpose(1, 2)
+        if lazy:
             k, v = cache.k[layer], cache.v[layer]
         else:
-            k = F.linear(x, self.wk, self.bk).view(B, T, cfg.n_kv_heads, cfg.head_dim).transpose(1, 2)
-            v = F.linear(x, self.wv, self.bv).view(B, T, cfg.n_kv_heads, cfg.head_dim).transpose(1, 2)
+            k = k.reshape(B, T, cfg.n_kv_heads, cfg.head_dim).transpose(1, 2)
+            v = v.reshape(B, T, cfg.n_kv_heads, cfg.head_dim).transpose(1, 2)
             if rope is not None:
                 q, k = apply_rope(q, rope), apply_rope(k, rope)
             if static:  # write at the device position, attend over the whole cache (the mask hides the rest)
@@ -188,20 +204,20 @@ class Attention(nn.Module):
             y = sparsity.heads(layer, x, y)
         return self.project_out(y.flatten(2), idx)
 
-    def fill_kv_lazily(self, cache: KVCache, layer: int, pos: torch.Tensor, idx: torch.Tensor):
+    def qkv_lazily(self, cache: KVCache, layer: int, pos: torch.Tensor, idx: torch.Tensor) -> torch.Tensor:
         """DESIGN.md 4.3, with static shapes: compute K/V only for the selected heads, over the
         last W positions (from the kept inputs), plus r heads in turn whatever the selection, so
         that every head is refreshed at least every W - 1 steps. A selected head's K/V missing
         since its last fill then always lie inside the window: the cache is right for every
-        head that attention reads. Weights read: (m + r) heads' K/V rows, not all H."""
-        cfg, W = self.cfg, cache.lazy_window
-        turn, window = cache.lazy_plan(pos, cfg.n_heads)
+        head that attention reads. Weights read: m heads' Q rows and (m + r) heads' K/V rows,
+        not all H, in one kernel that also writes K/V into the cache. -> the selected heads' Q
+        for the current token (the window's last position)."""
+        H = self.cfg.n_heads
+        turn, window = cache.lazy_plan(pos, H)
         heads = torch.cat((idx, turn))
-        xw = cache.x[layer, 0, window]                                              # [W, d]
-        slots = (window[:, None] + heads[None, :] * cache.max_seq_len).flatten()  # [W, heads] in [H * S]
-        for w, b, store in ((self.wk, self.bk, cache.k), (self.wv, self.bv, cache.v)):
-            kv = kernels.gather_matvec(xw, w, heads, b, unit=cfg.head_dim)          # [W, heads * hd]
-            store[layer, 0].view(-1, cfg.head_dim).index_copy_(0, slots, kv.view(-1, cfg.head_dim))
+        units = torch.cat((idx, H + heads, 2 * H + heads))                       # Q, K, V units of wqkv
+        return kernels.gather_qkv_lazily(cache.x[layer, 0], self.wqkv, self.bqkv, units, len(idx), window,
+                                         cache.kv[:, layer, 0])
 
     def project_out(self, y, idx=None):
         """Through W_o: all heads, or the heads idx only (each a head_dim-row slice of wo_t)."""

@@ -301,7 +301,8 @@ class Engine:
 
     def join(self, jobs: list[Job], cache):
         c = self.cache
-        c.k, c.v = torch.cat([c.k, cache.k], 1), torch.cat([c.v, cache.v], 1)
+        c.kv = torch.cat([c.kv, cache.kv], 2)
+        c.k, c.v = c.kv[0], c.kv[1]
         c.key_valid, c.pad = torch.cat([c.key_valid, cache.key_valid]), torch.cat([c.pad, cache.pad])
         self.rows += jobs
 
@@ -369,7 +370,8 @@ class Engine:
             return
         idx = torch.tensor(keep, device=self.model.device)
         c = self.cache
-        c.k, c.v, c.key_valid, c.pad = c.k[:, idx], c.v[:, idx], c.key_valid[idx], c.pad[idx]
+        c.kv, c.key_valid, c.pad = c.kv[:, :, idx], c.key_valid[idx], c.pad[idx]
+        c.k, c.v = c.kv[0], c.kv[1]
 
 
 # ---------------------------------------------------------------- the HTTP side

@@ -77,8 +77,13 @@ def shard(model: Transformer, rank: int, world: int) -> Transformer:
                                 d_ff=cfg.d_ff // world)
     for block in model.layers:
         a, m = block.attn, block.mlp
-        for name in ("wq", "wk", "wv", "wo_t", "bq", "bk", "bv"):  # a head's rows are contiguous in each
-            setattr(a, name, _rows(getattr(a, name), rank, world))
+        parts = (cfg.n_heads * cfg.head_dim, cfg.n_kv_heads * cfg.head_dim, cfg.n_kv_heads * cfg.head_dim)
+        for name in ("wqkv", "bqkv"):  # this rank's heads in each of Q, K and V (a head's rows are contiguous)
+            p = getattr(a, name)
+            if p is not None:
+                setattr(a, name, nn.Parameter(torch.cat([_rows(t, rank, world) for t in p.data.split(parts)]),
+                                              requires_grad=p.requires_grad))
+        a.wo_t = _rows(a.wo_t, rank, world)
         for name in ("w_in", "b_in", "w_out_t"):                     # a neuron's rows likewise
             setattr(m, name, _rows(getattr(m, name), rank, world))
         if rank:  # the sum over ranks must add the output biases once

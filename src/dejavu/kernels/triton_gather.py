@@ -102,6 +102,42 @@ def _gather_matvec_kernel(x_ptr, w_ptr, b_ptr, idx_ptr, out_ptr, B, M, K, stride
 
 
 @triton.jit
+def _qkv_lazy_kernel(x_ptr, win_ptr, w_ptr, b_ptr, idx_ptr, q_ptr, kv_ptr, B, M, MQ, K, N_Q_HEADS, KV_HEADS,
+                     stride_x, stride_w, stride_kv_r, stride_kv_h, stride_kv_s, UNIT: tl.constexpr,
+                     HAS_BIAS: tl.constexpr, BLOCK_B: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_K: tl.constexpr,
+                     PRECISION: tl.constexpr):
+    # _gather_matvec_kernel over the cache rows of the window's slots; the epilogue writes the Q
+    # units' last row to q and the K/V units' rows into their cache slots (no index_copy after)
+    pid = tl.program_id(0)
+    offs_m = pid * BLOCK_M + tl.arange(0, BLOCK_M)
+    m_mask = offs_m < M
+    units = tl.load(idx_ptr + offs_m // UNIT, mask=m_mask, other=0).to(tl.int64)
+    rows = units * UNIT + offs_m % UNIT
+    offs_b = tl.arange(0, BLOCK_B)
+    b_mask = offs_b < B
+    slots = tl.load(win_ptr + offs_b, mask=b_mask, other=0).to(tl.int64)
+    acc = tl.zeros((BLOCK_M, BLOCK_B), dtype=tl.float32)
+    for k0 in range(0, K, BLOCK_K):
+        offs_k = k0 + tl.arange(0, BLOCK_K)
+        k_mask = offs_k < K
+        w = tl.load(w_ptr + rows[:, None] * stride_w + offs_k[None, :], mask=m_mask[:, None] & k_mask[None, :],
+                    other=0.0)
+        xt = tl.load(x_ptr + slots[None, :] * stride_x + offs_k[:, None], mask=k_mask[:, None] & b_mask[None, :],
+                     other=0.0)
+        acc = tl.dot(w, xt, acc, input_precision=PRECISION)
+    if HAS_BIAS:
+        acc += tl.load(b_ptr + rows, mask=m_mask, other=0.0).to(tl.float32)[:, None]
+    out = acc.to(q_ptr.dtype.element_ty)
+    is_q = offs_m < MQ
+    tl.store(q_ptr + offs_m[:, None] + offs_b[None, :] * 0, out,
+             mask=(m_mask & is_q)[:, None] & (offs_b == B - 1)[None, :])  # the current token: the last slot
+    kv_unit = tl.maximum(units - N_Q_HEADS, 0)
+    dest = (kv_unit // KV_HEADS) * stride_kv_r + (kv_unit % KV_HEADS) * stride_kv_h + offs_m % UNIT
+    tl.store(kv_ptr + dest[:, None] + slots[None, :] * stride_kv_s, out,
+             mask=(m_mask & ~is_q)[:, None] & b_mask[None, :])
+
+
+@triton.jit
 def _gather_act_kernel(x_ptr, w_ptr, b_ptr, idx_ptr, out_ptr, B, M, K, stride_wn, stride_wi, stride_bn, stride_bi,
                        stride_x, stride_o, N_IN: tl.constexpr, ACT: tl.constexpr, HAS_BIAS: tl.constexpr,
                        BLOCK_B: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_K: tl.constexpr, PRECISION: tl.constexpr):
@@ -180,14 +216,14 @@ def _sum_splits_kernel(part_ptr, b_ptr, out_ptr, S, N, stride_s, stride_p, strid
     tl.store(out_ptr + pid_b * stride_o + offs_n, acc.to(out_ptr.dtype.element_ty), mask=n_mask)
 
 
-def _tile(M: int, x: torch.Tensor, block_m: int, block_k: int) -> tuple[int, int]:
+def _tile(M: int, x: torch.Tensor, block_m: int, block_k: int, B: int = 0) -> tuple[int, int]:
     """Rows per program and columns per step: 64 x 128, or fewer rows when that leaves SMs idle
     (a decode step's gathers have a few thousand rows: 64 per program gives ~50 programs for 132
     SMs), with longer steps so that each program keeps as many bytes in flight; the x tile caps
     the step (fp32 or a batch of 32: shared memory)."""
     if not block_m:
         block_m = next((bm for bm in (64, 32) if triton.cdiv(M, bm) >= sm_count(x)), 16)
-    x_cap = 32768 // (x.element_size() * _block_b(x.shape[0]))
+    x_cap = 32768 // (x.element_size() * _block_b(B or x.shape[0]))
     return block_m, block_k or max(128, min(8192 // block_m, x_cap))
 
 
@@ -203,6 +239,20 @@ def _gather_matvec_op(x: torch.Tensor, w: torch.Tensor, bias: torch.Tensor | Non
         UNIT=unit, HAS_BIAS=bias is not None, BLOCK_B=_block_b(B), BLOCK_M=block_m, BLOCK_K=block_k,
         PRECISION=_precision(x))
     return out
+
+
+@triton_op("dejavu::gather_qkv_lazily", mutates_args=("kv",))
+def _gather_qkv_lazily_op(x: torch.Tensor, w: torch.Tensor, bias: torch.Tensor | None, units: torch.Tensor, n_q: int,
+                          n_q_heads: int, window: torch.Tensor, kv: torch.Tensor) -> torch.Tensor:
+    (_, K), hd = x.shape, kv.shape[-1]
+    B, M = window.numel(), units.numel() * hd
+    q = torch.empty(1, n_q * hd, device=x.device, dtype=x.dtype)  # graph pool under CUDA graphs
+    block_m, block_k = _tile(M, x, 0, 0, B)
+    launcher(_qkv_lazy_kernel)[(triton.cdiv(M, block_m),)](
+        x, window, w, bias if bias is not None else x, units, q, kv, B, M, n_q * hd, K, n_q_heads, kv.shape[1],
+        x.stride(0), w.stride(0), kv.stride(0), kv.stride(1), kv.stride(2), UNIT=hd, HAS_BIAS=bias is not None,
+        BLOCK_B=_block_b(B), BLOCK_M=block_m, BLOCK_K=block_k, PRECISION=_precision(x))
+    return q
 
 
 @triton_op("dejavu::gather_act", mutates_args=())
@@ -247,6 +297,27 @@ def gather_matvec(x: torch.Tensor, w: torch.Tensor, idx: torch.Tensor, bias: tor
     assert w.stride(1) == 1, "weight rows must be contiguous"
     out = torch.ops.dejavu.gather_matvec(x.reshape(-1, x.shape[-1]), w, bias, idx, unit, block_m, block_k)
     return out.view(*x.shape[:-1], idx.numel() * unit)
+
+
+def gather_qkv_lazily(x: torch.Tensor, w: torch.Tensor, bias: torch.Tensor | None, units: torch.Tensor, n_q: int,
+                      n_q_heads: int, window: torch.Tensor, kv: torch.Tensor) -> torch.Tensor:
+    """The lazy K/V fill's one pass (model.Attention.qkv_lazily). x [S, d]: the layer's kept inputs;
+    w [(n_q_heads + 2 kv_heads) * hd, d]: wqkv; units: the first n_q are Q heads, the rest K
+    (n_q_heads + h) and V (n_q_heads + kv_heads + h) heads; window [W] slots; kv [2, kv_heads, S, hd]
+    (K and V of one layer). Writes the K/V units' rows for every window slot into kv, returns the
+    Q units' [1, n_q * hd] for the last slot."""
+    assert w.stride(1) == 1 and x.stride(1) == 1 and kv.stride(-1) == 1 and window.numel() <= 32
+    return torch.ops.dejavu.gather_qkv_lazily(x, w, bias, units, n_q, n_q_heads, window, kv)
+
+
+def gather_qkv_lazily_reference(x, w, bias, units, n_q, n_q_heads, window, kv):
+    """The same in torch (fp32 output; writes kv in its dtype)."""
+    hd, kv_heads = kv.shape[-1], kv.shape[1]
+    out = gather_matvec_reference(x[window], w, units, bias, unit=hd)        # [W, units * hd]
+    kv_unit = units[n_q:] - n_q_heads
+    vals = out[:, n_q * hd:].view(len(window), -1, hd).to(kv.dtype)         # [W, kv units, hd]
+    kv[(kv_unit // kv_heads)[None, :], (kv_unit % kv_heads)[None, :], window[:, None]] = vals
+    return out[-1:, :n_q * hd]
 
 
 def gather_act(x: torch.Tensor, w_in: torch.Tensor, b_in: torch.Tensor | None, idx: torch.Tensor, act: str,
