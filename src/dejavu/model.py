@@ -100,7 +100,6 @@ class KVCache:
     def __init__(self, cfg: ModelConfig, batch: int, max_seq_len: int, device, dtype, lazy_window: int = 0):
         shape = (2, cfg.n_layers, batch, cfg.n_kv_heads, max_seq_len, cfg.head_dim)
         self.kv = torch.zeros(shape, device=device, dtype=dtype)  # one tensor: a kernel can write K and V
-        self.k, self.v = self.kv[0], self.kv[1]
         # Lazy K/V fill (multi-head models, batch 1, device positions): keep every token's
         # normalized attention input, so a head's skipped K/V can be computed when it is selected.
         self.lazy_window = lazy_window
@@ -110,6 +109,9 @@ class KVCache:
         self.pad = torch.zeros(batch, device=device, dtype=torch.long)
         self.max_seq_len = max_seq_len
         self._plan = None
+
+    k = property(lambda self: self.kv[0])  # views, derived: whoever replaces kv keeps k and v right
+    v = property(lambda self: self.kv[1])
 
     def lazy_plan(self, pos: torch.Tensor, n_heads: int):
         """For the lazy fill at slot pos (a device tensor): the r heads refreshed in turn and the
@@ -140,10 +142,13 @@ class Attention(nn.Module):
         self.bo = _maybe_bias(cfg.o_bias, cfg.d_model)
 
     def _part(self, t, i):
-        if t is None:
-            return None
+        return None if t is None else t.split(self.parts)[i]
+
+    @property
+    def parts(self) -> tuple[int, int, int]:
+        """Rows of Q, K and V in wqkv."""
         q_dim, kv_dim = self.cfg.n_heads * self.cfg.head_dim, self.cfg.n_kv_heads * self.cfg.head_dim
-        return t.split((q_dim, kv_dim, kv_dim))[i]
+        return q_dim, kv_dim, kv_dim
 
     wq = property(lambda self: self._part(self.wqkv, 0))  # views: [heads*head_dim, d]
     wk = property(lambda self: self._part(self.wqkv, 1))
@@ -166,12 +171,11 @@ class Attention(nn.Module):
         if lazy:  # Q and the selected heads' K/V in one pass, K/V written into the cache
             q = self.qkv_lazily(cache, layer, start_pos, idx)
         elif idx is None:  # Q, K, V in one matmul
-            q, k, v = F.linear(x, self.wqkv, self.bqkv).split(
-                (cfg.n_heads * cfg.head_dim, cfg.n_kv_heads * cfg.head_dim, cfg.n_kv_heads * cfg.head_dim), -1)
+            q, k, v = F.linear(x, self.wqkv, self.bqkv).split(self.parts, -1)
         else:  # the selected heads' Q rows only (the first rows of wqkv), K/V for every head
             q = kernels.gather_matvec(x, self.wqkv, idx, self.bqkv, unit=cfg.head_dim)
-            k, v = F.linear(x, self.wqkv[cfg.n_heads * cfg.head_dim:],
-                            None if self.bqkv is None else self.bqkv[cfg.n_heads * cfg.head_dim:]).chunk(2, -1)
+            q_dim = self.parts[0]
+            k, v = F.linear(x, self.wqkv[q_dim:], None if self.bqkv is None else self.bqkv[q_dim:]).chunk(2, -1)
         q = q.reshape(B, T, -1, cfg.head_dim).transpose(1, 2)
         if lazy:
             k, v = cache.k[layer], cache.v[layer]

@@ -302,7 +302,6 @@ class Engine:
     def join(self, jobs: list[Job], cache):
         c = self.cache
         c.kv = torch.cat([c.kv, cache.kv], 2)
-        c.k, c.v = c.kv[0], c.kv[1]
         c.key_valid, c.pad = torch.cat([c.key_valid, cache.key_valid]), torch.cat([c.pad, cache.pad])
         self.rows += jobs
 
@@ -371,7 +370,6 @@ class Engine:
         idx = torch.tensor(keep, device=self.model.device)
         c = self.cache
         c.kv, c.key_valid, c.pad = c.kv[:, :, idx], c.key_valid[idx], c.pad[idx]
-        c.k, c.v = c.kv[0], c.kv[1]
 
 
 # ---------------------------------------------------------------- the HTTP side

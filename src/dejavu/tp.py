@@ -77,11 +77,10 @@ def shard(model: Transformer, rank: int, world: int) -> Transformer:
                                 d_ff=cfg.d_ff // world)
     for block in model.layers:
         a, m = block.attn, block.mlp
-        parts = (cfg.n_heads * cfg.head_dim, cfg.n_kv_heads * cfg.head_dim, cfg.n_kv_heads * cfg.head_dim)
         for name in ("wqkv", "bqkv"):  # this rank's heads in each of Q, K and V (a head's rows are contiguous)
             p = getattr(a, name)
             if p is not None:
-                setattr(a, name, nn.Parameter(torch.cat([_rows(t, rank, world) for t in p.data.split(parts)]),
+                setattr(a, name, nn.Parameter(torch.cat([_rows(t, rank, world) for t in p.data.split(a.parts)]),
                                               requires_grad=p.requires_grad))
         a.wo_t = _rows(a.wo_t, rank, world)
         for name in ("w_in", "b_in", "w_out_t"):                     # a neuron's rows likewise

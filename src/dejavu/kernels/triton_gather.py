@@ -77,6 +77,23 @@ def _rows(idx_ptr, offs_m, m_mask, UNIT: tl.constexpr):
 
 
 @triton.jit
+def _rows_dot_x(w_ptr, b_ptr, rows, m_mask, stride_w, x_ptr, x_offs, b_mask, K, HAS_BIAS: tl.constexpr,
+                BLOCK_B: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_K: tl.constexpr, PRECISION: tl.constexpr):
+    """acc[m, b] = w[rows[m]] . x[b] (+ bias[rows[m]]) in fp32; x_offs [BLOCK_B]: where each x row starts."""
+    acc = tl.zeros((BLOCK_M, BLOCK_B), dtype=tl.float32)
+    for k0 in range(0, K, BLOCK_K):
+        offs_k = k0 + tl.arange(0, BLOCK_K)
+        k_mask = offs_k < K
+        w = tl.load(w_ptr + rows[:, None] * stride_w + offs_k[None, :], mask=m_mask[:, None] & k_mask[None, :],
+                    other=0.0)
+        xt = tl.load(x_ptr + x_offs[None, :] + offs_k[:, None], mask=k_mask[:, None] & b_mask[None, :], other=0.0)
+        acc = tl.dot(w, xt, acc, input_precision=PRECISION)
+    if HAS_BIAS:
+        acc += tl.load(b_ptr + rows, mask=m_mask, other=0.0).to(tl.float32)[:, None]
+    return acc
+
+
+@triton.jit
 def _gather_matvec_kernel(x_ptr, w_ptr, b_ptr, idx_ptr, out_ptr, B, M, K, stride_w, stride_x, stride_o,
                           UNIT: tl.constexpr, HAS_BIAS: tl.constexpr, BLOCK_B: tl.constexpr, BLOCK_M: tl.constexpr,
                           BLOCK_K: tl.constexpr, PRECISION: tl.constexpr):
@@ -86,17 +103,8 @@ def _gather_matvec_kernel(x_ptr, w_ptr, b_ptr, idx_ptr, out_ptr, B, M, K, stride
     rows = _rows(idx_ptr, offs_m, m_mask, UNIT)
     offs_b = tl.arange(0, BLOCK_B)
     b_mask = offs_b < B
-    acc = tl.zeros((BLOCK_M, BLOCK_B), dtype=tl.float32)
-    for k0 in range(0, K, BLOCK_K):
-        offs_k = k0 + tl.arange(0, BLOCK_K)
-        k_mask = offs_k < K
-        w = tl.load(w_ptr + rows[:, None] * stride_w + offs_k[None, :], mask=m_mask[:, None] & k_mask[None, :],
-                    other=0.0)
-        xt = tl.load(x_ptr + offs_b[None, :] * stride_x + offs_k[:, None], mask=k_mask[:, None] & b_mask[None, :],
-                     other=0.0)
-        acc = tl.dot(w, xt, acc, input_precision=PRECISION)
-    if HAS_BIAS:
-        acc += tl.load(b_ptr + rows, mask=m_mask, other=0.0).to(tl.float32)[:, None]
+    acc = _rows_dot_x(w_ptr, b_ptr, rows, m_mask, stride_w, x_ptr, offs_b * stride_x, b_mask, K, HAS_BIAS, BLOCK_B,
+                      BLOCK_M, BLOCK_K, PRECISION)
     tl.store(out_ptr + offs_b[None, :] * stride_o + offs_m[:, None], acc.to(out_ptr.dtype.element_ty),
              mask=m_mask[:, None] & b_mask[None, :])
 
@@ -106,7 +114,7 @@ def _qkv_lazy_kernel(x_ptr, win_ptr, w_ptr, b_ptr, idx_ptr, q_ptr, kv_ptr, B, M,
                      stride_x, stride_w, stride_kv_r, stride_kv_h, stride_kv_s, UNIT: tl.constexpr,
                      HAS_BIAS: tl.constexpr, BLOCK_B: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_K: tl.constexpr,
                      PRECISION: tl.constexpr):
-    # _gather_matvec_kernel over the cache rows of the window's slots; the epilogue writes the Q
+    # as _gather_matvec_kernel, over the cache rows of the window's slots; the epilogue writes the Q
     # units' last row to q and the K/V units' rows into their cache slots (no index_copy after)
     pid = tl.program_id(0)
     offs_m = pid * BLOCK_M + tl.arange(0, BLOCK_M)
@@ -116,17 +124,8 @@ def _qkv_lazy_kernel(x_ptr, win_ptr, w_ptr, b_ptr, idx_ptr, q_ptr, kv_ptr, B, M,
     offs_b = tl.arange(0, BLOCK_B)
     b_mask = offs_b < B
     slots = tl.load(win_ptr + offs_b, mask=b_mask, other=0).to(tl.int64)
-    acc = tl.zeros((BLOCK_M, BLOCK_B), dtype=tl.float32)
-    for k0 in range(0, K, BLOCK_K):
-        offs_k = k0 + tl.arange(0, BLOCK_K)
-        k_mask = offs_k < K
-        w = tl.load(w_ptr + rows[:, None] * stride_w + offs_k[None, :], mask=m_mask[:, None] & k_mask[None, :],
-                    other=0.0)
-        xt = tl.load(x_ptr + slots[None, :] * stride_x + offs_k[:, None], mask=k_mask[:, None] & b_mask[None, :],
-                     other=0.0)
-        acc = tl.dot(w, xt, acc, input_precision=PRECISION)
-    if HAS_BIAS:
-        acc += tl.load(b_ptr + rows, mask=m_mask, other=0.0).to(tl.float32)[:, None]
+    acc = _rows_dot_x(w_ptr, b_ptr, rows, m_mask, stride_w, x_ptr, slots * stride_x, b_mask, K, HAS_BIAS, BLOCK_B,
+                      BLOCK_M, BLOCK_K, PRECISION)
     out = acc.to(q_ptr.dtype.element_ty)
     is_q = offs_m < MQ
     tl.store(q_ptr + offs_m[:, None] + offs_b[None, :] * 0, out,
