@@ -122,3 +122,17 @@ def test_triton_norm_matches_torch(dtype, rows, d, rms):
     want = norm_reference(x.double(), w.double(), None if b is None else b.double(), 1e-5, rms)
     err = ((got.double() - want).norm() / want.norm()).item()
     assert err < {torch.bfloat16: 1e-2, torch.float16: 2e-3, torch.float32: 1e-5}[dtype]
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32])
+@pytest.mark.parametrize("rms", [True, False])
+def test_triton_norm_adds_the_residual(dtype, rms):
+    """norm(x, residual=r) returns x + r exactly as torch rounds it, and the norm of that sum."""
+    from dejavu.kernels.triton_norm import norm
+    g = torch.Generator("cuda").manual_seed(7)
+    x, r = (torch.randn(3, 1000, device="cuda", generator=g).to(dtype) for _ in range(2))
+    w = (1 + 0.1 * torch.randn(1000, device="cuda", generator=g)).to(dtype)
+    b = None if rms else (0.1 * torch.randn(1000, device="cuda", generator=g)).to(dtype)
+    total, out = norm(x, w, b, 1e-5, rms, residual=r)
+    assert torch.equal(total, x + r)
+    assert torch.equal(out, norm(x + r, w, b, 1e-5, rms))

@@ -81,6 +81,18 @@ class Norm(nn.Module):
     def forward(self, x):
         if x.is_cuda and kernels.norm_kernels() is not None and not torch.is_grad_enabled():
             return kernels.norm_kernels().norm(x, self.weight, self.bias, self.eps, rms=self.bias is None)
+        return self.reference(x)
+
+    def add(self, x, residual=None):
+        """(x + residual, norm(x + residual)): the residual add and this norm in one GPU kernel."""
+        if residual is None:
+            return x, self(x)
+        if x.is_cuda and kernels.norm_kernels() is not None and not torch.is_grad_enabled():
+            return kernels.norm_kernels().norm(x, self.weight, self.bias, self.eps, self.bias is None, residual)
+        x = x + residual
+        return x, self.reference(x)
+
+    def reference(self, x):
         if self.bias is not None:
             return F.layer_norm(x, x.shape[-1:], self.weight, self.bias, self.eps)
         xf = x.float()  # RMS statistics in fp32, as the reference implementations do
@@ -108,7 +120,7 @@ class KVCache:
         self.key_valid = torch.ones(batch, max_seq_len, device=device, dtype=torch.bool)
         self.pad = torch.zeros(batch, device=device, dtype=torch.long)
         self.max_seq_len = max_seq_len
-        self._plan = None
+        self._plan = self._length = None
 
     k = property(lambda self: self.kv[0])  # views, derived: whoever replaces kv keeps k and v right
     v = property(lambda self: self.kv[1])
@@ -123,6 +135,12 @@ class KVCache:
             window = (pos - W + 1 + torch.arange(W, device=pos.device)).clamp(min=0)  # repeats slot 0 early on
             self._plan = (pos, turn, window)
         return self._plan[1:]
+
+    def decode_length(self, pos: torch.Tensor) -> torch.Tensor:
+        """Keys 0..pos[-1] for the decode kernel: once per step's pos tensor, not once per layer."""
+        if self._length is None or self._length[0] is not pos:
+            self._length = (pos, pos[-1] + 1)
+        return self._length[1]
 
     def set_padding(self, pad: torch.Tensor):
         self.pad = pad.to(self.key_valid.device)
@@ -195,7 +213,7 @@ class Attention(nn.Module):
                 k, v = cache.k[layer, :, :, :end], cache.v[layer, :, :, :end]
         if static and T == 1 and x.is_cuda:  # the decode kernel: the selected heads' K/V groups only
             heads = idx if idx is not None else torch.arange(cfg.n_heads, device=x.device)
-            y = kernels.decode_attention(q[:, :, 0], k, v, heads, cfg.n_heads, start_pos[-1] + 1,
+            y = kernels.decode_attention(q[:, :, 0], k, v, heads, cfg.n_heads, cache.decode_length(start_pos),
                                          cache.key_valid, cfg.head_dim ** -0.5)[:, None]
         else:
             if idx is not None:  # each selected query head reads its own K/V group
@@ -216,11 +234,8 @@ class Attention(nn.Module):
         head that attention reads. Weights read: m heads' Q rows and (m + r) heads' K/V rows,
         not all H, in one kernel that also writes K/V into the cache. -> the selected heads' Q
         for the current token (the window's last position)."""
-        H = self.cfg.n_heads
-        turn, window = cache.lazy_plan(pos, H)
-        heads = torch.cat((idx, turn))
-        units = torch.cat((idx, H + heads, 2 * H + heads))                       # Q, K, V units of wqkv
-        return kernels.gather_qkv_lazily(cache.x[layer, 0], self.wqkv, self.bqkv, units, len(idx), window,
+        turn, window = cache.lazy_plan(pos, self.cfg.n_heads)
+        return kernels.gather_qkv_lazily(cache.x[layer, 0], self.wqkv, self.bqkv, idx, turn, window,
                                          cache.kv[:, layer, 0])
 
     def project_out(self, y, idx=None):
@@ -274,11 +289,15 @@ class Block(nn.Module):
         self.mlp_norm = Norm(cfg)
         self.mlp = MLP(cfg)
 
-    def forward(self, x, rope, mask, cache, start_pos, sparsity=None):
+    def forward(self, x, rope, mask, cache, start_pos, sparsity=None, mlp_out=None):
+        """x + mlp_out (the previous block's MLP output) is the residual entering this block: each
+        residual add is done with the norm after it, in one kernel. -> (residual after attention,
+        this block's MLP output)."""
+        x, h = self.attn_norm.add(x, mlp_out)
         if sparsity is not None:
             sparsity.enter(self.layer, x)
-        x = x + self.attn(self.attn_norm(x), rope, mask, cache, self.layer, start_pos, sparsity)
-        return x + self.mlp(self.mlp_norm(x), self.layer, sparsity)
+        x, h = self.mlp_norm.add(x, self.attn(h, rope, mask, cache, self.layer, start_pos, sparsity))
+        return x, self.mlp(h, self.layer, sparsity)
 
 
 def apply_rope(x, rope):
@@ -353,9 +372,9 @@ class Transformer(nn.Module):
             x = x + self.pos_emb(pos)
         return x
 
-    def logits(self, x):
+    def logits(self, x, mlp_out=None):
         w = self.tok_emb.weight if self.lm_head is None else self.lm_head
-        return F.linear(self.norm(x), w)
+        return F.linear(self.norm.add(x, mlp_out)[1], w)
 
     def forward(self, tokens: torch.Tensor, cache: KVCache | None = None, start_pos: int = 0, sparsity=None):
         """tokens [B, T] -> logits [B, T, vocab]. With a cache, the tokens sit at slots
@@ -376,9 +395,10 @@ class Transformer(nn.Module):
         rope, mask = self.rope(pos), self.attention_mask(pos, T, start_pos, cache)
         if isinstance(start_pos, torch.Tensor):  # the blocks get the slots, computed once
             start_pos = start_pos + torch.arange(T, device=self.device)
+        mlp_out = None
         for block in self.layers:
-            x = block(x, rope, mask, cache, start_pos, sparsity)
-        return self.logits(x)
+            x, mlp_out = block(x, rope, mask, cache, start_pos, sparsity, mlp_out)
+        return self.logits(x, mlp_out)
 
 
 def param_bytes(model: Transformer) -> dict[str, int]:

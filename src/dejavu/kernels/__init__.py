@@ -45,20 +45,27 @@ def gather_axpy(a: torch.Tensor, w: torch.Tensor, idx: torch.Tensor, bias: torch
     return out + bias if bias is not None else out
 
 
-def gather_qkv_lazily(x: torch.Tensor, w: torch.Tensor, bias: torch.Tensor | None, units: torch.Tensor, n_q: int,
-                      window: torch.Tensor, kv: torch.Tensor) -> torch.Tensor:
-    """Lazy K/V fill in one pass: x [S, d] the layer's kept inputs, w = wqkv, units = n_q query
-    heads then K heads (H + h) and V heads (H + kv_heads + h), window [W] slots, kv [2, kv_heads,
-    S, hd] one layer's K and V. Writes the K/V rows of every window slot into kv; -> [1, n_q * hd],
-    the query heads' Q for the window's last slot (the current token)."""
+def lazy_units(idx: torch.Tensor, turn: torch.Tensor, n_q_heads: int, kv_heads: int) -> torch.Tensor:
+    """The head units of wqkv that the lazy fill computes: Q of heads idx, then K (n_q_heads + h)
+    and V (n_q_heads + kv_heads + h) of heads idx ++ turn."""
+    heads = torch.cat((idx, turn))
+    return torch.cat((idx, n_q_heads + heads, n_q_heads + kv_heads + heads))
+
+
+def gather_qkv_lazily(x: torch.Tensor, w: torch.Tensor, bias: torch.Tensor | None, idx: torch.Tensor,
+                      turn: torch.Tensor, window: torch.Tensor, kv: torch.Tensor) -> torch.Tensor:
+    """Lazy K/V fill in one pass: x [S, d] the layer's kept inputs, w = wqkv, idx the query heads,
+    turn the heads refreshed in turn, window [W] slots, kv [2, kv_heads, S, hd] one layer's K and V.
+    Writes K/V of heads idx ++ turn for every window slot into kv; -> [1, len(idx) * hd], the query
+    heads' Q for the window's last slot (the current token)."""
     hd, kv_heads = kv.shape[-1], kv.shape[1]
     n_q_heads = w.shape[0] // hd - 2 * kv_heads
     if x.is_cuda and _triton() is not None:
-        return _triton()[0].gather_qkv_lazily(x, w, bias, units, n_q, n_q_heads, window, kv)
-    out = gather_matvec(x[window], w, units, bias, unit=hd)                    # [W, units * hd]
-    kv_unit = units[n_q:] - n_q_heads
-    kv[(kv_unit // kv_heads)[None, :], (kv_unit % kv_heads)[None, :], window[:, None]] = \
-        out[:, n_q * hd:].view(len(window), -1, hd)
+        return _triton()[0].gather_qkv_lazily(x, w, bias, idx, turn, n_q_heads, window, kv)
+    n_q = len(idx)
+    out = gather_matvec(x[window], w, lazy_units(idx, turn, n_q_heads, kv_heads), bias, unit=hd)  # [W, units * hd]
+    heads = torch.cat((idx, turn))
+    kv[:, heads[None, :], window[:, None]] = out[:, n_q * hd:].view(len(window), 2, len(heads), hd).permute(1, 0, 2, 3)
     return out[-1:, :n_q * hd]
 
 

@@ -8,7 +8,8 @@ gather_axpy    out[b]   = sum_j a[b, j] W[idx[j]]  selected rows of w_out_t / wo
                                                    layouts: a neuron's or head's slice is a row)
 Only the selected rows are read, straight from the weight (no gathered temporary). All use
 tl.dot over a batch padded to 16 (batch 1-32 share the loaded weight tile); fp32 accumulation;
-deterministic (no atomics: gather_axpy sums per-program fp32 partials in a fixed order).
+deterministic (gather_axpy sums per-program fp32 partials in a fixed order; an atomic counter
+only says which program is last).
 
 Each kernel is a torch custom op (torch.library.triton_op, namespace `dejavu`), so torch.compile
 traces through it and CUDA graphs capture it: no host synchronisation, indices stay on the
@@ -26,7 +27,7 @@ import triton
 import triton.language as tl
 from torch.library import triton_op, wrap_triton
 
-from . import ACTIVATIONS, unit_rows
+from . import ACTIVATIONS, lazy_units, unit_rows
 
 INTERPRET = os.environ.get("TRITON_INTERPRET") == "1"  # Triton's CPU interpreter, for checking without a GPU
 
@@ -110,16 +111,25 @@ def _gather_matvec_kernel(x_ptr, w_ptr, b_ptr, idx_ptr, out_ptr, B, M, K, stride
 
 
 @triton.jit
-def _qkv_lazy_kernel(x_ptr, win_ptr, w_ptr, b_ptr, idx_ptr, q_ptr, kv_ptr, B, M, MQ, K, N_Q_HEADS, KV_HEADS,
-                     stride_x, stride_w, stride_kv_r, stride_kv_h, stride_kv_s, UNIT: tl.constexpr,
+def _qkv_lazy_kernel(x_ptr, win_ptr, w_ptr, b_ptr, idx_ptr, turn_ptr, q_ptr, kv_ptr, B, M, N_Q, N_TURN, K, N_Q_HEADS,
+                     KV_HEADS, stride_x, stride_w, stride_kv_r, stride_kv_h, stride_kv_s, UNIT: tl.constexpr,
                      HAS_BIAS: tl.constexpr, BLOCK_B: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_K: tl.constexpr,
                      PRECISION: tl.constexpr):
-    # as _gather_matvec_kernel, over the cache rows of the window's slots; the epilogue writes the Q
-    # units' last row to q and the K/V units' rows into their cache slots (no index_copy after)
+    # as _gather_matvec_kernel, over the cache rows of the window's slots. Output units: the N_Q
+    # query heads idx, then K and then V of heads = idx ++ turn (no concatenation kernels before);
+    # the epilogue writes the Q units' last row to q and the K/V rows into their cache slots
     pid = tl.program_id(0)
     offs_m = pid * BLOCK_M + tl.arange(0, BLOCK_M)
     m_mask = offs_m < M
-    units = tl.load(idx_ptr + offs_m // UNIT, mask=m_mask, other=0).to(tl.int64)
+    slot = offs_m // UNIT
+    n_heads = N_Q + N_TURN
+    is_q = slot < N_Q
+    part = tl.where(is_q, 0, tl.where(slot < N_Q + n_heads, 1, 2))                # Q, K, V
+    i = tl.where(is_q, slot, slot - N_Q - (part - 1) * n_heads)                    # index into idx ++ turn
+    from_idx = i < N_Q
+    head = tl.where(from_idx, tl.load(idx_ptr + i, mask=m_mask & from_idx, other=0),
+                    tl.load(turn_ptr + (i - N_Q), mask=m_mask & ~from_idx, other=0)).to(tl.int64)
+    units = tl.where(is_q, head, N_Q_HEADS + (part - 1) * KV_HEADS + head)        # the head's rows of wqkv
     rows = units * UNIT + offs_m % UNIT
     offs_b = tl.arange(0, BLOCK_B)
     b_mask = offs_b < B
@@ -127,11 +137,9 @@ def _qkv_lazy_kernel(x_ptr, win_ptr, w_ptr, b_ptr, idx_ptr, q_ptr, kv_ptr, B, M,
     acc = _rows_dot_x(w_ptr, b_ptr, rows, m_mask, stride_w, x_ptr, slots * stride_x, b_mask, K, HAS_BIAS, BLOCK_B,
                       BLOCK_M, BLOCK_K, PRECISION)
     out = acc.to(q_ptr.dtype.element_ty)
-    is_q = offs_m < MQ
     tl.store(q_ptr + offs_m[:, None] + offs_b[None, :] * 0, out,
              mask=(m_mask & is_q)[:, None] & (offs_b == B - 1)[None, :])  # the current token: the last slot
-    kv_unit = tl.maximum(units - N_Q_HEADS, 0)
-    dest = (kv_unit // KV_HEADS) * stride_kv_r + (kv_unit % KV_HEADS) * stride_kv_h + offs_m % UNIT
+    dest = (part - 1) * stride_kv_r + head * stride_kv_h + offs_m % UNIT
     tl.store(kv_ptr + dest[:, None] + slots[None, :] * stride_kv_s, out,
              mask=(m_mask & ~is_q)[:, None] & b_mask[None, :])
 
@@ -176,9 +184,9 @@ def _gather_act_kernel(x_ptr, w_ptr, b_ptr, idx_ptr, out_ptr, B, M, K, stride_wn
 
 
 @triton.jit
-def _gather_axpy_kernel(a_ptr, w_ptr, idx_ptr, out_ptr, B, M, N, rows_per_split, stride_a, stride_w, stride_s,
-                        stride_o, UNIT: tl.constexpr, BLOCK_B: tl.constexpr, BLOCK_M: tl.constexpr,
-                        BLOCK_N: tl.constexpr, PRECISION: tl.constexpr):
+def _gather_axpy_kernel(a_ptr, w_ptr, idx_ptr, b_ptr, part_ptr, count_ptr, out_ptr, B, M, N, S, rows_per_split,
+                        stride_a, stride_w, stride_s, stride_p, stride_o, UNIT: tl.constexpr, HAS_BIAS: tl.constexpr,
+                        BLOCK_B: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, PRECISION: tl.constexpr):
     # program (column block, split): its share of the selected rows, into its own fp32 partial
     pid_n, pid_s = tl.program_id(0), tl.program_id(1)
     offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
@@ -196,34 +204,56 @@ def _gather_axpy_kernel(a_ptr, w_ptr, idx_ptr, out_ptr, B, M, N, rows_per_split,
         w = tl.load(w_ptr + rows[:, None] * stride_w + offs_n[None, :], mask=m_mask[:, None] & n_mask[None, :],
                     other=0.0)
         acc = tl.dot(a, w, acc, input_precision=PRECISION)
-    tl.store(out_ptr + pid_s * stride_s + offs_b[:, None] * stride_o + offs_n[None, :], acc,
-             mask=b_mask[:, None] & n_mask[None, :])
+    mask = b_mask[:, None] & n_mask[None, :]
+    tile = offs_b[:, None] * stride_p + offs_n[None, :]
+    tl.store(part_ptr + pid_s * stride_s + tile, acc, mask=mask)
+    # the column block's last split to finish adds the partials in split order (deterministic), adds
+    # the bias, casts and writes the output: no second kernel. (The threadfence-reduction pattern:
+    # every thread's partial is stored before the count moves; the count is left at zero.)
+    tl.debug_barrier()
+    if tl.atomic_add(count_ptr + pid_n, 1, sem="acq_rel", scope="gpu") == S - 1:
+        total = tl.zeros((BLOCK_B, BLOCK_N), dtype=tl.float32)
+        for s in range(0, S):
+            total += tl.load(part_ptr + s * stride_s + tile, mask=mask, other=0.0, cache_modifier=".cg")
+        if HAS_BIAS:
+            total += tl.load(b_ptr + offs_n, mask=n_mask, other=0.0).to(tl.float32)[None, :]
+        tl.store(out_ptr + offs_b[:, None] * stride_o + offs_n[None, :], total.to(out_ptr.dtype.element_ty),
+                 mask=mask)
+        tl.atomic_xchg(count_ptr + pid_n, 0)
 
 
-@triton.jit
-def _sum_splits_kernel(part_ptr, b_ptr, out_ptr, S, N, stride_s, stride_p, stride_o, HAS_BIAS: tl.constexpr,
-                       BLOCK_N: tl.constexpr):
-    # out[b] = sum over splits (in order: deterministic) + bias, cast: one kernel instead of three
-    pid_b, pid_n = tl.program_id(0), tl.program_id(1)
-    offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
-    n_mask = offs_n < N
-    acc = tl.zeros((BLOCK_N,), dtype=tl.float32)
-    for s in range(0, S):
-        acc += tl.load(part_ptr + s * stride_s + pid_b * stride_p + offs_n, mask=n_mask, other=0.0)
-    if HAS_BIAS:
-        acc += tl.load(b_ptr + offs_n, mask=n_mask, other=0.0).to(tl.float32)
-    tl.store(out_ptr + pid_b * stride_o + offs_n, acc.to(out_ptr.dtype.element_ty), mask=n_mask)
+_SPLIT_COUNTS: dict = {}
 
 
-def _tile(M: int, x: torch.Tensor, block_m: int, block_k: int, B: int = 0) -> tuple[int, int]:
-    """Rows per program and columns per step: 64 x 128, or fewer rows when that leaves SMs idle
-    (a decode step's gathers have a few thousand rows: 64 per program gives ~50 programs for 132
-    SMs), with longer steps so that each program keeps as many bytes in flight; the x tile caps
-    the step (fp32 or a batch of 32: shared memory)."""
-    if not block_m:
-        block_m = next((bm for bm in (64, 32) if triton.cdiv(M, bm) >= sm_count(x)), 16)
-    x_cap = 32768 // (x.element_size() * _block_b(B or x.shape[0]))
-    return block_m, block_k or max(128, min(8192 // block_m, x_cap))
+def _split_counts(a: torch.Tensor, n: int) -> torch.Tensor:
+    """gather_axpy's per-column-block counters: zero before each call and left at zero by it, so
+    one buffer per device serves every call (calls on one device run one after another: the
+    engine's side stream runs predictors only). Made outside any graph capture where possible; a
+    first call inside a capture or a torch.compile trace gets its own zeroed buffer."""
+    buf = _SPLIT_COUNTS.get(a.device)
+    if buf is not None and buf.numel() >= n:
+        return buf
+    zeros = torch.zeros(max(n, 1024), device=a.device, dtype=torch.int32)
+    tracing = torch.compiler.is_compiling() or torch._subclasses.fake_tensor.is_fake(a)
+    if tracing or (a.is_cuda and torch.cuda.is_current_stream_capturing()):
+        return zeros
+    _SPLIT_COUNTS[a.device] = zeros
+    return zeros
+
+
+def _tile(M: int, x: torch.Tensor, block_m: int, block_k: int, B: int = 0, stages: int = 0) -> tuple[int, int, int]:
+    """Rows per program, columns per step, pipeline stages. 64 x 128 where that still gives two
+    programs per SM, else 32 x 256 (a decode step's gathers have a few thousand rows); a fourth
+    stage in flight where programs are fewer than two per SM. Measured on the H200
+    (scripts/sweep_gather_tiles.py, docs/perf-notes.md): 10% of the OPT-66B up side 63% -> 75%
+    of the copy bandwidth, Llama-3-70B 58% -> 81%. The x tile caps the step (fp32 or a batch of
+    32: shared memory)."""
+    sms, block_b = sm_count(x), _block_b(B or x.shape[0])
+    block_m = block_m or (64 if triton.cdiv(M, 64) >= 2 * sms else 32)
+    block_k = block_k or max(128, min(8192 // block_m, 32768 // (x.element_size() * block_b)))
+    few = triton.cdiv(M, block_m) < 2 * sms
+    fits = 4 * (block_m + block_b) * block_k * x.element_size() <= 160 * 1024
+    return block_m, block_k, stages or (4 if few and fits else 3)
 
 
 @triton_op("dejavu::gather_matvec", mutates_args=())
@@ -232,60 +262,62 @@ def _gather_matvec_op(x: torch.Tensor, w: torch.Tensor, bias: torch.Tensor | Non
     x = x.contiguous()
     (B, K), M = x.shape, idx.numel() * unit
     out = torch.empty(B, M, device=x.device, dtype=x.dtype)  # graph pool under CUDA graphs
-    block_m, block_k = _tile(M, x, block_m, block_k)
+    block_m, block_k, stages = _tile(M, x, block_m, block_k)
     launcher(_gather_matvec_kernel)[(triton.cdiv(M, block_m),)](
         x, w, bias if bias is not None else x, idx, out, B, M, K, w.stride(0), x.stride(0), out.stride(0),
         UNIT=unit, HAS_BIAS=bias is not None, BLOCK_B=_block_b(B), BLOCK_M=block_m, BLOCK_K=block_k,
-        PRECISION=_precision(x))
+        PRECISION=_precision(x), num_stages=stages)
     return out
 
 
 @triton_op("dejavu::gather_qkv_lazily", mutates_args=("kv",))
-def _gather_qkv_lazily_op(x: torch.Tensor, w: torch.Tensor, bias: torch.Tensor | None, units: torch.Tensor, n_q: int,
-                          n_q_heads: int, window: torch.Tensor, kv: torch.Tensor) -> torch.Tensor:
+def _gather_qkv_lazily_op(x: torch.Tensor, w: torch.Tensor, bias: torch.Tensor | None, idx: torch.Tensor,
+                          turn: torch.Tensor, n_q_heads: int, window: torch.Tensor, kv: torch.Tensor) -> torch.Tensor:
     (_, K), hd = x.shape, kv.shape[-1]
-    B, M = window.numel(), units.numel() * hd
+    n_q, n_turn = idx.numel(), turn.numel()
+    B, M = window.numel(), (n_q + 2 * (n_q + n_turn)) * hd
     q = torch.empty(1, n_q * hd, device=x.device, dtype=x.dtype)  # graph pool under CUDA graphs
-    block_m, block_k = _tile(M, x, 0, 0, B)
+    block_m, block_k, stages = _tile(M, x, 0, 0, B)
     launcher(_qkv_lazy_kernel)[(triton.cdiv(M, block_m),)](
-        x, window, w, bias if bias is not None else x, units, q, kv, B, M, n_q * hd, K, n_q_heads, kv.shape[1],
-        x.stride(0), w.stride(0), kv.stride(0), kv.stride(1), kv.stride(2), UNIT=hd, HAS_BIAS=bias is not None,
-        BLOCK_B=_block_b(B), BLOCK_M=block_m, BLOCK_K=block_k, PRECISION=_precision(x))
+        x, window, w, bias if bias is not None else x, idx, turn, q, kv, B, M, n_q, n_turn, K, n_q_heads,
+        kv.shape[1], x.stride(0), w.stride(0), kv.stride(0), kv.stride(1), kv.stride(2), UNIT=hd,
+        HAS_BIAS=bias is not None, BLOCK_B=_block_b(B), BLOCK_M=block_m, BLOCK_K=block_k, PRECISION=_precision(x),
+        num_stages=stages)
     return q
 
 
 @triton_op("dejavu::gather_act", mutates_args=())
 def _gather_act_op(x: torch.Tensor, w_in: torch.Tensor, b_in: torch.Tensor | None, idx: torch.Tensor, act: str,
-                   block_m: int, block_k: int) -> torch.Tensor:
+                   block_m: int, block_k: int, num_warps: int, num_stages: int) -> torch.Tensor:
     x = x.contiguous()
     (B, K), M = x.shape, idx.numel()
     out = torch.empty(B, M, device=x.device, dtype=x.dtype)  # graph pool under CUDA graphs
     bias = b_in if b_in is not None else x  # a placeholder pointer, never read
-    block_m, block_k = _tile(M, x, block_m, block_k)
+    block_m, block_k, num_stages = _tile(M, x, block_m, block_k, stages=num_stages)
     launcher(_gather_act_kernel)[(triton.cdiv(M, block_m),)](
         x, w_in, bias, idx, out, B, M, K, w_in.stride(0), w_in.stride(1), bias.stride(0), bias.stride(-1),
         x.stride(0), out.stride(0), N_IN=w_in.shape[1], ACT=act, HAS_BIAS=b_in is not None,
-        BLOCK_B=_block_b(B), BLOCK_M=block_m, BLOCK_K=block_k, PRECISION=_precision(x))
+        BLOCK_B=_block_b(B), BLOCK_M=block_m, BLOCK_K=block_k, PRECISION=_precision(x), num_warps=num_warps,
+        num_stages=num_stages)
     return out
 
 
 @triton_op("dejavu::gather_axpy", mutates_args=())
 def _gather_axpy_op(a: torch.Tensor, w: torch.Tensor, bias: torch.Tensor | None, idx: torch.Tensor, unit: int,
-                    block_m: int, block_n: int) -> torch.Tensor:
+                    block_m: int, block_n: int, num_warps: int, num_stages: int, programs_per_sm: int) -> torch.Tensor:
     a = a.contiguous()
     (B, M), N = a.shape, w.shape[1]
     col_blocks = triton.cdiv(N, block_n)
-    splits = max(1, min(triton.cdiv(M, block_m), triton.cdiv(4 * sm_count(a), col_blocks)))
+    splits = max(1, min(triton.cdiv(M, block_m), triton.cdiv(programs_per_sm * sm_count(a), col_blocks)))
     rows_per_split = triton.cdiv(triton.cdiv(M, splits), block_m) * block_m
     splits = triton.cdiv(M, rows_per_split)
     partial = torch.empty(splits, B, N, device=a.device, dtype=torch.float32)  # graph pool under CUDA graphs
-    launcher(_gather_axpy_kernel)[(col_blocks, splits)](
-        a, w, idx, partial, B, M, N, rows_per_split, a.stride(0), w.stride(0), partial.stride(0), partial.stride(1),
-        UNIT=unit, BLOCK_B=_block_b(B), BLOCK_M=block_m, BLOCK_N=block_n, PRECISION=_precision(a))
     out = torch.empty(B, N, device=a.device, dtype=a.dtype)
-    launcher(_sum_splits_kernel)[(B, triton.cdiv(N, 1024))](
-        partial, bias if bias is not None else partial, out, splits, N, partial.stride(0), partial.stride(1),
-        out.stride(0), HAS_BIAS=bias is not None, BLOCK_N=1024)
+    launcher(_gather_axpy_kernel)[(col_blocks, splits)](
+        a, w, idx, bias if bias is not None else partial, partial, _split_counts(a, col_blocks), out, B, M, N, splits,
+        rows_per_split, a.stride(0), w.stride(0), partial.stride(0), partial.stride(1), out.stride(0), UNIT=unit,
+        HAS_BIAS=bias is not None, BLOCK_B=_block_b(B), BLOCK_M=block_m, BLOCK_N=block_n, PRECISION=_precision(a),
+        num_warps=num_warps, num_stages=num_stages)
     return out
 
 
@@ -298,44 +330,47 @@ def gather_matvec(x: torch.Tensor, w: torch.Tensor, idx: torch.Tensor, bias: tor
     return out.view(*x.shape[:-1], idx.numel() * unit)
 
 
-def gather_qkv_lazily(x: torch.Tensor, w: torch.Tensor, bias: torch.Tensor | None, units: torch.Tensor, n_q: int,
-                      n_q_heads: int, window: torch.Tensor, kv: torch.Tensor) -> torch.Tensor:
+def gather_qkv_lazily(x: torch.Tensor, w: torch.Tensor, bias: torch.Tensor | None, idx: torch.Tensor,
+                      turn: torch.Tensor, n_q_heads: int, window: torch.Tensor, kv: torch.Tensor) -> torch.Tensor:
     """The lazy K/V fill's one pass (model.Attention.qkv_lazily). x [S, d]: the layer's kept inputs;
-    w [(n_q_heads + 2 kv_heads) * hd, d]: wqkv; units: the first n_q are Q heads, the rest K
-    (n_q_heads + h) and V (n_q_heads + kv_heads + h) heads; window [W] slots; kv [2, kv_heads, S, hd]
-    (K and V of one layer). Writes the K/V units' rows for every window slot into kv, returns the
-    Q units' [1, n_q * hd] for the last slot."""
+    w [(n_q_heads + 2 kv_heads) * hd, d]: wqkv; idx: the query heads; turn: the heads refreshed in
+    turn; window [W] slots; kv [2, kv_heads, S, hd] (K and V of one layer). Writes K/V of heads
+    idx ++ turn for every window slot into kv, returns idx's Q [1, len(idx) * hd] for the last slot."""
     assert w.stride(1) == 1 and x.stride(1) == 1 and kv.stride(-1) == 1 and window.numel() <= 32
-    return torch.ops.dejavu.gather_qkv_lazily(x, w, bias, units, n_q, n_q_heads, window, kv)
+    return torch.ops.dejavu.gather_qkv_lazily(x, w, bias, idx, turn, n_q_heads, window, kv)
 
 
-def gather_qkv_lazily_reference(x, w, bias, units, n_q, n_q_heads, window, kv):
+def gather_qkv_lazily_reference(x, w, bias, idx, turn, n_q_heads, window, kv):
     """The same in torch (fp32 output; writes kv in its dtype)."""
     hd, kv_heads = kv.shape[-1], kv.shape[1]
+    units = lazy_units(idx, turn, n_q_heads, kv_heads)
     out = gather_matvec_reference(x[window], w, units, bias, unit=hd)        # [W, units * hd]
-    kv_unit = units[n_q:] - n_q_heads
-    vals = out[:, n_q * hd:].view(len(window), -1, hd).to(kv.dtype)         # [W, kv units, hd]
-    kv[(kv_unit // kv_heads)[None, :], (kv_unit % kv_heads)[None, :], window[:, None]] = vals
-    return out[-1:, :n_q * hd]
+    heads = torch.cat((idx, turn))
+    vals = out[:, len(idx) * hd:].view(len(window), 2, len(heads), hd).to(kv.dtype)
+    kv[:, heads[None, :], window[:, None]] = vals.permute(1, 0, 2, 3)
+    return out[-1:, :len(idx) * hd]
 
 
 def gather_act(x: torch.Tensor, w_in: torch.Tensor, b_in: torch.Tensor | None, idx: torch.Tensor, act: str,
-               block_m: int = 0, block_k: int = 0) -> torch.Tensor:
+               block_m: int = 0, block_k: int = 0, num_warps: int = 4, num_stages: int = 0) -> torch.Tensor:
     """x [..., d], w_in [d_ff, n_in, d], b_in [d_ff, n_in] or None, idx [m] -> a [..., m]:
     act(gate) * up for n_in = 2 (SwiGLU 'silu', GeGLU 'gelu_tanh'), act(fc1 + bias) for n_in = 1."""
     assert w_in.stride(2) == 1 and w_in.shape[1] in (1, 2), "w_in must be [d_ff, n_in, d] with contiguous rows"
     assert act in ACTIVATIONS, f"act must be one of {sorted(ACTIVATIONS)}, got {act!r}"
-    out = torch.ops.dejavu.gather_act(x.reshape(-1, x.shape[-1]), w_in, b_in, idx, act, block_m, block_k)
+    out = torch.ops.dejavu.gather_act(x.reshape(-1, x.shape[-1]), w_in, b_in, idx, act, block_m, block_k, num_warps,
+                                      num_stages)
     return out.view(*x.shape[:-1], idx.numel())
 
 
 def gather_axpy(a: torch.Tensor, w: torch.Tensor, idx: torch.Tensor, bias: torch.Tensor | None = None,
-                unit: int = 1, block_m: int = 64, block_n: int = 128) -> torch.Tensor:
+                unit: int = 1, block_m: int = 64, block_n: int = 128, num_warps: int = 4, num_stages: int = 2,
+                programs_per_sm: int = 4) -> torch.Tensor:
     """a [..., m * unit], w [N, d] (rows may be strided), idx [m] -> [..., d] = a @ w[rows] (+ bias).
     The selected rows are split across programs too (d / block_n column blocks alone are too
     few to fill the GPU); the fp32 partials are summed in a fixed order: deterministic."""
     assert w.stride(1) == 1, "weight rows must be contiguous"
-    out = torch.ops.dejavu.gather_axpy(a.reshape(-1, a.shape[-1]), w, bias, idx, unit, block_m, block_n)
+    out = torch.ops.dejavu.gather_axpy(a.reshape(-1, a.shape[-1]), w, bias, idx, unit, block_m, block_n, num_warps,
+                                       num_stages, programs_per_sm)
     return out.view(*a.shape[:-1], w.shape[1])
 
 
