@@ -146,23 +146,6 @@ def test_qkv_lazily(dtype, H, hd, d, m, r, W, S, bias):
     check(kv[written], want_kv[written].float(), dtype)
 
 
-@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32])
-@pytest.mark.parametrize("n,k", [(56, 24), (1000, 100), (28672, 2867), (300, 300), (77, 1), (49152, 4915)])
-@pytest.mark.parametrize("kind", ["normal", "ties", "negative"])
-def test_topk_indices(dtype, n, k, kind):
-    """The one-program top-k: exactly k distinct indices whose scores are torch.topk's (ties may
-    pick other indices of equal score)."""
-    from dejavu.kernels import triton_topk
-    g = gen()
-    s = randn(n, g=g, dtype=torch.float32)
-    s = {"normal": s, "ties": (s * 4).round(), "negative": -s.abs()}[kind].to(dtype)
-    poison()
-    idx = triton_topk.topk_indices(s, k)
-    assert idx.shape == (k,) and idx.dtype == torch.int64
-    assert ((idx >= 0) & (idx < n)).all() and idx.unique().numel() == k
-    assert torch.equal(s[idx].float().sort(descending=True).values, s.float().topk(k).values)
-
-
 def attention_inputs(batch, H, Hkv, hd, S, length, m, dtype, g):
     q = randn(batch, m, hd, g=g, dtype=dtype)
     k, v = randn(batch, Hkv, S, hd, g=g, dtype=dtype), randn(batch, Hkv, S, hd, g=g, dtype=dtype)

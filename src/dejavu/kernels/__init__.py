@@ -14,19 +14,10 @@ from . import cpu
 @functools.cache
 def _triton():
     try:
-        from . import triton_attention, triton_gather, triton_topk
-        return triton_gather, triton_attention, triton_topk
+        from . import triton_attention, triton_gather
+        return triton_gather, triton_attention
     except Exception:  # no triton: torch below
         return None
-
-
-def topk_indices(scores: torch.Tensor, k: int) -> torch.Tensor:
-    """The k largest of one score row (any shape, read flat), unordered: one Triton program on
-    CUDA (triton_topk.py: the side stream's selection latency), torch.topk elsewhere."""
-    flat = scores.reshape(-1)
-    if flat.is_cuda and _triton() is not None and flat.numel() <= _triton()[2].MAX_WIDTH:
-        return _triton()[2].topk_indices(flat.contiguous(), k)
-    return flat.topk(k, sorted=False).indices
 
 
 def unit_rows(idx: torch.Tensor, unit: int) -> torch.Tensor:
