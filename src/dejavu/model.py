@@ -79,18 +79,23 @@ class Norm(nn.Module):
         self.bias = nn.Parameter(torch.zeros(cfg.d_model)) if cfg.norm == "layer" else None
 
     def forward(self, x):
-        if x.is_cuda and kernels.norm_kernels() is not None and not torch.is_grad_enabled():
-            return kernels.norm_kernels().norm(x, self.weight, self.bias, self.eps, rms=self.bias is None)
+        if (fused := self._triton(x)) is not None:
+            return fused.norm(x, self.weight, self.bias, self.eps, rms=self.bias is None)
         return self.reference(x)
 
     def add(self, x, residual=None):
         """(x + residual, norm(x + residual)): the residual add and this norm in one GPU kernel."""
         if residual is None:
             return x, self(x)
-        if x.is_cuda and kernels.norm_kernels() is not None and not torch.is_grad_enabled():
-            return kernels.norm_kernels().norm(x, self.weight, self.bias, self.eps, self.bias is None, residual)
+        if (fused := self._triton(x)) is not None:
+            return fused.norm(x, self.weight, self.bias, self.eps, self.bias is None, residual)
         x = x + residual
         return x, self.reference(x)
+
+    @staticmethod
+    def _triton(x):
+        """The Triton norm module where it applies (CUDA, inference), else None."""
+        return kernels.norm_kernels() if x.is_cuda and not torch.is_grad_enabled() else None
 
     def reference(self, x):
         if self.bias is not None:

@@ -52,6 +52,16 @@ def lazy_units(idx: torch.Tensor, turn: torch.Tensor, n_q_heads: int, kv_heads: 
     return torch.cat((idx, n_q_heads + heads, n_q_heads + kv_heads + heads))
 
 
+def lazy_fill(out: torch.Tensor, idx: torch.Tensor, turn: torch.Tensor, window: torch.Tensor,
+              kv: torch.Tensor) -> torch.Tensor:
+    """The torch paths' epilogue of the lazy fill: out [W, units * hd] in lazy_units order. Writes
+    the K/V rows into kv at the window's slots (cast to kv's dtype); -> Q of the last slot."""
+    n_q, heads, hd = len(idx), torch.cat((idx, turn)), kv.shape[-1]
+    vals = out[:, n_q * hd:].view(len(window), 2, len(heads), hd).to(kv.dtype)
+    kv[:, heads[None, :], window[:, None]] = vals.permute(1, 0, 2, 3)
+    return out[-1:, :n_q * hd]
+
+
 def gather_qkv_lazily(x: torch.Tensor, w: torch.Tensor, bias: torch.Tensor | None, idx: torch.Tensor,
                       turn: torch.Tensor, window: torch.Tensor, kv: torch.Tensor) -> torch.Tensor:
     """Lazy K/V fill in one pass: x [S, d] the layer's kept inputs, w = wqkv, idx the query heads,
@@ -62,11 +72,8 @@ def gather_qkv_lazily(x: torch.Tensor, w: torch.Tensor, bias: torch.Tensor | Non
     n_q_heads = w.shape[0] // hd - 2 * kv_heads
     if x.is_cuda and _triton() is not None:
         return _triton()[0].gather_qkv_lazily(x, w, bias, idx, turn, n_q_heads, window, kv)
-    n_q = len(idx)
-    out = gather_matvec(x[window], w, lazy_units(idx, turn, n_q_heads, kv_heads), bias, unit=hd)  # [W, units * hd]
-    heads = torch.cat((idx, turn))
-    kv[:, heads[None, :], window[:, None]] = out[:, n_q * hd:].view(len(window), 2, len(heads), hd).permute(1, 0, 2, 3)
-    return out[-1:, :n_q * hd]
+    return lazy_fill(gather_matvec(x[window], w, lazy_units(idx, turn, n_q_heads, kv_heads), bias, unit=hd),
+                     idx, turn, window, kv)
 
 
 def gather_act(x: torch.Tensor, w_in: torch.Tensor, b_in: torch.Tensor | None, idx: torch.Tensor,

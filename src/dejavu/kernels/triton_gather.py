@@ -27,7 +27,7 @@ import triton
 import triton.language as tl
 from torch.library import triton_op, wrap_triton
 
-from . import ACTIVATIONS, lazy_units, unit_rows
+from . import ACTIVATIONS, lazy_fill, lazy_units, unit_rows
 
 INTERPRET = os.environ.get("TRITON_INTERPRET") == "1"  # Triton's CPU interpreter, for checking without a GPU
 
@@ -342,13 +342,8 @@ def gather_qkv_lazily(x: torch.Tensor, w: torch.Tensor, bias: torch.Tensor | Non
 
 def gather_qkv_lazily_reference(x, w, bias, idx, turn, n_q_heads, window, kv):
     """The same in torch (fp32 output; writes kv in its dtype)."""
-    hd, kv_heads = kv.shape[-1], kv.shape[1]
-    units = lazy_units(idx, turn, n_q_heads, kv_heads)
-    out = gather_matvec_reference(x[window], w, units, bias, unit=hd)        # [W, units * hd]
-    heads = torch.cat((idx, turn))
-    vals = out[:, len(idx) * hd:].view(len(window), 2, len(heads), hd).to(kv.dtype)
-    kv[:, heads[None, :], window[:, None]] = vals.permute(1, 0, 2, 3)
-    return out[-1:, :len(idx) * hd]
+    units = lazy_units(idx, turn, n_q_heads, kv.shape[1])
+    return lazy_fill(gather_matvec_reference(x[window], w, units, bias, unit=kv.shape[-1]), idx, turn, window, kv)
 
 
 def gather_act(x: torch.Tensor, w_in: torch.Tensor, b_in: torch.Tensor | None, idx: torch.Tensor, act: str,
