@@ -124,6 +124,13 @@ def test_triton_norm_matches_torch(dtype, rows, d, rms):
     assert err < {torch.bfloat16: 1e-2, torch.float16: 2e-3, torch.float32: 1e-5}[dtype]
 
 
+def test_triton_norm_without_weight():
+    """weight None (the predictors' input norm) is a weight of ones, bitwise."""
+    from dejavu.kernels.triton_norm import norm
+    x = torch.randn(2, 7168, device="cuda").to(torch.bfloat16)
+    assert torch.equal(norm(x, None, None, 1e-6, True), norm(x, torch.ones_like(x[0]), None, 1e-6, True))
+
+
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32])
 @pytest.mark.parametrize("rms", [True, False])
 def test_triton_norm_adds_the_residual(dtype, rms):

@@ -86,6 +86,24 @@ def test_gather_axpy_last_split_sums_deterministically(programs_per_sm):
 
 
 @pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("n,k,ties", [(28672, 2867, False), (36864, 3686, False), (49152, 1, False), (56, 24, False),
+                                      (1000, 1000, False), (300, 7, True), (5000, 2500, True), (3000, 1500, True)])
+def test_topk_indices(dtype, n, k, ties):
+    """The radix-select kernels keep exactly the k largest scores (ties at the threshold: the
+    lowest indices), each index once, in ascending order; negative, zero and tied scores included."""
+    from dejavu.kernels.triton_topk import topk_indices
+    g = gen()
+    s = randn(n, g=g) * 3
+    s = (s.round() + 0.0 if ties else s).to(dtype)  # + 0.0: no -0.0, which ranks below +0.0 here
+    idx = topk_indices(s, k)
+    assert idx.shape == (k,) and idx.dtype == torch.int64
+    assert (idx.diff() > 0).all(), "indices not ascending or repeated"
+    assert torch.equal(s[idx].float().sort(descending=True).values, s.float().topk(k).values)
+    t = s[idx].min()  # at the threshold value, the lowest indices are the ones taken
+    assert torch.equal(idx[s[idx] == t], (s == t).nonzero().squeeze(-1)[:int((s[idx] == t).sum())])
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
 @pytest.mark.parametrize("act,n_in,bias", [("silu", 2, False), ("gelu_tanh", 2, False), ("relu", 1, True),
                                            ("silu", 2, True), ("relu", 1, False)])
 @pytest.mark.parametrize("n,d,m", [(1000, 576, 37), (4133, 1000, 1500), (300, 4096, 300)])

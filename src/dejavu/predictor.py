@@ -46,8 +46,7 @@ class LowRank(nn.Module):
     def forward(self, x):
         dtype = self.down.weight.dtype
         if x.is_cuda and x.dtype == dtype and not torch.is_grad_enabled() and kernels.norm_kernels() is not None:
-            ones = torch.ones(x.shape[-1], device=x.device, dtype=dtype)  # one fused kernel, same rounding
-            xn = kernels.norm_kernels().norm(x, ones, None, 1e-6, rms=True)
+            xn = kernels.norm_kernels().norm(x, None, None, 1e-6, rms=True)  # one fused kernel, same rounding
         else:
             xf = x.float()
             xn = (xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + 1e-6)).to(dtype)

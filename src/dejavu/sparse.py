@@ -304,7 +304,7 @@ class Gathered(Selection):
         self.side_stream.wait_stream(main)
         with torch.cuda.stream(self.side_stream):
             for kind, t, scores, ks in jobs:
-                idx = scores().reshape(-1).topk(ks[t], sorted=False).indices
+                idx = kernels.topk_indices(scores().reshape(-1), ks[t])
                 done = torch.cuda.Event()
                 done.record()
                 self.ahead[kind, t] = (idx, done)
@@ -325,7 +325,7 @@ class Gathered(Selection):
         if scores.numel() == scores.shape[-1]:  # one token: its top-k, a fixed size (no host sync)
             self.kept[kind][0] += k
             self.kept[kind][1] += scores.shape[-1]
-            return scores.reshape(-1).topk(k, sorted=False).indices
+            return kernels.topk_indices(scores.reshape(-1), k)
         if self.cap is not None:  # a batch, fixed size (no host sync)
             s = scores.flatten(0, -2).float()
             best = s.amax(0)

@@ -13,7 +13,7 @@ import triton.language as tl
 
 @triton.jit
 def _norm_kernel(x_ptr, r_ptr, sum_ptr, w_ptr, b_ptr, out_ptr, N, eps, stride_x, stride_r, stride_o,
-                 RMS: tl.constexpr, HAS_BIAS: tl.constexpr, HAS_RESIDUAL: tl.constexpr, BLOCK: tl.constexpr):
+                 RMS: tl.constexpr, HAS_WEIGHT: tl.constexpr, HAS_BIAS: tl.constexpr, HAS_RESIDUAL: tl.constexpr, BLOCK: tl.constexpr):
     row = tl.program_id(0)
     offs = tl.arange(0, BLOCK)
     mask = offs < N
@@ -23,15 +23,15 @@ def _norm_kernel(x_ptr, r_ptr, sum_ptr, w_ptr, b_ptr, out_ptr, N, eps, stride_x,
         x = x.to(sum_ptr.dtype.element_ty)
         tl.store(sum_ptr + row * stride_o + offs, x, mask=mask)
     x = x.to(tl.float32)
-    w = tl.load(w_ptr + offs, mask=mask, other=0.0)
+    w = tl.load(w_ptr + offs, mask=mask, other=0.0) if HAS_WEIGHT else 1.0
     if RMS:
         rstd = 1.0 / tl.sqrt(tl.sum(x * x, axis=0) / N + eps)
-        y = (x * rstd).to(out_ptr.dtype.element_ty).to(tl.float32) * w.to(tl.float32)
+        y = (x * rstd).to(out_ptr.dtype.element_ty).to(tl.float32) * w
     else:
         mean = tl.sum(x, axis=0) / N
         xc = tl.where(mask, x - mean, 0.0)
         rstd = 1.0 / tl.sqrt(tl.sum(xc * xc, axis=0) / N + eps)
-        y = xc * rstd * w.to(tl.float32)
+        y = xc * rstd * w
         if HAS_BIAS:
             y += tl.load(b_ptr + offs, mask=mask, other=0.0).to(tl.float32)
     tl.store(out_ptr + row * stride_o + offs, y.to(out_ptr.dtype.element_ty), mask=mask)
@@ -42,17 +42,17 @@ def _rows(x: torch.Tensor) -> torch.Tensor:
     return x2 if x2.stride(-1) == 1 else x2.contiguous()
 
 
-def norm(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, eps: float, rms: bool,
+def norm(x: torch.Tensor, weight: torch.Tensor | None, bias: torch.Tensor | None, eps: float, rms: bool,
          residual: torch.Tensor | None = None):
-    """norm(x), or with a residual (x + residual, norm(x + residual))."""
+    """norm(x), or with a residual (x + residual, norm(x + residual)). weight None: no scale."""
     x2 = _rows(x)
     r2 = _rows(residual) if residual is not None else x2
     out = torch.empty(x2.shape, device=x.device, dtype=x.dtype)
     total = torch.empty_like(out) if residual is not None else out
     N = x2.shape[1]
     block = triton.next_power_of_2(N)
-    _norm_kernel[(x2.shape[0],)](x2, r2, total, weight, bias if bias is not None else weight, out, N, eps, x2.stride(0),
-                                 r2.stride(0), out.stride(0), RMS=rms, HAS_BIAS=bias is not None,
+    _norm_kernel[(x2.shape[0],)](x2, r2, total, weight, bias, out, N, eps, x2.stride(0),
+                                 r2.stride(0), out.stride(0), RMS=rms, HAS_WEIGHT=weight is not None, HAS_BIAS=bias is not None,
                                  HAS_RESIDUAL=residual is not None, BLOCK=block, num_warps=min(16, max(1, block // 512)))
     if residual is None:
         return out.view(x.shape)

@@ -1,0 +1,101 @@
+"""Top-k indices of one score vector: the batch-1 selection of the decode step, in 3 kernels
+(bf16/fp16; 5 for fp32). torch.topk on 28672 scores (OPT-30B's neurons) is a chain of ~8 small
+kernels taking ~31 us; on the side stream that chain outlasts the layer's attention and sits on
+the critical path (docs/perf-notes.md).
+
+Radix select, 8 bits of an order-preserving key per pass, every pass spread over programs of
+CHUNK scores. Pass p: each program rebuilds the key prefix that passes 0..p-1 fixed (from their
+per-program histograms, a few KB), then stores the 256-bin histogram of digit p among its keys
+that share that prefix. No atomics, nothing to reset between calls. The last kernel rebuilds the
+threshold key T, keeps every key above T and as many equal to T as are still wanted (lowest
+index first), and writes each kept index at its rank: the program's offset (kept keys in
+programs before it, from the same histograms) plus a prefix sum within the program. So indices
+come out in ascending order and the result is deterministic."""
+from __future__ import annotations
+
+import torch
+import triton
+import triton.language as tl
+
+CHUNK = 1024
+
+
+@triton.jit
+def _keys(s_ptr, offs, valid, KEY_BITS: tl.constexpr):
+    """Unsigned keys ordered as the scores: a negative float has every bit flipped, a positive one its sign."""
+    if KEY_BITS == 16:
+        bits = tl.load(s_ptr + offs, mask=valid, other=0.0).to(tl.int16, bitcast=True).to(tl.int32) & 0xFFFF
+        key = (bits ^ tl.where(bits >= 0x8000, 0xFFFF, 0x8000)).to(tl.uint32)
+    else:
+        bits = tl.load(s_ptr + offs, mask=valid, other=0.0).to(tl.uint32, bitcast=True)
+        key = bits ^ ((bits.to(tl.int32, bitcast=True) >> 31).to(tl.uint32, bitcast=True) | 0x80000000)
+    return key
+
+
+@triton.jit
+def _threshold(hist_ptr, k, G, pid, PASSES: tl.constexpr, G_BLOCK: tl.constexpr):
+    """From the histograms of passes 0..PASSES-1: the key prefix they fixed, how many keys with
+    exactly that prefix are still wanted, and, in programs before pid, how many keys lie above the
+    prefix and how many share it."""
+    rows = tl.arange(0, G_BLOCK)[:, None]
+    bins = tl.arange(0, 256)
+    prefix = tl.program_id(0).to(tl.uint32) * 0
+    want = k
+    above_before = 0
+    equal_before = 0
+    for q in tl.static_range(PASSES):
+        h = tl.load(hist_ptr + (q * G + rows) * 256 + bins[None, :], mask=rows < G, other=0)  # [G_BLOCK, 256]
+        total = tl.sum(h, 0)
+        digit = tl.max(tl.where(tl.cumsum(total, 0, reverse=True) >= want, bins, 0), 0)
+        want -= tl.sum(tl.where(bins > digit, total, 0), 0)
+        earlier = rows < pid
+        above_before += tl.sum(tl.sum(tl.where(earlier & (bins[None, :] > digit), h, 0), 1), 0)
+        equal_before = tl.sum(tl.sum(tl.where(earlier & (bins[None, :] == digit), h, 0), 1), 0)
+        prefix = (prefix << 8) | digit.to(tl.uint32)
+    return prefix, want, above_before, equal_before
+
+
+@triton.jit
+def _radix_pass_kernel(s_ptr, hist_ptr, n, k, G, PASS: tl.constexpr, KEY_BITS: tl.constexpr,
+                       CHUNK: tl.constexpr, G_BLOCK: tl.constexpr):
+    pid = tl.program_id(0)
+    offs = pid * CHUNK + tl.arange(0, CHUNK)
+    valid = offs < n
+    key = _keys(s_ptr, offs, valid, KEY_BITS)
+    match = valid
+    if PASS > 0:
+        prefix, _, _, _ = _threshold(hist_ptr, k, G, pid, PASS, G_BLOCK)
+        match = valid & ((key >> (KEY_BITS - 8 * PASS)) == prefix)
+    digit = ((key >> (KEY_BITS - 8 * (PASS + 1))) & 255).to(tl.int32)
+    tl.store(hist_ptr + (PASS * G + pid) * 256 + tl.arange(0, 256), tl.histogram(digit, 256, mask=match))
+
+
+@triton.jit
+def _radix_write_kernel(s_ptr, hist_ptr, out_ptr, n, k, G, KEY_BITS: tl.constexpr, CHUNK: tl.constexpr,
+                        G_BLOCK: tl.constexpr):
+    pid = tl.program_id(0)
+    offs = pid * CHUNK + tl.arange(0, CHUNK)
+    valid = offs < n
+    key = _keys(s_ptr, offs, valid, KEY_BITS)
+    t, want, above_before, equal_before = _threshold(hist_ptr, k, G, pid, KEY_BITS // 8, G_BLOCK)
+    equal = valid & (key == t)
+    keep = valid & ((key > t) | (equal & (equal_before + tl.cumsum(equal.to(tl.int32), 0) <= want)))
+    pos = above_before + tl.minimum(equal_before, want) + tl.cumsum(keep.to(tl.int32), 0) - 1
+    tl.store(out_ptr + pos, offs.to(tl.int64), mask=keep)
+
+
+def topk_indices(scores: torch.Tensor, k: int) -> torch.Tensor:
+    """scores [n] (one token's, on CUDA) -> int64 [k]: the indices of its k largest, ascending.
+    Ties at the threshold go to the lowest indices; -0.0 ranks below +0.0."""
+    n = scores.numel()
+    assert scores.dim() == 1 and 0 < k <= n, f"topk_indices: 1-D scores and 0 < k <= n, got {tuple(scores.shape)}, k={k}"
+    key_bits = 16 if scores.dtype in (torch.bfloat16, torch.float16) else 32
+    chunk = min(CHUNK, triton.next_power_of_2(n))
+    G = triton.cdiv(n, chunk)
+    hist = torch.empty(key_bits // 8, G, 256, device=scores.device, dtype=torch.int32)
+    out = torch.empty(k, device=scores.device, dtype=torch.int64)
+    common = dict(KEY_BITS=key_bits, CHUNK=chunk, G_BLOCK=triton.next_power_of_2(G), num_warps=4)
+    for p in range(key_bits // 8):
+        _radix_pass_kernel[(G,)](scores, hist, n, k, G, PASS=p, **common)
+    _radix_write_kernel[(G,)](scores, hist, out, n, k, G, **common)
+    return out
