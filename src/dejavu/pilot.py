@@ -242,14 +242,14 @@ def calibrate(model, calib, folder: Path, s: PilotSettings) -> dict:
     if len(calib) < 4096:
         raise DejavuError(f"only {len(calib)} calibration tokens; the predictors need at least 4096")
     record(model, calib, rec, progress=s.progress)
-    preds = train(model, rec, TrainSettings(epochs=s.epochs), progress=s.progress)
+    preds = train(model, rec, TrainSettings(epochs=s.epochs), progress=s.progress, stream=calib)
     preds.save(folder)
     shutil.rmtree(rec)
     return dict(folder=str(folder), reused=False, calibration_tokens=len(calib), meta=summarize_meta(preds.meta))
 
 
 def summarize_meta(meta: dict) -> dict:
-    keep = ("mlp_rank", "head_rank", "lookahead", "training", "settings", "metrics")
+    keep = ("mlp_rank", "head_rank", "lookahead", "training", "settings", "metrics", "head_tuning")
     return {k: meta.get(k) for k in keep}
 
 
