@@ -21,6 +21,7 @@ import openai
 import pytest
 
 MODEL = "smollm2-135m"
+LONG = {"ignore_eos": True}  # requests that must run long: sampled text may end at once (p(EOS) ~ 0.2 here)
 KEY, TIGHT_KEY = "main-test-key", "tight-test-key"
 PROMPTS = ["The capital of France is", "Water boils at a temperature of", "The first president of the United States",
            "Once upon a time, in a small village,", "The chemical symbol for gold is", "def fibonacci(n):",
@@ -224,11 +225,12 @@ def test_full_queue_answers_429_and_disconnects_cancel(servers):
     url, c = servers["tight"], client(servers["tight"], TIGHT_KEY)
     m = lambda name: metric(url, name, TIGHT_KEY)
     before = m('dejavu_cancelled_requests_total{reason="disconnect"}')
-    running = c.completions.create(model=MODEL, prompt="Tell me a long story.", max_tokens=200, stream=True)
+    running = c.completions.create(model=MODEL, prompt="Tell me a long story.", max_tokens=200, stream=True,
+                                   extra_body=LONG)
     next(iter(running))
     waiting = []
     threading.Thread(target=lambda: waiting.append(c.completions.create(
-        model=MODEL, prompt="Another long story.", max_tokens=200, stream=True)), daemon=True).start()
+        model=MODEL, prompt="Another long story.", max_tokens=200, stream=True, extra_body=LONG)), daemon=True).start()
     wait_for(lambda: m("dejavu_queue_length") == 1)
     with pytest.raises(openai.RateLimitError, match="busy"):
         c.completions.create(model=MODEL, prompt="One more", max_tokens=4)
@@ -241,7 +243,8 @@ def test_full_queue_answers_429_and_disconnects_cancel(servers):
 
     # a non-streaming client that gives up is cancelled too
     with pytest.raises(openai.APITimeoutError):
-        client(url, TIGHT_KEY, timeout=1.0).completions.create(model=MODEL, prompt="Go on and on", max_tokens=300)
+        client(url, TIGHT_KEY, timeout=1.0).completions.create(model=MODEL, prompt="Go on and on", max_tokens=300,
+                                                               extra_body=LONG)
     wait_for(lambda: m('dejavu_cancelled_requests_total{reason="disconnect"}') == before + 3)
     wait_for(lambda: m("dejavu_running_requests") == 0)
     assert m('dejavu_achieved_density{part="mlp"}') < 0.6  # this server decodes sparse
@@ -252,7 +255,7 @@ def test_request_timeout_is_a_504_and_the_server_goes_on(servers):
     url = servers["tight"]
     t = time.monotonic()
     with pytest.raises(openai.InternalServerError, match="timed out after 4 s") as e:
-        client(url, TIGHT_KEY).completions.create(model=MODEL, prompt="Go on and on", max_tokens=500)
+        client(url, TIGHT_KEY).completions.create(model=MODEL, prompt="Go on and on", max_tokens=500, extra_body=LONG)
     assert e.value.status_code == 504 and time.monotonic() - t < 10
     assert "Paris" in greedy(client(url, TIGHT_KEY), "The capital of France is")
 

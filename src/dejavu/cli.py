@@ -94,8 +94,14 @@ def cmd_generate(args):
               f"per checked draft {s.alpha:.1%}), {s.rounds} rounds, mean draft length {s.mean_draft_length:.2f}]",
               file=sys.stderr)
     elif sparsity is not None:
-        print(f"[sparse decode: achieved MLP density {sparsity.density('mlp'):.3f}, attention density "
-              f"{sparsity.density('attn'):.3f} (union over the batch); prefill ran dense]", file=sys.stderr)
+        dens = {name: sparsity.density(kind) for name, kind in (("MLP", "mlp"), ("attention", "attn"))}
+        if all(d is None for d in dens.values()):  # the first new token ended the text: no decode step
+            print("[sparse decode: no decode step ran (the first new token ended the text); prefill ran dense]",
+                  file=sys.stderr)
+        else:
+            print("[sparse decode: achieved " + ", ".join(f"{n} density {d:.3f}" if d is not None else f"{n} dense"
+                                                          for n, d in dens.items())
+                  + " (union over the batch); prefill ran dense]", file=sys.stderr)
 
 
 def guard_from_args(model, sparsity, args):

@@ -70,6 +70,7 @@ class Sampling(Strict):
     stop: str | list[str] | None = None
     seed: int | None = None
     user: str | None = None
+    ignore_eos: bool = False  # an extension (as vLLM's): run to max_tokens, for load tests and benchmarks
 
 
 class CompletionRequest(Sampling):
@@ -460,7 +461,7 @@ def create_app(loaded, engine: Engine, settings: Settings) -> FastAPI:
             raise ApiError(400, f"max_tokens {max_tokens} exceeds {why}", param="max_tokens")
         fault = req.user if settings.test_faults and req.user in (FAULT_NAN, FAULT_RAISE) else None
         return Job(prompt=prompt, max_tokens=max_tokens or limit, temperature=req.temperature, top_p=req.top_p,
-                   stop_ids=stop_ids, deliver=None, seed=req.seed, fault=fault)
+                   stop_ids=set() if req.ignore_eos else stop_ids, deliver=None, seed=req.seed, fault=fault)
 
     async def events(request: Request, job: Job):
         """The job's events, until its end. Stops the job when the client goes away, when the
