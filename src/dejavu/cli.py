@@ -278,6 +278,7 @@ def cmd_analyze(args):
     from pathlib import Path
     from . import analyze
     from .evaluate import perplexity
+    from .predictor import HEAD_DENSITIES
     from .sparse import StaticSelector
     loaded = load_from_args(args)
     tok = need_tokenizer(loaded)
@@ -299,7 +300,7 @@ def cmd_analyze(args):
     print(f"  dense perplexity {dense:.2f}")
     sels = analyze.selectors(model, preds, static)
     attn_d = args.attn_densities or [round(k / model.cfg.n_heads, 3) for k in
-                                     sorted({max(1, round(f * model.cfg.n_heads)) for f in (0.78, 0.67, 0.56)},
+                                     sorted({max(1, round(f * model.cfg.n_heads)) for f in HEAD_DENSITIES},
                                             reverse=True)]
     mlp_d = args.mlp_densities
     if len(attn_d) != len(mlp_d):  # 'both' pairs them in order

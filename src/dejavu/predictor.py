@@ -84,7 +84,8 @@ class TrainSettings:
     tune_lr: float = 3e-4
 
 
-TUNE_HEAD_DENSITIES = (0.56, 0.67, 0.78)  # each tuning batch runs at one of these, drawn at random
+# Head densities `dejavu analyze` reports by default and head tuning trains at (a batch at one, drawn at random)
+HEAD_DENSITIES = (0.78, 0.67, 0.56)
 
 
 def _fit(net: nn.Module, x: torch.Tensor, loss_fn, epochs: int, batch: int, lr: float, gen: torch.Generator):
@@ -173,7 +174,7 @@ def tune_heads(model: Transformer, nets: list[LowRank], lookahead: bool, stream:
     from .sparse import Masked, topk_mask
     cfg, window, batch = model.cfg, min(256, model.cfg.max_seq_len), 4
     chunks = stream[:min(len(stream), settings.tune_tokens) // window * window].view(-1, window).to(model.device)
-    ks = sorted({units_for(d, cfg.n_heads) for d in TUNE_HEAD_DENSITIES} - {cfg.n_heads})
+    ks = sorted({units_for(d, cfg.n_heads) for d in HEAD_DENSITIES} - {cfg.n_heads})
     if len(chunks) < batch or not ks:
         return None
     frozen = [(p, p.requires_grad) for p in model.parameters()]
@@ -219,8 +220,8 @@ def tune_heads(model: Transformer, nets: list[LowRank], lookahead: bool, stream:
         bar.close()
         for p, g in frozen:
             p.requires_grad_(g)
-    for i, n in enumerate(nets):
-        nets[i] = n.cpu().eval()
+    for n in nets:  # moved in place: the caller's modules, back on the CPU
+        n.cpu().eval()
     first, last = kls[:max(1, len(kls) // 4)], kls[-max(1, len(kls) // 4):]
     return dict(tokens=len(chunks) * window, epochs=settings.tune_epochs, steps=len(kls), head_counts=ks,
                 kl_per_token_first_quarter=round(sum(first) / len(first), 4),
