@@ -2,7 +2,7 @@
 import pytest
 
 from dejavu.data import read_text_files, task_files, wiki_articles, wiki_split
-from dejavu.load import DejavuError
+from dejavu.errors import DejavuError
 
 
 def test_wiki_articles_are_clean_prose():

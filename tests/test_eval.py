@@ -6,7 +6,7 @@ from lm_eval.api.instance import Instance
 
 from dejavu.cli import main
 from dejavu.lm_eval_adapter import DejavuLM, run_eval
-from dejavu.load import DejavuError
+from dejavu.errors import DejavuError
 
 
 def request(kind, *args):

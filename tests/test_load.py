@@ -5,7 +5,8 @@ import pytest
 import torch
 from transformers import AutoModelForCausalLM, GPT2Config, OPTConfig
 
-from dejavu.load import DejavuError, config_from_hf, hf_config_for_preset, load, PRESETS
+from dejavu.errors import DejavuError
+from dejavu.load import config_from_hf, hf_config_for_preset, load, PRESETS
 from test_model import random_pair
 
 

@@ -293,7 +293,7 @@ def test_a_failing_request_fails_alone(servers, single):
 
 
 def test_bad_predictors_stop_the_server_at_start_up(tmp_path):
-    from dejavu.load import DejavuError  # noqa: F401  (the message comes through the CLI)
+    from dejavu.errors import DejavuError  # noqa: F401  (the message comes through the CLI)
     from test_model import random_pair
     from test_sparse import quick_predictors
     other, _ = random_pair("llama-gqa")

@@ -6,7 +6,7 @@ import torch
 import torch.nn.functional as F
 
 from dejavu.collect import load_layer, read_manifest, record
-from dejavu.load import DejavuError
+from dejavu.errors import DejavuError
 from dejavu.predictor import Predictors, PredictorSelector, TrainSettings, selection_metrics, train
 from dejavu.sparse import GateSelector, Masked, OracleSelector, Recorder, StaticSelector, head_importance
 from test_model import random_pair

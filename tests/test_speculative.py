@@ -1,6 +1,5 @@
 """Lossless mode (speculative.py): the sparse model drafts, the dense model verifies; the output
 is the dense model's (greedy: token for token; sampling: in distribution)."""
-from pathlib import Path
 
 import pytest
 import torch
@@ -8,26 +7,27 @@ from scipy.stats import chisquare
 from transformers import AutoModelForCausalLM, LlamaConfig
 
 from dejavu.cli import main
-from dejavu.generate import GenerationStats, generate, generate_ids, probabilities
+from dejavu.generate import GenerationStats, generate, generate_ids
+from dejavu.sampling import probabilities
 from dejavu.kernels import cpu as cpu_kernels
-from dejavu.load import DejavuError, from_hf_model, load
+from dejavu.errors import DejavuError
+from dejavu.load import from_hf_model, load
 from dejavu.predictor import Predictors, default_selectors
 from dejavu.sparse import Gathered, GateSelector, Masked, StaticSelector
-from dejavu.speculative import DraftLength, SpeculativeDecoder, expected_tokens
+from dejavu.speculative import DraftLength, SpeculativeDecoder, expected_tokens, generate_lossless
 from test_sparse import quick_predictors
 
-TRAINED = Path("runs/smollm2-135m/predictors")
 PROMPTS = ["The history of the city of Paris", "def fibonacci(n):\n    ", "Photosynthesis is the process"]
 
 
 @pytest.fixture(scope="module")
 def smol(tmp_path_factory):
-    """SmolLM2 with its trained predictors if this checkout has them, else quick ones (CI)."""
+    """SmolLM2 with quick predictors trained here: never a checkout's runs/ folder, so CI and a
+    developer's machine test the same thing."""
     loaded = load("smollm2-135m")
-    folder = TRAINED
-    if not (TRAINED / "predictors.json").exists():
-        folder = tmp_path_factory.mktemp("preds")
-        quick_predictors(loaded.model, folder / "recording").save(folder)
+    folder = tmp_path_factory.mktemp("preds")
+    quick_predictors(loaded.model, folder / "recording").save(folder)
+    assert "runs" not in folder.parts
     return loaded, folder
 
 
@@ -45,8 +45,8 @@ def test_greedy_lossless_is_dense_greedy_over_long_generations(smol):
     for i, text in enumerate(PROMPTS):
         ids = tok(text).input_ids
         stats = GenerationStats()
-        out = generate_ids(model, [ids], 200, sparsity=smol_draft(loaded, folder, 0.3, 0.56), lossless=True,
-                           draft_tokens=3, stats=stats)[0]
+        out = [int(t) for t in generate_lossless(model, [ids], 200, smol_draft(loaded, folder, 0.3, 0.56),
+                                                 draft_tokens=3, stats=stats)]
         assert len(out) == 200
         assert 0 < stats.lossless.accepted < stats.lossless.drafted  # drafts were both kept and rejected
         with torch.no_grad():
@@ -135,8 +135,8 @@ def test_sampled_distribution_is_dense(tiny, torch_reference, temperature, top_p
     lossless, kept, drafted = [], 0, 0
     for seed in range(n):
         stats = GenerationStats()
-        steps = generate(model, [prompt], 3, temperature=temperature, top_p=top_p, seed=seed, sparsity=gathered(),
-                         lossless=True, draft_tokens=2, stats=stats)
+        steps = generate_lossless(model, [prompt], 3, gathered(), temperature=temperature, top_p=top_p, seed=seed,
+                                  draft_tokens=2, stats=stats)
         lossless.append(torch.cat(list(steps)))
         kept, drafted = kept + stats.lossless.accepted, drafted + stats.lossless.drafted
     assert 0.2 < kept / drafted < 0.9  # both paths are exercised often
@@ -174,11 +174,11 @@ def test_rejected_drafts_leave_no_trace(tiny, torch_reference):
 def test_bad_requests_are_refused(tiny):
     model, gathered, _ = tiny
     with pytest.raises(DejavuError, match="one prompt at a time"):
-        list(generate(model, [[1, 2], [3, 4]], 4, sparsity=gathered(), lossless=True))
+        list(generate_lossless(model, [[1, 2], [3, 4]], 4, gathered()))
     with pytest.raises(DejavuError, match="needs a sparse draft"):
-        list(generate(model, [[1, 2]], 4, lossless=True))
+        list(generate_lossless(model, [[1, 2]], 4, None))
     with pytest.raises(DejavuError, match="at least 1"):
-        list(generate(model, [[1, 2]], 4, sparsity=gathered(), lossless=True, draft_tokens=0))
+        list(generate_lossless(model, [[1, 2]], 4, gathered(), draft_tokens=0))
 
 
 def test_draft_length_follows_acceptance_and_cost():

@@ -15,7 +15,7 @@ import torch.distributed as dist
 import torch.multiprocessing as mp
 
 from dejavu import tp
-from dejavu.load import DejavuError
+from dejavu.errors import DejavuError
 from dejavu.predictor import PredictorSelector, random_predictors
 from dejavu.sparse import Gathered, Masked
 

@@ -7,7 +7,8 @@ import time
 
 import torch
 
-from .load import DEFAULT_MODEL, PRESETS, DejavuError
+from .errors import DejavuError
+from .load import DEFAULT_MODEL, PRESETS
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
@@ -62,10 +63,14 @@ def cmd_generate(args):
         raise DejavuError(f"--lossless decodes one prompt at a time, got {len(ids)} --prompt: give one")
     sparsity = sparse_decoder(loaded.model, args) if args.sparse or args.lossless else None
     guard = guard_from_args(loaded.model, sparsity, args) if args.sparse and not args.lossless else None
-    steps = generate(loaded.model, ids, args.max_new_tokens, temperature=args.temperature, top_p=args.top_p,
-                     eos_id=tok.eos_token_id, pad_id=tok.pad_token_id or 0, seed=args.seed, stats=stats,
-                     sparsity=None if guard else sparsity, guard=guard, lossless=args.lossless,
-                     draft_tokens=args.draft_tokens)
+    if args.lossless:
+        from .speculative import generate_lossless
+        steps = generate_lossless(loaded.model, ids, args.max_new_tokens, sparsity, args.temperature, args.top_p,
+                                  tok.eos_token_id, args.seed, stats, args.draft_tokens)
+    else:
+        steps = generate(loaded.model, ids, args.max_new_tokens, temperature=args.temperature, top_p=args.top_p,
+                         eos_id=tok.eos_token_id, pad_id=tok.pad_token_id or 0, seed=args.seed, stats=stats,
+                         sparsity=None if guard else sparsity, guard=guard)
     outs: list[list[int]] = [[] for _ in prompts]
     printed = ""
     for nxt in steps:

@@ -23,7 +23,7 @@ from safetensors import safe_open
 from safetensors.torch import save_file
 from tqdm import tqdm
 
-from .load import DejavuError
+from .errors import DejavuError
 from .model import Transformer
 from .sparse import Recorder
 

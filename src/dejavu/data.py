@@ -13,7 +13,7 @@ import importlib.util
 import re
 from pathlib import Path
 
-from .load import DejavuError
+from .errors import DejavuError
 
 WIKI_FILE = "enwiki-latest-pages-articles1.xml-p000000010p000030302-shortened.bz2"
 HELDOUT_EVERY = 8      # about 1/8 of the articles are evaluation text

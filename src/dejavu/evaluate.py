@@ -8,7 +8,7 @@ import torch
 import torch.nn.functional as F
 from tqdm import tqdm
 
-from .load import DejavuError
+from .errors import DejavuError
 from .model import Transformer
 
 

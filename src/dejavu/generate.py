@@ -1,4 +1,4 @@
-"""Prefill and decode over the static KV cache: greedy and temperature/top-p sampling."""
+"""Prefill and decode over the static KV cache, one step at a time (sampling.py picks the tokens)."""
 from __future__ import annotations
 
 import time
@@ -8,27 +8,7 @@ from dataclasses import dataclass
 import torch
 
 from .model import Transformer
-
-
-def probabilities(logits: torch.Tensor, temperature: float, top_p: float = 1.0) -> torch.Tensor:
-    """logits [..., V] -> the sampling distribution [..., V] (temperature > 0), normalized."""
-    probs = torch.softmax(logits.float() / temperature, dim=-1)
-    if top_p < 1.0:
-        sorted_p, order = probs.sort(dim=-1, descending=True)
-        outside = sorted_p.cumsum(dim=-1) - sorted_p > top_p  # keep the smallest prefix reaching top_p
-        sorted_p = sorted_p.masked_fill(outside, 0.0)
-        probs = torch.zeros_like(probs).scatter_(-1, order, sorted_p)
-        probs = probs / probs.sum(dim=-1, keepdim=True)
-    return probs
-
-
-def sample(logits: torch.Tensor, temperature: float = 0.0, top_p: float = 1.0,
-           generator: torch.Generator | None = None) -> torch.Tensor:
-    """logits [B, V] -> next tokens [B]. temperature 0 is greedy."""
-    if temperature <= 0:
-        return logits.argmax(dim=-1)
-    probs = probabilities(logits, temperature, top_p)
-    return torch.multinomial(probs, 1, generator=generator).squeeze(-1)
+from .sampling import sample
 
 
 def left_pad(prompts: list[list[int]], pad_id: int) -> tuple[torch.Tensor, torch.Tensor]:
@@ -58,23 +38,16 @@ class GenerationStats:
 @torch.inference_mode()
 def generate(model: Transformer, prompts: list[list[int]], max_new_tokens: int, temperature: float = 0.0,
              top_p: float = 1.0, eos_id: int | None = None, pad_id: int = 0, seed: int | None = None,
-             stats: GenerationStats | None = None, sparsity=None, lossless: bool = False,
-             draft_tokens: int | None = None, guard=None) -> Iterator[torch.Tensor]:
+             stats: GenerationStats | None = None, sparsity=None, guard=None) -> Iterator[torch.Tensor]:
     """Yields the next token of every sequence [B] per step; finished rows repeat eos_id.
 
     Prompts of different lengths are left-padded; the cache masks the padding. With
     `sparsity` (sparse.Gathered or Masked) the decode steps run sparse; the prefill stays
-    dense, so the KV cache of the prompt is exact. With `lossless`, `sparsity` only drafts
-    and the dense model verifies: the dense model's output (speculative.py; batch 1;
-    draft_tokens: a fixed number of drafts per round, None adapts it). With `guard`
+    dense, so the KV cache of the prompt is exact (lossless mode, where the sparse model
+    only drafts: speculative.generate_lossless). With `guard`
     (guard.Guard, which holds its own sparse decoder) the decode steps run sparse with
     sampled dense checks and fall back to dense when they disagree.
     """
-    if lossless:
-        from .speculative import generate_lossless
-        yield from generate_lossless(model, prompts, max_new_tokens, sparsity, temperature, top_p, eos_id, seed,
-                                     stats, draft_tokens)
-        return
     tokens, pad = left_pad(prompts, pad_id)
     B, T = tokens.shape
     total = T + max_new_tokens

@@ -33,7 +33,7 @@ from dataclasses import asdict, dataclass, field, replace
 import torch
 import torch.nn.functional as F
 
-from .load import DejavuError
+from .errors import DejavuError
 from .model import Transformer
 from .predictor import selection_metrics
 from .sparse import Gathered, Masked, Selection, head_importance, neuron_importance, neuron_norms

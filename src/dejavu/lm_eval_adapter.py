@@ -7,17 +7,13 @@ about speed (gathered decode is measured by `dejavu bench`).
 """
 from __future__ import annotations
 
-import os
-
-os.environ.setdefault("HF_DATASETS_OFFLINE", "1")  # task data are local files; never reach for the hub
-os.environ.setdefault("HF_HUB_OFFLINE", "1")
-
 from unittest import mock
 
 import torch
 import torch.nn.functional as F
 from tqdm import tqdm
 
+import datasets.config
 import lm_eval
 import lm_eval.evaluator
 from lm_eval.api.model import TemplateLM
@@ -125,8 +121,12 @@ def run_eval(model: Transformer, tokenizer, tasks: list[str], limit: int | None 
     manager = TaskManager(include_path=str(task_dir(names)), include_defaults=False)
     # simple_evaluate also records `git describe` of the working directory and torch's
     # collect_env (seconds of subprocesses); neither says anything about this run
+    # The task data are local files: datasets must not reach for the hub while it reads
+    # them (patched for this call only, not for the caller's process).
     with mock.patch.object(lm_eval.evaluator, "get_git_commit_hash", lambda: None), \
-            mock.patch.object(lm_eval.evaluator, "add_env_info", lambda results: None):
+            mock.patch.object(lm_eval.evaluator, "add_env_info", lambda results: None), \
+            mock.patch.object(datasets.config, "HF_HUB_OFFLINE", True), \
+            mock.patch.object(datasets.config, "HF_DATASETS_OFFLINE", True):
         res = lm_eval.simple_evaluate(model=lm, tasks=[lm_eval_name(t) for t in names], task_manager=manager,
                                       limit=limit, batch_size=batch_size, log_samples=False,
                                       bootstrap_iters=bootstrap_iters, verbosity="ERROR")

@@ -13,15 +13,10 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
-os.environ.setdefault("HF_HUB_OFFLINE", "1")  # never reach for a model hub at run time
-
 import torch
 
+from .errors import DejavuError
 from .model import ModelConfig, Transformer, init_synthetic_
-
-
-class DejavuError(Exception):
-    """An error the user can fix; the message names the problem and the fix."""
 
 
 DEFAULT_MODEL = "smollm2-135m"
@@ -223,8 +218,9 @@ def smollm2_folder(progress: bool = True) -> Path:
     if progress:
         print(f"dejavu: converting {SMOLLM2_GGUF} to safetensors in {folder} (once, about 25 s)",
               file=sys.stderr, flush=True)  # stderr: stdout is the command's output (generate's text)
-    tok = AutoTokenizer.from_pretrained(gguf_dir, gguf_file=SMOLLM2_GGUF)
-    hf = AutoModelForCausalLM.from_pretrained(gguf_dir, gguf_file=SMOLLM2_GGUF, dtype=torch.float32)
+    tok = AutoTokenizer.from_pretrained(gguf_dir, gguf_file=SMOLLM2_GGUF, local_files_only=True)
+    hf = AutoModelForCausalLM.from_pretrained(gguf_dir, gguf_file=SMOLLM2_GGUF, dtype=torch.float32,
+                                              local_files_only=True)
     hf.hf_quantizer = None  # weights are dequantized to fp32; save them as a plain checkpoint
     del hf.config.quantization_config
     tmp = folder.with_name(folder.name + f".tmp{os.getpid()}")
@@ -281,7 +277,7 @@ def load(name: str = DEFAULT_MODEL, dtype: torch.dtype | None = None, device: st
     if not (folder / "config.json").exists():
         raise DejavuError(f"{folder} has no config.json: it is not a Hugging Face model folder.")
     try:
-        hf_cfg = AutoConfig.from_pretrained(folder)
+        hf_cfg = AutoConfig.from_pretrained(folder, local_files_only=True)
     except Exception as e:
         raise DejavuError(f"cannot read {folder / 'config.json'} ({type(e).__name__}: {e}). "
                           "Fix: restore the file or point --model at an intact folder.") from None
@@ -289,8 +285,8 @@ def load(name: str = DEFAULT_MODEL, dtype: torch.dtype | None = None, device: st
         raise DejavuError("--layers applies to shape presets (synthetic weights) only")
     config_from_hf(hf_cfg, max_seq_len)  # unsupported architectures fail here, before reading weights
     try:
-        hf = AutoModelForCausalLM.from_pretrained(folder, dtype=dtype or torch.float32)
-        tok = AutoTokenizer.from_pretrained(folder)
+        hf = AutoModelForCausalLM.from_pretrained(folder, dtype=dtype or torch.float32, local_files_only=True)
+        tok = AutoTokenizer.from_pretrained(folder, local_files_only=True)
     except Exception as e:
         fix = (f"delete {folder} and rerun to convert again" if folder.is_relative_to(cache_root())
                else "restore the files or re-download the model")

@@ -32,7 +32,8 @@ import torch
 from tqdm import tqdm
 
 from . import bench
-from .load import DEFAULT_MODEL, DejavuError
+from .errors import DejavuError
+from .load import DEFAULT_MODEL
 
 # MLP density / attention density; 1.0 means that part runs dense
 POINTS = [(0.5, 1.0), (0.4, 1.0), (0.3, 1.0), (1.0, 0.67), (0.5, 0.67), (0.4, 0.67), (0.3, 0.67)]

@@ -27,7 +27,7 @@ from safetensors.torch import load_file, save_file
 from tqdm import tqdm
 
 from .collect import load_layer, model_fingerprint, read_manifest, split_shards
-from .load import DejavuError
+from .errors import DejavuError
 from . import kernels
 from .model import ModelConfig, Transformer
 from .sparse import units_for

@@ -39,8 +39,8 @@ from fastapi.responses import JSONResponse, PlainTextResponse, StreamingResponse
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, disable_created_metrics, generate_latest
 from pydantic import BaseModel, ConfigDict, Field
 
-from .generate import sample
-from .load import DejavuError
+from .sampling import sample
+from .errors import DejavuError
 
 # Test-only fault injection (`dejavu serve --test-faults`): a request whose `user` field is one of
 # these misbehaves on purpose, so tests can check that one bad request does not hurt the others.

@@ -23,7 +23,7 @@ import torch
 
 from . import kernels
 from .kernels import cpu as cpu_kernels
-from .load import DejavuError
+from .errors import DejavuError
 from .model import Transformer
 
 

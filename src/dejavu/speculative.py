@@ -19,7 +19,7 @@ it is the dense argmax). Slots after the last kept token still hold K/V of rejec
 attention reads slots < start_pos + T only, and the next round overwrites them before any
 query can see them, so a rejection leaves no trace.
 
-p and q go through the same temperature / top-p transform (generate.probabilities).
+p and q go through the same temperature / top-p transform (sampling.probabilities).
 k is fixed (draft_tokens=k) or chosen every round by DraftLength from the measured
 acceptance rate and the measured cost of a draft step and of a verification.
 Batch 1 only: rows of a batch accept different numbers of drafts, so their caches would
@@ -32,9 +32,10 @@ from dataclasses import dataclass, field
 
 import torch
 
-from .generate import GenerationStats, probabilities
-from .load import DejavuError
+from .errors import DejavuError
+from .generate import GenerationStats, generate
 from .model import Transformer
+from .sampling import probabilities
 
 
 @dataclass
@@ -260,7 +261,6 @@ def bench_lossless(model: Transformer, prompt: list[int], new_tokens: int, make_
     verifying, which say why it is or is not faster than dense."""
     import statistics
 
-    from .generate import generate
     variants = {"dense": {}, "sparse": dict(sparse=True), f"lossless k={k}": dict(lossless=True, draft_tokens=k),
                 "lossless adaptive": dict(lossless=True)}
     runs = {name: [] for name in variants}
@@ -268,9 +268,12 @@ def bench_lossless(model: Transformer, prompt: list[int], new_tokens: int, make_
     for r in range(rounds + 1):  # round 0: warm-up, not counted
         for name, kw in variants.items():
             stats = GenerationStats()
-            out = [int(t) for t in generate(model, [prompt], new_tokens if r else 8, stats=stats,
-                                            sparsity=make_draft() if kw else None, lossless=kw.get("lossless", False),
-                                            draft_tokens=kw.get("draft_tokens"))]
+            n = new_tokens if r else 8
+            if kw.get("lossless"):
+                steps = generate_lossless(model, [prompt], n, make_draft(), stats=stats, draft_tokens=kw.get("draft_tokens"))
+            else:
+                steps = generate(model, [prompt], n, stats=stats, sparsity=make_draft() if kw else None)
+            out = [int(t) for t in steps]
             if r:
                 runs[name].append(stats)
                 outputs[name] = out

