@@ -66,16 +66,16 @@ def cmd_generate(args):
     if args.lossless:
         from .speculative import generate_lossless
         steps = generate_lossless(loaded.model, ids, args.max_new_tokens, sparsity, args.temperature, args.top_p,
-                                  tok.eos_token_id, args.seed, stats, args.draft_tokens)
+                                  loaded.stop_ids, args.seed, stats, args.draft_tokens)
     else:
         steps = generate(loaded.model, ids, args.max_new_tokens, temperature=args.temperature, top_p=args.top_p,
-                         eos_id=tok.eos_token_id, pad_id=tok.pad_token_id or 0, seed=args.seed, stats=stats,
+                         eos_id=loaded.stop_ids, pad_id=tok.pad_token_id or 0, seed=args.seed, stats=stats,
                          sparsity=None if guard else sparsity, guard=guard)
     outs: list[list[int]] = [[] for _ in prompts]
     printed = ""
     for nxt in steps:
         for row, t in zip(outs, nxt.tolist()):
-            if not row or row[-1] != tok.eos_token_id:
+            if not row or row[-1] not in loaded.stop_ids:
                 row.append(t)
         if len(prompts) == 1:  # stream a single completion as it comes
             text = tok.decode(outs[0], skip_special_tokens=True)

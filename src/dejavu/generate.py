@@ -36,10 +36,16 @@ class GenerationStats:
 
 
 @torch.inference_mode()
+def stop_list(eos_id) -> list[int]:
+    """eos_id as a list: None, one id, or several (the first is what finished rows repeat)."""
+    return [] if eos_id is None else [int(eos_id)] if isinstance(eos_id, int) else [int(i) for i in eos_id]
+
+
 def generate(model: Transformer, prompts: list[list[int]], max_new_tokens: int, temperature: float = 0.0,
-             top_p: float = 1.0, eos_id: int | None = None, pad_id: int = 0, seed: int | None = None,
+             top_p: float = 1.0, eos_id: int | list[int] | tuple[int, ...] | None = None, pad_id: int = 0, seed: int | None = None,
              stats: GenerationStats | None = None, sparsity=None, guard=None) -> Iterator[torch.Tensor]:
-    """Yields the next token of every sequence [B] per step; finished rows repeat eos_id.
+    """Yields the next token of every sequence [B] per step; a row ends at any id of `eos_id`
+    (one id or several) and then repeats the first.
 
     Prompts of different lengths are left-padded; the cache masks the padding. With
     `sparsity` (sparse.Gathered or Masked) the decode steps run sparse; the prefill stays
@@ -67,12 +73,13 @@ def generate(model: Transformer, prompts: list[list[int]], max_new_tokens: int, 
         torch.cuda.synchronize()
     stats.prefill_seconds = time.perf_counter() - t0
     done = torch.zeros(B, dtype=torch.bool, device=model.device)
+    stops = torch.tensor(stop_list(eos_id), dtype=torch.long, device=model.device)
     if guard is not None:
         guard.begin()
     for step in range(max_new_tokens):
-        if eos_id is not None:
-            nxt = torch.where(done, torch.full_like(nxt, eos_id), nxt)
-            done |= nxt == eos_id
+        if len(stops):
+            nxt = torch.where(done, stops[0], nxt)
+            done |= torch.isin(nxt, stops)
         stats.new_tokens += 1
         yield nxt
         if step == max_new_tokens - 1 or bool(done.all()):
@@ -91,10 +98,8 @@ def generate(model: Transformer, prompts: list[list[int]], max_new_tokens: int, 
 
 
 def generate_ids(model: Transformer, prompts: list[list[int]], max_new_tokens: int, **kw) -> list[list[int]]:
-    """All new tokens per prompt, cut after the first eos."""
+    """All new tokens per prompt, cut after the first stop token."""
     steps = list(generate(model, prompts, max_new_tokens, **kw))
     out = torch.stack(steps, dim=1).tolist() if steps else [[] for _ in prompts]
-    eos = kw.get("eos_id")
-    if eos is not None:
-        out = [row[:row.index(eos) + 1] if eos in row else row for row in out]
-    return out
+    stops = set(stop_list(kw.get("eos_id")))
+    return [next((row[:i + 1] for i, t in enumerate(row) if t in stops), row) for row in out]

@@ -53,6 +53,8 @@ class Loaded:
     source: str                  # where the weights came from, in words
     name: str                    # what the user asked for
     load_seconds: float
+    stop_ids: tuple[int, ...] = ()  # tokens that end a text: the tokenizer's EOS and every id the
+                                    # generation config lists (Llama-3's end-of-turn, say)
 
 
 def cache_root() -> Path:
@@ -293,4 +295,13 @@ def load(name: str = DEFAULT_MODEL, dtype: torch.dtype | None = None, device: st
         raise DejavuError(f"cannot load the weights in {folder} ({type(e).__name__}: {str(e)[:300]}). "
                           f"The files look corrupt or incomplete. Fix: {fix}.") from None
     model = tensor_parallel.shard(from_hf_model(hf, dtype, "cpu", max_seq_len), *tp).to(device)  # a shard, not all
-    return Loaded(model, tok, source, name, time.perf_counter() - t0)
+    return Loaded(model, tok, source, name, time.perf_counter() - t0, stop_ids(tok, hf.generation_config))
+
+
+def stop_ids(tokenizer, generation_config=None) -> tuple[int, ...]:
+    """The tokenizer's EOS first (finished rows repeat it), then every other id the model's
+    generation config names as an end of text."""
+    ids = [tokenizer.eos_token_id]
+    eos = getattr(generation_config, "eos_token_id", None)
+    ids += eos if isinstance(eos, (list, tuple)) else [eos]
+    return tuple(dict.fromkeys(int(i) for i in ids if i is not None))

@@ -33,7 +33,7 @@ from dataclasses import dataclass, field
 import torch
 
 from .errors import DejavuError
-from .generate import GenerationStats, generate
+from .generate import GenerationStats, generate, stop_list
 from .model import Transformer
 from .sampling import probabilities
 
@@ -225,7 +225,7 @@ def _clock(model) -> float:
 
 @torch.inference_mode()
 def generate_lossless(model: Transformer, prompts: list[list[int]], max_new_tokens: int, draft,
-                      temperature: float = 0.0, top_p: float = 1.0, eos_id: int | None = None,
+                      temperature: float = 0.0, top_p: float = 1.0, eos_id: int | list[int] | None = None,
                       seed: int | None = None, stats: GenerationStats | None = None,
                       draft_tokens: int | None = None):
     """generate()'s lossless mode: yields the next token [1] per step, as generate() does.
@@ -236,6 +236,7 @@ def generate_lossless(model: Transformer, prompts: list[list[int]], max_new_toke
     if not prompts[0]:
         raise ValueError("every prompt needs at least one token")
     dec = SpeculativeDecoder(model, draft, prompts[0], max_new_tokens, temperature, top_p, seed, draft_tokens)
+    stops = set(stop_list(eos_id))
     stats = stats if stats is not None else GenerationStats()
     stats.batch, stats.prompt_tokens, stats.lossless = 1, len(prompts[0]), dec.stats
     t = time.perf_counter()
@@ -245,7 +246,7 @@ def generate_lossless(model: Transformer, prompts: list[list[int]], max_new_toke
         for tok in tokens:
             stats.new_tokens += 1
             yield torch.tensor([tok], device=model.device)
-            if tok == eos_id or stats.new_tokens == max_new_tokens:
+            if tok in stops or stats.new_tokens == max_new_tokens:
                 return
         t = time.perf_counter()
         tokens = dec.round(max_new_tokens - stats.new_tokens)
