@@ -4,7 +4,9 @@ import torch
 from transformers import GemmaConfig, LlamaConfig, MistralConfig, OPTConfig, Qwen2Config, AutoModelForCausalLM
 
 from conftest import rel_err
-from dejavu.generate import generate_ids, sample
+from dejavu.errors import DejavuError
+from dejavu.generate import generate_ids
+from dejavu.sampling import sample
 from dejavu.load import from_hf_model
 
 TEXT = ("Paris is the capital and largest city of France. With an estimated population of 2.1 million "
@@ -19,6 +21,8 @@ RANDOM_CONFIGS = {
         rope_type="llama3", rope_theta=500000.0, factor=8.0, low_freq_factor=1.0, high_freq_factor=4.0,
         original_max_position_embeddings=32), **SMALL),
     "qwen2-qkv-bias": lambda: Qwen2Config(intermediate_size=96, num_key_value_heads=2, **SMALL),
+    "llama-biases": lambda: LlamaConfig(intermediate_size=96, num_key_value_heads=2, attention_bias=True, mlp_bias=True,
+                                        **SMALL),  # q/k/v/o and MLP biases, as Llama configs may ask
     "mistral": lambda: MistralConfig(intermediate_size=96, num_key_value_heads=2, **SMALL),
     "gemma-geglu": lambda: GemmaConfig(intermediate_size=96, num_key_value_heads=1, head_dim=16, **SMALL),
     "opt-relu": lambda: OPTConfig(hidden_size=64, num_hidden_layers=3, num_attention_heads=4, ffn_dim=96,
@@ -59,7 +63,7 @@ def test_smollm2_greedy_generation_matches_transformers(smollm2):
     assert ours == ref
 
 
-@pytest.mark.parametrize("name", ["llama-gqa", "opt-relu", "gemma-geglu"])
+@pytest.mark.parametrize("name", ["llama-gqa", "opt-relu", "gemma-geglu", "llama-biases"])
 def test_cached_decode_equals_full_forward(name):
     """Prefill + one-token decode steps over the KV cache give the logits of one full forward."""
     model, _ = random_pair(name)
@@ -122,5 +126,5 @@ def test_sampling_is_seeded_and_top_p_keeps_the_nucleus():
 
 def test_context_overflow_is_a_clear_error():
     model, _ = random_pair("llama-gqa")
-    with pytest.raises(ValueError, match="exceeds the model's context of 128"):
+    with pytest.raises(DejavuError, match="exceeds the model's context of 128"):
         generate_ids(model, [[1] * 100], 40)

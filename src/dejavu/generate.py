@@ -7,13 +7,14 @@ from dataclasses import dataclass
 
 import torch
 
+from .errors import DejavuError
 from .model import Transformer
 from .sampling import sample
 
 
 def left_pad(prompts: list[list[int]], pad_id: int) -> tuple[torch.Tensor, torch.Tensor]:
     if not prompts or any(len(p) == 0 for p in prompts):
-        raise ValueError("every prompt needs at least one token")
+        raise DejavuError("every prompt needs at least one token: give some text")
     n = max(len(p) for p in prompts)
     tokens = torch.tensor([[pad_id] * (n - len(p)) + list(p) for p in prompts])
     pad = torch.tensor([n - len(p) for p in prompts])
@@ -35,12 +36,12 @@ class GenerationStats:
         return self.decode_steps * self.batch / self.decode_seconds if self.decode_seconds else 0.0
 
 
-@torch.inference_mode()
 def stop_list(eos_id) -> list[int]:
     """eos_id as a list: None, one id, or several (the first is what finished rows repeat)."""
     return [] if eos_id is None else [int(eos_id)] if isinstance(eos_id, int) else [int(i) for i in eos_id]
 
 
+@torch.inference_mode()
 def generate(model: Transformer, prompts: list[list[int]], max_new_tokens: int, temperature: float = 0.0,
              top_p: float = 1.0, eos_id: int | list[int] | tuple[int, ...] | None = None, pad_id: int = 0, seed: int | None = None,
              stats: GenerationStats | None = None, sparsity=None, guard=None) -> Iterator[torch.Tensor]:
@@ -58,8 +59,8 @@ def generate(model: Transformer, prompts: list[list[int]], max_new_tokens: int, 
     B, T = tokens.shape
     total = T + max_new_tokens
     if total > model.cfg.max_seq_len:
-        raise ValueError(f"prompt ({T} tokens) + max_new_tokens ({max_new_tokens}) exceeds the model's "
-                         f"context of {model.cfg.max_seq_len} tokens")
+        raise DejavuError(f"prompt ({T} tokens) + max_new_tokens ({max_new_tokens}) exceeds the model's "
+                          f"context of {model.cfg.max_seq_len} tokens: shorten the prompt or ask for fewer tokens")
     gen = torch.Generator(device=model.device).manual_seed(seed) if seed is not None else None
     cache = model.new_cache(B, total)
     cache.set_padding(pad)
