@@ -61,6 +61,10 @@ def generate(model: Transformer, prompts: list[list[int]], max_new_tokens: int, 
     if total > model.cfg.max_seq_len:
         raise DejavuError(f"prompt ({T} tokens) + max_new_tokens ({max_new_tokens}) exceeds the model's "
                           f"context of {model.cfg.max_seq_len} tokens: shorten the prompt or ask for fewer tokens")
+    if graph_step_applies(model, B, sparsity, guard):
+        yield from generate_graph(model, tokens, pad, max_new_tokens, temperature, top_p, eos_id, seed, stats,
+                                  sparsity)
+        return
     gen = torch.Generator(device=model.device).manual_seed(seed) if seed is not None else None
     cache = model.new_cache(B, total)
     cache.set_padding(pad)
@@ -104,3 +108,66 @@ def generate_ids(model: Transformer, prompts: list[list[int]], max_new_tokens: i
     out = torch.stack(steps, dim=1).tolist() if steps else [[] for _ in prompts]
     stops = set(stop_list(kw.get("eos_id")))
     return [next((row[:i + 1] for i, t in enumerate(row) if t in stops), row) for row in out]
+
+
+# ---------------------------------------------------------------- CUDA: the graph step
+
+CHUNK = 8  # graph steps between two looks at the host (stop tokens, streaming)
+
+
+def graph_step_applies(model: Transformer, batch: int, sparsity, guard) -> bool:
+    """On CUDA every step replays one CUDA graph (engine.py): dense, or gathered sparse with
+    static shapes (batch 1, or a fixed-size union). The guard's dense checks and masked
+    sparsity run eager."""
+    if model.device.type != "cuda" or guard is not None:
+        return False
+    if sparsity is None:
+        return True
+    from .sparse import Gathered
+    return isinstance(sparsity, Gathered) and (batch == 1 or sparsity.cap is not None)
+
+
+def generate_graph(model: Transformer, tokens: torch.Tensor, pad: torch.Tensor, max_new_tokens: int,
+                   temperature: float, top_p: float, eos_id, seed: int | None, stats: GenerationStats | None,
+                   sparsity) -> Iterator[torch.Tensor]:
+    """generate() on CUDA: eager dense prefill, then CHUNK graph replays at a time with the pick
+    on the device (sampling.sample_rows), stop tokens checked between chunks; a chunk that
+    passes a row's stop token costs at most CHUNK - 1 wasted steps, never a wrong token."""
+    from . import engine
+    B, T = tokens.shape
+    if sparsity is not None and B == 1 and sparsity.side_stream is None:
+        sparsity.side_stream = torch.cuda.Stream()  # lookahead predictors beside the main stream
+    dec = engine.GraphDecoder(model, B, T + max_new_tokens, sparsity, sampling=temperature > 0)
+    dec.cache.set_padding(pad)
+    if temperature > 0:
+        seeds = None if seed is None else [seed * 1_000_003 + b for b in range(B)]  # one stream per row
+        dec.set_sampling(temperature, top_p, seeds)
+    stats = stats if stats is not None else GenerationStats()
+    stats.batch, stats.prompt_tokens = B, int((T - pad).sum())
+    stops = stop_list(eos_id)
+    dec.capture()  # compiles and captures: not part of the prefill's time
+    t0 = time.perf_counter()
+    dec.prefill(tokens.to(model.device))
+    torch.cuda.synchronize()
+    stats.prefill_seconds = time.perf_counter() - t0
+    done = [False] * B
+    left = max_new_tokens
+    while left > 0:
+        n = min(CHUNK, left)
+        t = time.perf_counter()
+        out, _ = dec.decode(n, last_step=n < left)  # no step after the last token asked for
+        rows = out.tolist()
+        steps = n if n < left else n - 1
+        stats.decode_seconds += time.perf_counter() - t
+        stats.decode_steps += steps
+        left -= n
+        for i in range(n):
+            col = []
+            for b in range(B):
+                tok = stops[0] if done[b] else rows[b][i]
+                done[b] = done[b] or tok in stops
+                col.append(tok)
+            stats.new_tokens += 1
+            yield torch.tensor(col, device=model.device)
+            if all(done):
+                return

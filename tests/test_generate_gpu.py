@@ -1,0 +1,114 @@
+"""generate() on CUDA replays the CUDA-graph step (engine.GraphDecoder): the same greedy tokens
+as the eager engine, seeded sampling on the device, stop tokens, and a clear error instead of
+a step past the cache."""
+import pytest
+import torch
+
+from dejavu import generate as gen_module
+from dejavu.errors import DejavuError
+from dejavu.generate import GenerationStats, generate_ids
+from dejavu.sampling import probabilities
+
+pytestmark = pytest.mark.gpu
+
+
+@pytest.fixture(params=["llama-gqa", "opt-relu", "llama-biases"])
+def model_and_preds(request, tmp_path):
+    from test_model import random_pair
+    from test_sparse import quick_predictors
+    model, _ = random_pair(request.param)
+    preds = quick_predictors(model, tmp_path)
+    model = model.cuda()
+    for p in preds.mlp + preds.heads:
+        p.cuda()
+    return model, preds
+
+
+def gathered(model, preds):
+    from dejavu.selectors import PredictorSelector
+    from dejavu.sparse import Gathered
+    return Gathered(model, PredictorSelector(preds), PredictorSelector(preds), 0.4, 0.5)
+
+
+def eager(monkeypatch):
+    monkeypatch.setattr(gen_module, "graph_step_applies", lambda *a: False)
+
+
+@pytest.mark.parametrize("sparse", [False, True])
+def test_generate_on_cuda_gives_the_eager_tokens(model_and_preds, sparse, monkeypatch):
+    model, preds = model_and_preds
+    prompts = [[5, 9, 2, 7, 1, 3], [4, 4]] if not sparse else [[5, 9, 2, 7, 1, 3]]
+    make = (lambda: gathered(model, preds)) if sparse else (lambda: None)
+    assert gen_module.graph_step_applies(model, len(prompts), make(), None)
+    stats = GenerationStats()
+    got = generate_ids(model, prompts, 30, sparsity=make(), stats=stats)
+    assert stats.decode_steps == 29 and stats.new_tokens == 30
+    with monkeypatch.context() as m:
+        eager(m)
+        want = generate_ids(model, prompts, 30, sparsity=make())
+    assert got == want
+
+
+def test_stop_tokens_end_rows_on_cuda(model_and_preds, monkeypatch):
+    model, _ = model_and_preds
+    prompts = [[5, 9, 2, 7, 1, 3], [4, 4, 8]]
+    free = generate_ids(model, prompts, 20)
+    stop = free[0][11]  # a token the first row produces mid-chunk
+    other = next(t for t in range(model.cfg.vocab_size) if t not in free[0] + free[1])  # never produced
+    got = generate_ids(model, prompts, 20, eos_id=[other, stop])
+    with monkeypatch.context() as m:
+        eager(m)
+        want = generate_ids(model, prompts, 20, eos_id=[other, stop])
+    assert got == want and got[0][-1] == stop and len(got[0]) <= 12
+
+
+def fit_pvalue(tokens: torch.Tensor, p: torch.Tensor) -> float:
+    """Chi-square of drawn tokens against probabilities p [V]; cells expected below 5 pooled."""
+    from scipy.stats import chisquare
+    p = p.cpu().double() / p.double().sum().item()
+    observed = torch.bincount(tokens.cpu(), minlength=len(p)).double()
+    if observed[p == 0].sum() > 0:  # draws outside the support (top-p): another distribution
+        return 0.0
+    keep = p * len(tokens) >= 5
+    obs, exp = observed[keep], p[keep] * len(tokens)
+    if p[~keep].sum() > 0:  # the small cells, pooled
+        obs, exp = torch.cat([obs, observed[~keep].sum()[None]]), torch.cat([exp, p[~keep].sum()[None] * len(tokens)])
+    return float(chisquare(obs.numpy(), (exp * obs.sum() / exp.sum()).numpy()).pvalue)
+
+
+def test_seeded_sampling_on_cuda_is_reproducible_and_draws_the_model_distribution(model_and_preds):
+    """20,000 rows of one batch, each its own seeded stream: the first tokens (drawn after the
+    prefill) and the second (drawn inside the graph) fit the model's distributions at
+    temperature 0.9; the same draws fail against temperature 1.8 (the negative control). The
+    same seed gives the same text, another seed another. (Top-p is checked on the CPU: a batch
+    of 20,000 rows computes logits a hair off the batch-1 reference, enough to move the
+    nucleus' edge on this near-uniform random model.)"""
+    model, _ = model_and_preds
+    prompt, n, temp, top_p = [5, 9, 2, 7], 20000, 0.9, 0.95
+    a = generate_ids(model, [prompt], 12, temperature=temp, top_p=top_p, seed=3)
+    assert a == generate_ids(model, [prompt], 12, temperature=temp, top_p=top_p, seed=3)
+    assert a != generate_ids(model, [prompt], 12, temperature=temp, top_p=top_p, seed=4)
+    top_p = 1.0
+    pairs = torch.tensor(generate_ids(model, [prompt] * n, 2, temperature=temp, seed=0))
+    with torch.no_grad():
+        logits = model(torch.tensor([prompt], device="cuda"))[0, -1]
+    assert fit_pvalue(pairs[:, 0], probabilities(logits, temp, top_p)) > 1e-3
+    assert fit_pvalue(pairs[:, 0], probabilities(logits, 1.8, 1.0)) < 1e-6
+    first = int(torch.mode(pairs[:, 0]).values)
+    seconds = pairs[pairs[:, 0] == first, 1]
+    assert len(seconds) > 100
+    with torch.no_grad():
+        logits2 = model(torch.tensor([prompt + [first]], device="cuda"))[0, -1]
+    assert fit_pvalue(seconds, probabilities(logits2, temp, top_p)) > 1e-3
+
+
+def test_no_step_runs_past_the_cache(model_and_preds):
+    from dejavu.engine import GraphDecoder
+    model, _ = model_and_preds
+    with pytest.raises(DejavuError, match="exceeds the model's context"):
+        generate_ids(model, [[1] * 100], model.cfg.max_seq_len)
+    dec = GraphDecoder(model, 1, 16)
+    dec.prefill(torch.tensor([[1, 2, 3, 4, 5, 6, 7, 8, 9, 10]], device="cuda"))
+    dec.decode(6)                      # slots 10..15: the cache is full
+    with pytest.raises(DejavuError, match="run past the cache of 16"):
+        dec.decode(1)
