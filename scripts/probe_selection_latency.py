@@ -11,7 +11,7 @@ the first k indices (timing only: that variant's output is meaningless).
 Results: docs/perf-notes.md."""
 import statistics, torch
 from dejavu import kernels
-from dejavu.bench import graph_ms
+from dejavu.bench.kernels import graph_ms
 from dejavu.engine import GraphDecoder
 from dejavu.load import load
 from dejavu.predictor import LowRank, PredictorSelector, random_predictors

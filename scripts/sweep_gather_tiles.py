@@ -9,7 +9,7 @@ import itertools
 
 import torch
 
-from dejavu import bench
+from dejavu.bench import kernels as bench
 from dejavu.kernels import triton_gather as tg
 
 p = argparse.ArgumentParser(description=__doc__.splitlines()[0])

@@ -1,0 +1,1 @@
+"""Benchmarks: decode (CPU or GPU, eager), kernels and e2e (GPU). Import the modules."""
