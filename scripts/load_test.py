@@ -121,7 +121,7 @@ def main():
     if args.predictors:
         smb = args.sparse_max_batch or args.batch_size
         variants.append((f"sparse (MLP 0.5, heads 0.67; sparse up to {smb} rows)",
-                         base + ["--predictors", args.predictors, "--sparse-max-batch", str(smb)]))
+                         base + ["--sparse", "--predictors", args.predictors, "--sparse-max-batch", str(smb)]))
     rows = []
     for name, serve_args in variants:
         proc, url = start_server(serve_args)

@@ -33,7 +33,7 @@ from dataclasses import dataclass, field
 import torch
 
 from .errors import DejavuError
-from .generate import GenerationStats, generate, stop_list
+from .generate import GenerationStats, stop_list
 from .model import Transformer
 from .sampling import probabilities
 
@@ -144,8 +144,9 @@ class SpeculativeDecoder:
         if draft_tokens is not None and draft_tokens < 1:
             raise DejavuError(f"draft_tokens must be at least 1 (or None to adapt), got {draft_tokens}")
         if len(prompt) + max_new_tokens > model.cfg.max_seq_len:
-            raise ValueError(f"prompt ({len(prompt)} tokens) + max_new_tokens ({max_new_tokens}) exceeds the "
-                             f"model's context of {model.cfg.max_seq_len} tokens")
+            raise DejavuError(f"prompt ({len(prompt)} tokens) + max_new_tokens ({max_new_tokens}) exceeds the "
+                              f"model's context of {model.cfg.max_seq_len} tokens: shorten the prompt or ask for "
+                              "fewer tokens")
         self.model, self.draft = model, draft
         self.temperature, self.top_p = temperature, top_p
         self.gen = torch.Generator(device=model.device).manual_seed(seed) if seed is not None else None
@@ -234,7 +235,7 @@ def generate_lossless(model: Transformer, prompts: list[list[int]], max_new_toke
         raise DejavuError(f"lossless mode decodes one prompt at a time (batch 1), got {len(prompts)} prompts: "
                           "run them one after another, or drop --lossless")
     if not prompts[0]:
-        raise ValueError("every prompt needs at least one token")
+        raise DejavuError("every prompt needs at least one token: give some text")
     dec = SpeculativeDecoder(model, draft, prompts[0], max_new_tokens, temperature, top_p, seed, draft_tokens)
     stops = set(stop_list(eos_id))
     stats = stats if stats is not None else GenerationStats()
@@ -252,48 +253,3 @@ def generate_lossless(model: Transformer, prompts: list[list[int]], max_new_toke
         tokens = dec.round(max_new_tokens - stats.new_tokens)
         stats.decode_seconds += time.perf_counter() - t
         stats.decode_steps += len(tokens)
-
-
-def bench_lossless(model: Transformer, prompt: list[int], new_tokens: int, make_draft, k: int, rounds: int,
-                   log=print) -> list[dict]:
-    """Greedy batch-1 decode of the same prompt: dense, plain sparse, lossless with k drafts per
-    round and lossless with adaptive k, in turn, `rounds` times (after a short warm-up). Per
-    variant: median tokens/s, and for lossless the acceptance and the cost of drafting and
-    verifying, which say why it is or is not faster than dense."""
-    import statistics
-
-    variants = {"dense": {}, "sparse": dict(sparse=True), f"lossless k={k}": dict(lossless=True, draft_tokens=k),
-                "lossless adaptive": dict(lossless=True)}
-    runs = {name: [] for name in variants}
-    outputs = {}
-    for r in range(rounds + 1):  # round 0: warm-up, not counted
-        for name, kw in variants.items():
-            stats = GenerationStats()
-            n = new_tokens if r else 8
-            if kw.get("lossless"):
-                steps = generate_lossless(model, [prompt], n, make_draft(), stats=stats, draft_tokens=kw.get("draft_tokens"))
-            else:
-                steps = generate(model, [prompt], n, stats=stats, sparsity=make_draft() if kw else None)
-            out = [int(t) for t in steps]
-            if r:
-                runs[name].append(stats)
-                outputs[name] = out
-        if r:
-            log(f"  round {r}/{rounds}: " + ", ".join(f"{n} {v[-1].decode_tokens_per_s:.1f}" for n, v in runs.items())
-                + " tokens/s")
-    dense = statistics.median(s.decode_tokens_per_s for s in runs["dense"])
-    rows = []
-    for name, stats in runs.items():
-        rate = statistics.median(s.decode_tokens_per_s for s in stats)
-        row = dict(variant=name, tokens_per_s=rate, vs_dense=rate / dense,
-                   same_as_dense=outputs[name] == outputs["dense"])
-        if stats[0].lossless is not None:
-            ls = [s.lossless for s in stats]
-            drafted, rounds_ = sum(x.drafted for x in ls), sum(x.rounds for x in ls)
-            row.update(acceptance=sum(x.accepted for x in ls) / max(drafted, 1),
-                       alpha=sum(x.accepted for x in ls) / max(sum(x.accepted + x.rejected for x in ls), 1),
-                       mean_k=drafted / rounds_, tokens_per_round=sum(x.accepted for x in ls) / rounds_ + 1,
-                       draft_ms=1e3 * sum(x.draft_seconds for x in ls) / max(drafted, 1),
-                       verify_ms=1e3 * sum(x.verify_seconds for x in ls) / rounds_)
-        rows.append(row)
-    return rows

@@ -8,6 +8,7 @@ import torch
 
 from ..generate import GenerationStats, generate
 from ..kernels import cpu as cpu_kernels
+from ..speculative import generate_lossless
 
 
 def decode_rate(model, prompt: list[int], new_tokens: int, sparsity=None) -> float:
@@ -60,6 +61,49 @@ def decode_table(rows: list[dict]) -> str:
     lines += [f"{r['variant']:<26}{r['median_tokens_per_s']:>16.1f}{1e3 / r['median_tokens_per_s']:>10.2f}"
               f"{r['ratio']:>9.2f}x" for r in rows]
     return "\n".join(lines)
+
+
+def bench_lossless(model: Transformer, prompt: list[int], new_tokens: int, make_draft, k: int, rounds: int,
+                   log=print) -> list[dict]:
+    """Greedy batch-1 decode of the same prompt: dense, plain sparse, lossless with k drafts per
+    round and lossless with adaptive k, in turn, `rounds` times (after a short warm-up). Per
+    variant: median tokens/s, and for lossless the acceptance and the cost of drafting and
+    verifying, which say why it is or is not faster than dense."""
+    variants = {"dense": {}, "sparse": dict(sparse=True), f"lossless k={k}": dict(lossless=True, draft_tokens=k),
+                "lossless adaptive": dict(lossless=True)}
+    runs = {name: [] for name in variants}
+    outputs = {}
+    for r in range(rounds + 1):  # round 0: warm-up, not counted
+        for name, kw in variants.items():
+            stats = GenerationStats()
+            n = new_tokens if r else 8
+            if kw.get("lossless"):
+                steps = generate_lossless(model, [prompt], n, make_draft(), stats=stats, draft_tokens=kw.get("draft_tokens"))
+            else:
+                steps = generate(model, [prompt], n, stats=stats, sparsity=make_draft() if kw else None)
+            out = [int(t) for t in steps]
+            if r:
+                runs[name].append(stats)
+                outputs[name] = out
+        if r:
+            log(f"  round {r}/{rounds}: " + ", ".join(f"{n} {v[-1].decode_tokens_per_s:.1f}" for n, v in runs.items())
+                + " tokens/s")
+    dense = statistics.median(s.decode_tokens_per_s for s in runs["dense"])
+    rows = []
+    for name, stats in runs.items():
+        rate = statistics.median(s.decode_tokens_per_s for s in stats)
+        row = dict(variant=name, tokens_per_s=rate, vs_dense=rate / dense,
+                   same_as_dense=outputs[name] == outputs["dense"])
+        if stats[0].lossless is not None:
+            ls = [s.lossless for s in stats]
+            drafted, rounds_ = sum(x.drafted for x in ls), sum(x.rounds for x in ls)
+            row.update(acceptance=sum(x.accepted for x in ls) / max(drafted, 1),
+                       alpha=sum(x.accepted for x in ls) / max(sum(x.accepted + x.rejected for x in ls), 1),
+                       mean_k=drafted / rounds_, tokens_per_round=sum(x.accepted for x in ls) / rounds_ + 1,
+                       draft_ms=1e3 * sum(x.draft_seconds for x in ls) / max(drafted, 1),
+                       verify_ms=1e3 * sum(x.verify_seconds for x in ls) / rounds_)
+        rows.append(row)
+    return rows
 
 
 def lossless_table(rows: list[dict]) -> str:

@@ -23,9 +23,8 @@ def run_decode(args):
     setup = (f"batch 1, prompt {len(prompt)} tokens, {args.max_new_tokens} new tokens, {args.rounds} rounds; "
              f"{where}; {loaded.name} {model.dtype}")
     if args.lossless:
-        from ..speculative import bench_lossless
         print(f"greedy decode, {setup}; draft: MLP density {args.mlp_density:g}, attention {args.attn_density:g}")
-        rows = bench_lossless(model, prompt, args.max_new_tokens, lambda: sparse_decoder(model, args),
+        rows = decode.bench_lossless(model, prompt, args.max_new_tokens, lambda: sparse_decoder(model, args),
                               args.draft_tokens, args.rounds)
         print("\n" + decode.lossless_table(rows))
         return

@@ -69,13 +69,27 @@ def load_predictors(model, args):
     """The predictors of --predictors ('synthetic': untrained ones of the right shapes, for speed
     work on presets). The default folder missing is a clear error, not a traceback."""
     from ..predictor import Predictors, random_predictors
-    if args.predictors == "synthetic":
-        return random_predictors(model)
+    if args.predictors and args.predictors.startswith("synthetic"):
+        return random_predictors(model, **synthetic_ranks(args.predictors))
     folder = predictors_folder(args)
     if not args.predictors and not Path(folder).exists():
         raise DejavuError(f"no predictors in {folder} (the default --predictors for --model {args.model}): "
                           "run `dejavu calibrate` first, or pass --predictors DIR")
     return Predictors.load(folder, model)
+
+
+def synthetic_ranks(spec: str) -> dict:
+    """'synthetic' (default ranks) or 'synthetic:MLP_RANK,HEAD_RANK' -> random_predictors' ranks."""
+    if spec == "synthetic":
+        return {}
+    try:
+        mlp, head = (int(r) for r in spec.removeprefix("synthetic:").split(","))
+        if mlp < 1 or head < 1:
+            raise ValueError
+    except ValueError:
+        raise DejavuError(f"--predictors {spec}: write 'synthetic' or 'synthetic:MLP_RANK,HEAD_RANK' "
+                          "(e.g. synthetic:256,224)") from None
+    return dict(mlp_rank=mlp, head_rank=head)
 
 
 def sparse_decoder(model, args):

@@ -134,8 +134,9 @@ def add_predictors_arg(p: argparse.ArgumentParser, help: str):
 
 def add_sparse_args(p: argparse.ArgumentParser, what: str):
     p.add_argument("--sparse", action="store_true", help=what)
-    add_predictors_arg(p, "folder of trained predictors from `dejavu calibrate` ('synthetic': untrained "
-                          "predictors of the right shapes, for speed work on presets)")
+    add_predictors_arg(p, "folder of trained predictors from `dejavu calibrate` ('synthetic' or "
+                          "'synthetic:MLP_RANK,HEAD_RANK': untrained predictors of the right shapes, for speed "
+                          "work on presets)")
     add_density_args(p)
 
 
@@ -177,6 +178,9 @@ def build_parser() -> argparse.ArgumentParser:
     add_model_args(p)
     p.add_argument("--prompt", action="append", metavar="TEXT",
                    help=f"prompt text; repeat for a batch (default: '{generate.DEFAULT_PROMPT}')")
+    p.add_argument("--prompt-tokens", type=int, default=None, metavar="N",
+                   help="instead of --prompt: a prompt of N tokens (held-out Wikipedia text, or random token ids "
+                        "for a shape preset, whose synthetic weights have no tokenizer: then only timings print)")
     p.add_argument("--max-new-tokens", type=int, default=64, help="new tokens per prompt")
     p.add_argument("--temperature", type=float, default=0.0, help="0 is greedy; above 0 samples")
     p.add_argument("--top-p", type=float, default=1.0, help="nucleus sampling mass (with --temperature above 0)")
@@ -458,6 +462,8 @@ def check_combinations(args):
         refuse(args, GUARD_SWITCHES, sparse, "the guard checks sparse decoding; add --sparse")
         refuse(args, GUARD_TUNING, args.guard or args.conservative, "tunes the guard; add --guard or --conservative")
         refuse(args, ["top_p", "seed"], args.temperature > 0, "sampling only; add --temperature above 0 (0 is greedy)")
+        refuse(args, ["prompt_tokens"], not args.prompt and not args.chat,
+               "a prompt is either text (--prompt, --chat) or a length (--prompt-tokens): give one of them")
     elif command == "bench decode":
         refuse(args, SPARSE_FLAGS, sparse or lossless, "the sparse rows only; add --sparse (or --lossless)")
         refuse(args, ["draft_tokens"], lossless, "--lossless only; add --lossless or drop it")
