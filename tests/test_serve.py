@@ -68,6 +68,14 @@ def launch(model, log, batch_size=8, max_queue=64, sparse=False, **settings) -> 
     return proc, f"http://127.0.0.1:{port}"
 
 
+def launch_cli(argv: list[str], log) -> tuple[subprocess.Popen, str]:
+    """`dejavu serve ARGV` as a user starts it (the black-box check goes through the CLI)."""
+    port = free_port()
+    proc = subprocess.Popen([sys.executable, "-m", "dejavu", "serve", "--port", str(port), *argv],
+                            stdout=log, stderr=subprocess.STDOUT)
+    return proc, f"http://127.0.0.1:{port}"
+
+
 def wait_ready(proc, url, log_path, timeout=240):
     t = time.monotonic()
     while time.monotonic() - t < timeout:
@@ -107,7 +115,8 @@ def servers(tmp_path_factory):
         "main": launch(MODEL, logs["main"], batch_size=8, api_key=KEY, test_faults=True),
         "tight": launch(MODEL, logs["tight"], batch_size=1, max_queue=1, sparse=True, request_timeout=4,
                         api_key=TIGHT_KEY),
-        "tiny": launch(tiny, logs["tiny"], batch_size=8, test_faults=True, read_timeout=2, keep_alive_timeout=1),
+        "tiny": launch_cli(["--model", tiny, "--batch-size", "8", "--test-faults", "--read-timeout", "2",
+                            "--keep-alive-timeout", "1"], logs["tiny"]),
     }
     try:
         for name, (proc, url) in procs.items():

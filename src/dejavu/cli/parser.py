@@ -352,8 +352,15 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--request-timeout", type=float, default=300.0,
                    help="seconds a request may take, queueing included; then it stops with HTTP 504")
     p.add_argument("--max-tokens-limit", type=int, default=1024, help="most new tokens one request may ask for")
-    # testing only: requests whose 'user' field is dejavu-test-fault:nan-cache or dejavu-test-fault:raise
-    # fail on purpose (to check that the others are unaffected)
+    p.add_argument("--max-request-bytes", type=int, default=4 * 2 ** 20,
+                   help="largest request body accepted; a larger one gets HTTP 413 before it is read")
+    p.add_argument("--read-timeout", type=float, default=30.0,
+                   help="seconds a client has to send a request's headers, then its body; a connection that "
+                        "stalls is closed, a body that stalls gets HTTP 408")
+    p.add_argument("--keep-alive-timeout", type=int, default=5,
+                   help="seconds an idle keep-alive connection stays open")
+    # testing only: requests whose 'user' field is dejavu-test-fault:nan-cache, :raise or :start fail
+    # on purpose (to check that the others are unaffected)
     p.add_argument("--test-faults", action="store_true", help=argparse.SUPPRESS)
     add_guard_args(p, "run-time guard (with --sparse; its figures go to /metrics)", "the batch")
     p.set_defaults(func=serve.run)
@@ -418,7 +425,8 @@ def check_args(args):
     """Values out of range, and flags that would be ignored in this combination: DejavuError."""
     for name in ("max_new_tokens", "max_tokens", "window", "tokens", "epochs", "static_tokens", "rounds",
                  "prompt_tokens", "limit", "batch_size", "draft_tokens", "calib_tokens", "eval_tokens",
-                 "max_queue", "max_tokens_limit", "sparse_max_batch", "tp", "layers"):
+                 "max_queue", "max_tokens_limit", "sparse_max_batch", "tp", "layers", "max_request_bytes",
+                 "keep_alive_timeout"):
         v = getattr(args, name, None)
         if isinstance(v, int) and v < 1:
             raise DejavuError(f"--{name.replace('_', '-')} must be at least 1, got {v}")
@@ -426,8 +434,9 @@ def check_args(args):
         raise DejavuError(f"--tune-tokens must be 0 (no tuning) or more, got {args.tune_tokens}")
     if getattr(args, "temperature", 0) < 0:
         raise DejavuError(f"--temperature must be >= 0, got {args.temperature}")
-    if not getattr(args, "request_timeout", 1) > 0:
-        raise DejavuError(f"--request-timeout must be > 0 seconds, got {args.request_timeout}")
+    for name in ("request_timeout", "read_timeout"):
+        if not getattr(args, name, 1) > 0:
+            raise DejavuError(f"--{name.replace('_', '-')} must be > 0 seconds, got {getattr(args, name)}")
     for name in ("label_density", "target_recall", "mlp_density", "attn_density"):
         v = getattr(args, name, None)
         if v is not None and not 0 < v <= 1:

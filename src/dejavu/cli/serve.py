@@ -20,6 +20,7 @@ def run(args):
     guard = guard_from_args(loaded.model, sparsity, args) if sparsity is not None else None
     settings = Settings(api_key=args.api_key or os.environ.get("DEJAVU_API_KEY") or None,
                         request_timeout=args.request_timeout, max_tokens_limit=args.max_tokens_limit,
-                        test_faults=args.test_faults)
+                        max_request_bytes=args.max_request_bytes, read_timeout=args.read_timeout,
+                        keep_alive_timeout=args.keep_alive_timeout, test_faults=args.test_faults)
     serve(loaded, sparsity, guard, args.host, args.port, args.batch_size, args.max_queue, args.sparse_max_batch,
           settings)
