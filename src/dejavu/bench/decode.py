@@ -1,5 +1,5 @@
-"""Decode speed: dense and sparse in the same process, in turn, several rounds (CPU or GPU,
-the eager engine; `dejavu bench decode`)."""
+"""Decode speed: dense and sparse in the same process, in turn, several rounds, through
+generate() (the eager engine on the CPU, the CUDA-graph step on a GPU; `dejavu bench decode`)."""
 from __future__ import annotations
 
 import statistics

@@ -211,7 +211,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(func=perplexity.run)
 
     p = sub.add_parser("bench", help="speed: decode (CPU or GPU), GPU kernels, GPU end to end",
-                       description="Benchmarks. decode: tokens/s of this process's eager engine, dense vs sparse; "
+                       description="Benchmarks. decode: tokens/s of what `dejavu generate` runs (the eager "
+                                   "engine on the CPU, the CUDA-graph step on a GPU), dense vs sparse; "
                                    "kernels: the GPU MLP gather kernels vs dense F.linear; e2e: the GPU latency "
                                    "table (CUDA graphs vs transformers) on a shape preset.")
     benches = p.add_subparsers(dest="what", required=True, metavar="BENCH")
