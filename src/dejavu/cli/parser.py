@@ -372,7 +372,8 @@ def build_parser() -> argparse.ArgumentParser:
                                    "zero-shot accuracy, guard figures), the Pareto front, the fastest point inside "
                                    "the quality budget, cost per million tokens. Writes report.html (plots inline), "
                                    "report.json and report.md. Every stage is cached in the work folder: a rerun "
-                                   "skips finished stages. About 12 minutes with the defaults on a 2-core CPU.")
+                                   "skips finished stages. About 4 minutes with the defaults on a 2-core CPU "
+                                   "(--thorough: about 9).")
     add_model_args(p)
     p.add_argument("--text", nargs="+", metavar="FILE", help="your text files: the last --eval-tokens tokens are "
                                                              "held out, the rest calibrates (default: packaged "
@@ -381,7 +382,14 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", metavar="DIR", help="report folder (default: the work folder)")
     p.add_argument("--predictors", metavar="DIR",
                    help="reuse these trained predictors (default: calibrate new ones into WORK/predictors)")
-    p.add_argument("--calib-tokens", type=int, default=12288, help="calibration tokens")
+    p.add_argument("--thorough", action="store_true",
+                   help="the fuller run: 12288 calibration tokens and 6 epochs, head predictors tuned end to end on "
+                        "8192 tokens, zero-shot accuracy at every point, 5-12 speed rounds (IQR within 5%%), two "
+                        "guarded generations per point")
+    p.add_argument("--calib-tokens", type=int, default=None, help="calibration tokens (default 8192; --thorough 12288)")
+    p.add_argument("--tune-tokens", type=int, default=None,
+                   help="tune the head predictors end to end on this many calibration tokens; 0: not (default 0; "
+                        "--thorough 8192)")
     p.add_argument("--eval-tokens", type=int, default=2048, help="held-out tokens for perplexity")
     p.add_argument("--points", type=operating_points, metavar="M/A,M/A,...",
                    default="0.5/1,0.4/1,0.3/1,1/0.67,0.5/0.67,0.4/0.67,0.3/0.67",
@@ -390,7 +398,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--limit", type=int, default=40, help="zero-shot examples per task (a quick, noisy figure; "
                                                          "the report gives its stderr)")
     p.add_argument("--max-new-tokens", type=int, default=32, help="new tokens per timed decode")
-    p.add_argument("--rounds", type=int, default=5, help="timed rounds of dense and of sparse per point")
+    p.add_argument("--rounds", type=int, default=None,
+                   help="speed rounds, at least (default 3; --thorough 5); each decodes dense, every point, dense "
+                        "again; rounds are added while a point inside the quality budget has paired ratios with an "
+                        "interquartile range above 10%% of their median (--thorough 5%%)")
+    p.add_argument("--max-rounds", type=int, default=None, help="speed rounds, at most (default 8; --thorough 12)")
     p.add_argument("--price-per-hour", type=float, default=0.10,
                    help="machine price in $/hour for the cost per million tokens (0.10: about an on-demand "
                         "2-vCPU cloud VM)")
@@ -427,11 +439,11 @@ def check_args(args):
     for name in ("max_new_tokens", "max_tokens", "window", "tokens", "epochs", "static_tokens", "rounds",
                  "prompt_tokens", "limit", "batch_size", "draft_tokens", "calib_tokens", "eval_tokens",
                  "max_queue", "max_tokens_limit", "sparse_max_batch", "tp", "layers", "max_request_bytes",
-                 "keep_alive_timeout"):
+                 "max_rounds", "keep_alive_timeout"):
         v = getattr(args, name, None)
         if isinstance(v, int) and v < 1:
             raise DejavuError(f"--{name.replace('_', '-')} must be at least 1, got {v}")
-    if getattr(args, "tune_tokens", 0) < 0:
+    if (getattr(args, "tune_tokens", 0) or 0) < 0:
         raise DejavuError(f"--tune-tokens must be 0 (no tuning) or more, got {args.tune_tokens}")
     if getattr(args, "temperature", 0) < 0:
         raise DejavuError(f"--temperature must be >= 0, got {args.temperature}")
