@@ -11,7 +11,7 @@ before unless listed in `same`). Figures from 2026-11-29 are in the predictor is
 import sys, time, torch, torch.nn.functional as F
 from pathlib import Path
 from dejavu.load import load
-from dejavu.cli import text_stream
+from dejavu.evaluate import text_stream
 from dejavu.collect import read_manifest, split_shards, load_layer
 from dejavu.predictor import LowRank, _fit, head_input_layer, PredictorSelector, Predictors
 from dejavu.sparse import Masked, OracleSelector

@@ -23,7 +23,7 @@ from pathlib import Path
 
 import torch
 
-from dejavu.cli import text_stream
+from dejavu.evaluate import text_stream
 from dejavu.collect import record
 from dejavu.evaluate import perplexity
 from dejavu.load import load

@@ -261,7 +261,7 @@ def test_drift_on_code_says_recalibrate(model_and_preds):
     from pathlib import Path
 
     import dejavu.model
-    from dejavu.cli import text_stream
+    from dejavu.evaluate import text_stream
     from dejavu.evaluate import token_stream
     m, preds = model_and_preds
     neurons, heads = default_selectors(m.model, preds)

