@@ -13,8 +13,9 @@ from pathlib import Path
 from dejavu.load import load
 from dejavu.evaluate import text_stream
 from dejavu.collect import read_manifest, split_shards, load_layer
-from dejavu.predictor import LowRank, _fit, head_input_layer, PredictorSelector, Predictors
-from dejavu.sparse import Masked, OracleSelector
+from dejavu.predictor import LowRank, _fit, head_input_layer, Predictors
+from dejavu.selectors import OracleSelector, PredictorSelector
+from dejavu.sparse import Masked
 from dejavu.evaluate import perplexity
 torch.manual_seed(0)
 loaded = load("smollm2-135m")

@@ -27,8 +27,9 @@ from dejavu.evaluate import text_stream
 from dejavu.collect import record
 from dejavu.evaluate import perplexity
 from dejavu.load import load
-from dejavu.predictor import Predictors, PredictorSelector, TrainSettings, default_ranks, train
-from dejavu.sparse import Masked, OracleSelector
+from dejavu.predictor import Predictors, TrainSettings, default_ranks, train
+from dejavu.selectors import OracleSelector, PredictorSelector
+from dejavu.sparse import Masked
 
 RUN = Path("runs/smollm2-135m/rank")
 REC = RUN / "recording"

@@ -14,7 +14,8 @@ from dejavu import kernels
 from dejavu.bench.kernels import graph_ms
 from dejavu.engine import GraphDecoder
 from dejavu.load import load
-from dejavu.predictor import LowRank, PredictorSelector, random_predictors
+from dejavu.predictor import LowRank, random_predictors
+from dejavu.selectors import PredictorSelector
 from dejavu.sparse import Gathered
 
 triton_topk = kernels.topk_indices

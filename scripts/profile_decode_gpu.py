@@ -8,7 +8,8 @@ import torch
 
 from dejavu.generate import generate_ids
 from dejavu.load import load
-from dejavu.predictor import default_selectors, random_predictors
+from dejavu.predictor import random_predictors
+from dejavu.selectors import default_selectors
 from dejavu.sparse import Gathered
 
 model = load(sys.argv[1] if len(sys.argv) > 1 else "opt-6.7b", device="cuda").model

@@ -11,7 +11,8 @@ from torch.profiler import ProfilerActivity, profile
 
 from dejavu.engine import GraphDecoder
 from dejavu.load import load
-from dejavu.predictor import PredictorSelector, random_predictors
+from dejavu.predictor import random_predictors
+from dejavu.selectors import PredictorSelector
 from dejavu.sparse import Gathered
 
 ap = argparse.ArgumentParser()

@@ -25,12 +25,12 @@ def graph_greedy(model, prompt, n, sparsity=None):
     return dec.decode(n)[0], dec.logits
 
 
-@pytest.mark.parametrize("name", ["llama-gqa", "opt-relu"])
+@pytest.mark.parametrize("name", ["llama-gqa", "opt-relu", "llama-biases"])
 @pytest.mark.parametrize("sparse", [False, True])
 def test_graph_step_gives_the_eager_tokens(name, sparse, tmp_path):
     """Same weights, same selections: the whole-step graph (device positions, whole-cache
     attention, predictors on a side stream) gives the eager engine's tokens."""
-    from dejavu.predictor import PredictorSelector
+    from dejavu.selectors import PredictorSelector
     from dejavu.sparse import Gathered
     from test_model import random_pair
     from test_sparse import quick_predictors
@@ -59,7 +59,7 @@ def test_graph_step_gives_the_eager_tokens(name, sparse, tmp_path):
 def test_graph_step_batch_sparse_with_fixed_union(tmp_path):
     """Batch 3 sparse in the graph (union_cap: a fixed number of units per step) gives the
     eager engine's tokens with the same rule."""
-    from dejavu.predictor import PredictorSelector
+    from dejavu.selectors import PredictorSelector
     from dejavu.sparse import Gathered
     from test_model import random_pair
     from test_sparse import quick_predictors
@@ -80,7 +80,8 @@ def test_graph_step_on_smollm2_shape_dense_and_gate_first():
     """SmolLM2's shape in fp32 (synthetic weights: the device has no model package): dense and
     gate-first sparse MLP, graph == eager."""
     from dejavu.load import load
-    from dejavu.sparse import Gathered, GateSelector
+    from dejavu.selectors import GateSelector
+    from dejavu.sparse import Gathered
     model = load("smollm2-135m-shape", dtype=torch.float32, device="cuda", max_seq_len=256).model
     prompt = torch.randint(0, 49152, (1, 16), device="cuda", generator=torch.Generator("cuda").manual_seed(0))
     assert torch.equal(graph_greedy(model, prompt, 48)[0], eager_greedy(model, prompt, 48)[0])

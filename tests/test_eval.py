@@ -49,7 +49,8 @@ def test_loglikelihood_matches_transformers(smollm2):
 
 
 def test_sparsity_factory_is_used_per_forward(smollm2):
-    from dejavu.sparse import GateSelector, Masked
+    from dejavu.selectors import GateSelector
+    from dejavu.sparse import Masked
     loaded, _ = smollm2
     made = []
 

@@ -10,7 +10,7 @@ from test_model import random_pair
 pytestmark = pytest.mark.skipif(not cpu.available(), reason="no C++ toolchain for the CPU kernel")
 
 
-@pytest.mark.parametrize("name", ["llama-gqa", "opt-relu", "gemma-geglu"])
+@pytest.mark.parametrize("name", ["llama-gqa", "opt-relu", "gemma-geglu", "llama-biases"])
 @pytest.mark.parametrize("batch", [1, 3])
 def test_fused_sparse_mlp_matches_reference(name, batch):
     model, _ = random_pair(name)
@@ -48,3 +48,18 @@ def test_gather_matvec_and_axpy_match_torch_on_strided_rows(batch):
         a = torch.randn(batch, 1, 37, generator=g)
         w = torch.randn(300, 70, generator=g)
         assert rel_err(cpu.gather_axpy(a, w, idx), a @ w[idx]) < 1e-5
+
+
+@pytest.mark.parametrize("name", ["llama-gqa", "gemma-geglu", "llama-biases"])
+def test_fused_gate_first_mlp_keeping_every_neuron_is_the_mlp(name):
+    """The one-call gate-first kernel with every neuron a candidate and kept: the dense MLP, gate and
+    up biases (mlp_bias) included."""
+    model, _ = random_pair(name)
+    mlp = model.layers[1].mlp
+    x = torch.randn(1, 1, model.cfg.d_model, generator=torch.Generator().manual_seed(0))
+    n = model.cfg.d_ff
+    with torch.inference_mode():
+        out, kept = cpu.gate_first_mlp(mlp, x, mlp.w_out_t.norm(dim=1), n, n)
+        want = mlp(x) - (mlp.b_out if mlp.b_out is not None else 0)
+    assert sorted(kept.tolist()) == list(range(n))
+    assert rel_err(out.view_as(want), want) < 1e-5

@@ -16,6 +16,7 @@ pytestmark = pytest.mark.gpu if CUDA else []
 if not CUDA and os.environ.get("TRITON_INTERPRET") != "1":
     pytest.skip("a non-CUDA device needs TRITON_INTERPRET=1", allow_module_level=True)
 tg = pytest.importorskip("dejavu.kernels.triton_gather")
+from dejavu.kernels import reference as ref  # noqa: E402
 from dejavu.kernels import triton_attention as ta  # noqa: E402
 
 TOL = {torch.bfloat16: 1e-2, torch.float16: 2e-3, torch.float32: 1e-5}
@@ -64,25 +65,55 @@ def test_gather_matvec_and_axpy(dtype, n, d, m, batch):
     idx = torch.randperm(n, device=DEV, generator=g)[:m]
     for part in (0, 1):
         poison()
-        check(tg.gather_matvec(x, w_in[:, part], idx), tg.gather_matvec_reference(x, w_in[:, part], idx), dtype)
+        check(tg.gather_matvec(x, w_in[:, part], idx), ref.gather_matvec_reference(x, w_in[:, part], idx), dtype)
     poison()
-    check(tg.gather_axpy(a, w, idx), tg.gather_axpy_reference(a, w, idx), dtype)
+    check(tg.gather_axpy(a, w, idx), ref.gather_axpy_reference(a, w, idx), dtype)
 
 
 @pytest.mark.parametrize("programs_per_sm", [1, 4, 16])
 def test_gather_axpy_last_split_sums_deterministically(programs_per_sm):
     """Many splits, many calls back to back with no sync between: the column block's last split
-    adds the partials in a fixed order, so every output is bitwise the same and right, and the
-    counters that pick the last split are left at zero for the next call."""
+    adds the partials in a fixed order, so every output is bitwise the same and right."""
     dtype = torch.float16
     g = gen()
     a, w = randn(2, 3000, g=g, dtype=dtype), randn(5000, 1000, g=g, dtype=dtype)
     bias = randn(1000, g=g, dtype=dtype)
     idx = torch.randperm(5000, device=DEV, generator=g)[:3000]
     outs = [tg.gather_axpy(a, w, idx, bias, programs_per_sm=programs_per_sm) for _ in range(20)]
-    check(outs[0], tg.gather_axpy_reference(a, w, idx, bias), dtype)
+    check(outs[0], ref.gather_axpy_reference(a, w, idx, bias), dtype)
     assert all(torch.equal(o, outs[0]) for o in outs[1:])
-    assert not tg._SPLIT_COUNTS[a.device].any()
+
+
+@pytest.mark.skipif(not CUDA, reason="streams need a GPU")
+def test_gather_axpy_on_overlapping_streams():
+    """Calls in flight at once on four streams (as graphs, streams or threads on one device) each
+    pick their own last split: every output right. (With one completion counter per device, calls
+    count each other's splits: a column block is summed before all its partials are in, or never.)
+    The streams wait for one event, then each runs calls long enough (one program per SM, each
+    reading ~0.5 MB) that the four are resident on the GPU together."""
+    dtype = torch.float16
+    g = gen()
+    w = randn(40000, 1024, g=g, dtype=dtype)
+    jobs = [(randn(2, 30000, g=g, dtype=dtype), torch.randperm(40000, device=DEV, generator=g)[:30000])
+            for _ in range(8)]
+    tg.gather_axpy(jobs[0][0], w, jobs[0][1], programs_per_sm=1)  # compile now: the launches below must queue up
+    streams = [torch.cuda.Stream() for _ in range(4)]
+    go, gate = torch.cuda.Event(), torch.cuda.Stream()
+    gate.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(gate):  # ~20 ms on the GPU, while the calls queue up behind `go`
+        torch.cuda._sleep(40_000_000)
+        go.record()
+    outs = []
+    for s in streams:
+        s.wait_event(go)
+    for rep in range(4):
+        for i, (a, idx) in enumerate(jobs):
+            with torch.cuda.stream(streams[(i + rep) % len(streams)]):
+                outs.append(tg.gather_axpy(a, w, idx, programs_per_sm=1))
+    torch.cuda.synchronize()
+    for i, out in enumerate(outs):
+        a, idx = jobs[i % len(jobs)]
+        check(out, ref.gather_axpy_reference(a, w, idx), dtype)
 
 
 @pytest.mark.parametrize("dtype", DTYPES)
@@ -116,7 +147,7 @@ def test_gather_act(dtype, act, n_in, bias, n, d, m, batch):
     x = randn(batch, 1, d, g=g, dtype=dtype)  # [B, T=1, d] as the model passes it
     idx = torch.randperm(n, device=DEV, generator=g)[:m]
     poison()
-    check(tg.gather_act(x, w_in, b_in, idx, act), tg.gather_act_reference(x, w_in, b_in, idx, act), dtype)
+    check(tg.gather_act(x, w_in, b_in, idx, act), ref.gather_act_reference(x, w_in, b_in, idx, act), dtype)
 
 
 @pytest.mark.parametrize("dtype", DTYPES)
@@ -133,9 +164,9 @@ def test_head_gathers(dtype, H, hd, d, m, batch, bias):
     x, y = randn(batch, d, g=g, dtype=dtype), randn(batch, m * hd, g=g, dtype=dtype)
     heads = torch.randperm(H, device=DEV, generator=g)[:m]
     poison()
-    check(tg.gather_matvec(x, wq, heads, bq, unit=hd), tg.gather_matvec_reference(x, wq, heads, bq, unit=hd), dtype)
+    check(tg.gather_matvec(x, wq, heads, bq, unit=hd), ref.gather_matvec_reference(x, wq, heads, bq, unit=hd), dtype)
     poison()
-    check(tg.gather_axpy(y, wo_t, heads, bo, unit=hd), tg.gather_axpy_reference(y, wo_t, heads, bo, unit=hd), dtype)
+    check(tg.gather_axpy(y, wo_t, heads, bo, unit=hd), ref.gather_axpy_reference(y, wo_t, heads, bo, unit=hd), dtype)
 
 
 @pytest.mark.parametrize("dtype", DTYPES)
@@ -156,7 +187,7 @@ def test_qkv_lazily(dtype, H, hd, d, m, r, W, S, bias):
     window = (pos - W + 1 + torch.arange(W, device=DEV)).clamp(min=0)
     kv = torch.full((2, H, S, hd), float("nan"), device=DEV, dtype=dtype)
     want_kv = kv.clone()
-    want_q = tg.gather_qkv_lazily_reference(x, wqkv, bqkv, idx, turn, H, window, want_kv)
+    want_q = ref.gather_qkv_lazily_reference(x, wqkv, bqkv, idx, turn, H, window, want_kv)
     poison()
     check(tg.gather_qkv_lazily(x, wqkv, bqkv, idx, turn, H, window, kv), want_q, dtype)
     written = ~torch.isnan(want_kv)
@@ -188,7 +219,7 @@ def test_decode_attention(dtype, H, Hkv, hd, S, length, batch, heads, n_splits):
     q, k, v, head_idx, L, key_valid = attention_inputs(batch, H, Hkv, hd, S, length, m, dtype, g)
     poison()
     got = ta.decode_attention(q, k, v, head_idx, H, L, key_valid, hd ** -0.5, n_splits=n_splits)
-    check(got, ta.decode_attention_reference(q, k, v, head_idx, H, L, key_valid, hd ** -0.5), dtype)
+    check(got, ref.decode_attention_reference(q, k, v, head_idx, H, L, key_valid, hd ** -0.5), dtype)
 
 
 def test_decode_attention_is_sdpa_for_all_heads():
@@ -253,14 +284,14 @@ def test_ops_in_cuda_graph(op):
     q = randn(x.shape[0], 3, k.shape[-1], g=g, dtype=dtype)
     run, reference = {
         "gather_matvec": (lambda: tg.gather_matvec(x, w_in[:, 1], static["idx"]),
-                          lambda: tg.gather_matvec_reference(x, w_in[:, 1], static["idx"])),
+                          lambda: ref.gather_matvec_reference(x, w_in[:, 1], static["idx"])),
         "gather_act": (lambda: tg.gather_act(x, w_in, None, static["idx"], "silu"),
-                       lambda: tg.gather_act_reference(x, w_in, None, static["idx"], "silu")),
+                       lambda: ref.gather_act_reference(x, w_in, None, static["idx"], "silu")),
         "gather_axpy": (lambda: tg.gather_axpy(a, w_out_t, static["idx"]),
-                        lambda: tg.gather_axpy_reference(a, w_out_t, static["idx"])),
+                        lambda: ref.gather_axpy_reference(a, w_out_t, static["idx"])),
         "decode_attention": (lambda: ta.decode_attention(q, k, v, static["heads"], 8, static["length"],
                                                          static["key_valid"], 32 ** -0.5),
-                             lambda: ta.decode_attention_reference(q, k, v, static["heads"], 8, static["length"],
+                             lambda: ref.decode_attention_reference(q, k, v, static["heads"], 8, static["length"],
                                                                    static["key_valid"], 32 ** -0.5)),
         "step": (lambda: step(**static), None),
     }[op]
@@ -285,9 +316,12 @@ def test_ops_in_cuda_graph(op):
 
 
 @pytest.mark.skipif(not CUDA, reason="the engine's CUDA path")
-@pytest.mark.parametrize("name", ["llama-gqa", "opt-relu"])
-def test_gathered_equals_masked_on_cuda(name, tmp_path):
-    from dejavu.predictor import PredictorSelector
+@pytest.mark.parametrize("name,selector,batch", [("llama-gqa", "predicted", 2), ("opt-relu", "predicted", 2),
+                                                 ("llama-biases", "predicted", 2), ("llama-biases", "gate", 1),
+                                                 ("llama-biases", "gate", 2)])
+def test_gathered_equals_masked_on_cuda(name, selector, batch, tmp_path):
+    """The Triton gathers (biases included: q/k/v/o and the MLP's) compute what masked mode evaluates."""
+    from dejavu.selectors import GateSelector, PredictorSelector
     from dejavu.sparse import Gathered, Masked
     from test_model import random_pair
     from test_sparse import decode_side_by_side, quick_predictors
@@ -296,15 +330,18 @@ def test_gathered_equals_masked_on_cuda(name, tmp_path):
     model = model.cuda()
     for p in preds.mlp + preds.heads:
         p.cuda()
-    gathered = Gathered(model, PredictorSelector(preds), PredictorSelector(preds), 0.4, 0.5)
-    masked = Masked(model, PredictorSelector(preds), PredictorSelector(preds), 0.4, 0.5, union=True)
-    decode_side_by_side(model, gathered, masked, torch.randint(0, 101, (2, 9), device="cuda"), 30, atol=1e-4)
+    pick = lambda: GateSelector(model) if selector == "gate" else PredictorSelector(preds)  # noqa: E731
+    gathered = Gathered(model, pick(), PredictorSelector(preds), 0.4, 0.5)
+    masked = Masked(model, pick(), PredictorSelector(preds), 0.4, 0.5, union=True)
+    prompt = torch.randint(0, 101, (batch, 9), device="cuda")
+    _, lg, dense, _ = decode_side_by_side(model, gathered, masked, prompt, 30, atol=1e-4)
+    assert not torch.allclose(lg, dense, atol=1e-3)  # sparsity really acted
 
 
 @pytest.mark.skipif(not CUDA, reason="times kernels on the GPU")
 def test_bench_kernels_table():
     """`dejavu bench kernels` end to end on one shape: every row timed, bandwidth under the card's."""
-    from dejavu import bench
+    from dejavu.bench import kernels as bench
     res = bench.bench_kernels(["llama-3-8b"], (0.1, 1.0), (1,), log=lambda *a: None)
     assert len(res["rows"]) == 4 and {r["side"] for r in res["rows"]} == {"up", "down"}
     for r in res["rows"]:

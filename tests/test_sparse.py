@@ -7,8 +7,9 @@ import torch.nn.functional as F
 
 from dejavu.collect import load_layer, read_manifest, record
 from dejavu.errors import DejavuError
-from dejavu.predictor import Predictors, PredictorSelector, TrainSettings, selection_metrics, train
-from dejavu.sparse import GateSelector, Masked, OracleSelector, Recorder, StaticSelector, head_importance
+from dejavu.predictor import Predictors, TrainSettings, selection_metrics, train
+from dejavu.selectors import GateSelector, OracleSelector, PredictorSelector, StaticSelector
+from dejavu.sparse import Masked, Recorder, head_importance
 from test_model import random_pair
 
 
@@ -16,7 +17,7 @@ def tokens(n=64, b=2, seed=0, vocab=101):
     return torch.randint(0, vocab, (b, n), generator=torch.Generator().manual_seed(seed))
 
 
-@pytest.mark.parametrize("name", ["llama-gqa", "opt-relu", "gemma-geglu"])
+@pytest.mark.parametrize("name", ["llama-gqa", "opt-relu", "gemma-geglu", "llama-biases", "qwen2-qkv-bias"])
 def test_masked_at_full_density_equals_dense(name):
     model, _ = random_pair(name)
     x = tokens()
@@ -215,23 +216,29 @@ def quick_predictors(model, folder):
 
 def decode_side_by_side(model, gathered, masked, prompt, length, atol):
     """Dense prefill, then gathered and masked decode in step; their logits must agree at every
-    step. Returns the last token, the last gathered logits and both caches."""
-    caches = [model.new_cache(len(prompt), length), model.new_cache(len(prompt), length)]
+    step. A third cache decodes the same tokens densely. Returns the last token, the last gathered
+    and dense logits (same context: same tokens, same slots) and the gathered and masked caches."""
+    caches = [model.new_cache(len(prompt), length) for _ in range(3)]
     with torch.no_grad():
         nxt = model(prompt, caches[0], 0)[:, -1].argmax(-1)
         model(prompt, caches[1], 0)
+        model(prompt, caches[2], 0)
         for pos in range(prompt.shape[1], length):
             lg = model(nxt[:, None], caches[0], pos, sparsity=gathered)
             lm = model(nxt[:, None], caches[1], pos, sparsity=masked)
+            dense = model(nxt[:, None], caches[2], pos)
             assert torch.allclose(lg, lm, atol=atol, rtol=1e-4), pos
             nxt = lg[:, -1].argmax(-1)
-    return nxt, lg, caches
+    return nxt, lg, dense, caches[:2]
 
 
 @pytest.mark.parametrize("name,batch,selector", [("llama-gqa", 1, "predicted"), ("llama-gqa", 3, "predicted"),
                                                  ("opt-relu", 2, "predicted"), ("llama-gqa", 2, "gate"),
                                                  ("llama-gqa", 1, "gate"), ("gemma-geglu", 1, "gate"),
-                                                 ("llama-gqa", 1, "gate, torch path")])
+                                                 ("llama-gqa", 1, "gate, torch path"),
+                                                 ("llama-biases", 1, "predicted"), ("qwen2-qkv-bias", 2, "predicted"),
+                                                 ("llama-biases", 2, "gate"), ("llama-biases", 1, "gate"),
+                                                 ("llama-biases", 1, "gate, torch path")])
 def test_gathered_equals_masked_over_a_generation(name, batch, selector, tmp_path, monkeypatch):
     """The fast path computes what was evaluated: same selection -> same logits, step after step
     over the KV cache (batch > 1: both use the batch's union of sets)."""
@@ -245,10 +252,8 @@ def test_gathered_equals_masked_over_a_generation(name, batch, selector, tmp_pat
     (n1, h1), (n2, h2) = pick(), pick()
     gathered = Gathered(model, mlp=n1, heads=h1, mlp_density=0.4, attn_density=0.5)
     masked = Masked(model, mlp=n2, heads=h2, mlp_density=0.4, attn_density=0.5, union=True)
-    nxt, lg, caches = decode_side_by_side(model, gathered, masked, tokens(n=9, b=batch, seed=5), 40, atol=1e-5)
-    with torch.no_grad():
-        dense = model(nxt[:, None], model.new_cache(batch, 40), 0)
-    assert not torch.allclose(lg, dense)  # sparsity really acted
+    nxt, lg, dense, caches = decode_side_by_side(model, gathered, masked, tokens(n=9, b=batch, seed=5), 40, atol=1e-5)
+    assert not torch.allclose(lg, dense, atol=1e-3)  # sparsity really acted (dense: the same tokens and slots)
     assert torch.allclose(caches[0].k, caches[1].k, atol=1e-5) and torch.allclose(caches[0].v, caches[1].v, atol=1e-5)
     one_token = round(0.4 * model.cfg.d_ff) / model.cfg.d_ff
     assert gathered.density("mlp") == masked.density("mlp")
@@ -256,3 +261,41 @@ def test_gathered_equals_masked_over_a_generation(name, batch, selector, tmp_pat
         assert gathered.density("mlp") > one_token  # the union of several tokens' sets is larger
     else:
         assert gathered.density("mlp") == pytest.approx(one_token)
+
+
+def test_the_same_context_check_sees_a_dense_run():
+    """decode_side_by_side's dense logits are the dense step over the same context: with dense
+    "sparse" runs (no selectors) the gathered logits equal them (the generation test's `not
+    allclose` then means sparsity acted)."""
+    from dejavu.sparse import Gathered
+    model, _ = random_pair("llama-gqa")
+    _, lg, dense, _ = decode_side_by_side(model, Gathered(model), Masked(model), tokens(n=9, b=2, seed=5), 20,
+                                          atol=1e-5)
+    assert torch.allclose(lg, dense, atol=1e-5)
+
+
+@pytest.mark.parametrize("path", ["fused C++", "torch"])
+@pytest.mark.parametrize("batch", [1, 2])
+def test_gate_first_with_mlp_biases_at_full_density_is_dense(path, batch, monkeypatch):
+    """mlp_bias (Llama configs may ask for it): gate-first selection keeping every neuron computes the
+    dense MLP, gate and up biases included (gathered decode: the dense logits), and its masked-mode
+    scores are then the true importances (the oracle's)."""
+    from dejavu.kernels import cpu as cpu_kernels
+    from dejavu.sparse import Gathered
+    if path == "torch":
+        monkeypatch.setattr(cpu_kernels, "ENABLED", False)
+    model, _ = random_pair("llama-biases")
+    assert model.layers[0].mlp.b_in is not None and model.layers[0].mlp.b_in.abs().min() > 0
+    prompt, nxt = tokens(n=9, b=batch, seed=5), tokens(n=1, b=batch, seed=6)
+    caches = [model.new_cache(batch, 16) for _ in range(2)]
+    with torch.no_grad():
+        for c in caches:
+            model(prompt, c, 0)
+        got = model(nxt, caches[0], 9, sparsity=Gathered(model, mlp=GateSelector(model), mlp_density=1.0))
+        want = model(nxt, caches[1], 9)
+        x = torch.randn(batch, 3, model.cfg.d_model)
+        mlp = model.layers[1].mlp
+        scores = GateSelector(model).neuron_scores(1, None, x, k=model.cfg.d_ff)
+        oracle = OracleSelector(model).neuron_scores(1, None, x, out=mlp.activations(x))
+    assert torch.allclose(got, want, atol=1e-5, rtol=1e-4)
+    assert torch.allclose(scores, oracle, atol=1e-5, rtol=1e-4)

@@ -12,8 +12,9 @@ from dejavu.sampling import probabilities
 from dejavu.kernels import cpu as cpu_kernels
 from dejavu.errors import DejavuError
 from dejavu.load import from_hf_model, load
-from dejavu.predictor import Predictors, default_selectors
-from dejavu.sparse import Gathered, GateSelector, Masked, StaticSelector
+from dejavu.predictor import Predictors
+from dejavu.selectors import GateSelector, StaticSelector, default_selectors
+from dejavu.sparse import Gathered, Masked
 from dejavu.speculative import DraftLength, SpeculativeDecoder, expected_tokens, generate_lossless
 from test_sparse import quick_predictors
 

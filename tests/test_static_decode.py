@@ -4,7 +4,7 @@ right for every head attention reads."""
 import pytest
 import torch
 
-from dejavu.predictor import PredictorSelector
+from dejavu.selectors import PredictorSelector
 from dejavu.sparse import Gathered
 from test_model import random_pair
 from test_sparse import quick_predictors, tokens
@@ -24,7 +24,7 @@ def decode(model, prompt, n, sparsity=None, static=False, lazy_window=0):
     return torch.stack(out, 1)
 
 
-@pytest.mark.parametrize("name", ["llama-gqa", "opt-relu"])
+@pytest.mark.parametrize("name", ["llama-gqa", "opt-relu", "llama-biases"])
 def test_device_position_step_equals_eager_step(name):
     model, _ = random_pair(name)
     prompt = tokens(n=7, b=1, seed=2)

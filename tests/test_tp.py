@@ -16,7 +16,8 @@ import torch.multiprocessing as mp
 
 from dejavu import tp
 from dejavu.errors import DejavuError
-from dejavu.predictor import PredictorSelector, random_predictors
+from dejavu.predictor import random_predictors
+from dejavu.selectors import PredictorSelector
 from dejavu.sparse import Gathered, Masked
 
 WORLD = 2
@@ -76,7 +77,7 @@ def free_port():
 
 
 @pytest.mark.parametrize("device", ["cpu", pytest.param("cuda", marks=pytest.mark.gpu)])
-@pytest.mark.parametrize("name", ["llama-gqa", "opt-relu"])
+@pytest.mark.parametrize("name", ["llama-gqa", "opt-relu", "llama-biases"])
 def test_two_ranks_match_one(name, device):
     """CPU: gloo. GPU (2 cards): NCCL, the Triton kernels on each rank's shard."""
     if device == "cuda" and torch.cuda.device_count() < WORLD:
@@ -115,7 +116,7 @@ def test_indivisible_shapes_are_refused():
 def test_gate_first_candidates_are_per_shard():
     """Gate-first selection under the shards rule: every shard gets its own refine * k candidates,
     so each shard's k kept neurons are all candidates (exact scores, never the -1 of a non-candidate)."""
-    from dejavu.sparse import GateSelector
+    from dejavu.selectors import GateSelector
     from test_model import random_pair
     model, _ = random_pair("llama-gqa")
     x = torch.randn(1, 5, model.cfg.d_model)

@@ -3,10 +3,11 @@
 import torch, time, sys
 from dejavu.load import load
 from dejavu.sparse import *
+from dejavu.selectors import *
 from dejavu.data import wiki_split
 from dejavu.evaluate import token_stream, perplexity
 from dejavu.collect import record
-from dejavu.predictor import train, TrainSettings, PredictorSelector, Predictors
+from dejavu.predictor import train, TrainSettings, Predictors
 torch.manual_seed(0)
 L=load(); m=L.model
 N=int(sys.argv[1])

@@ -3,9 +3,10 @@
 import torch, time, sys
 from dejavu.load import load
 from dejavu.sparse import *
+from dejavu.selectors import *
 from dejavu.data import wiki_split
 from dejavu.evaluate import token_stream, perplexity
-from dejavu.predictor import PredictorSelector, Predictors
+from dejavu.predictor import Predictors
 L=load(); m=L.model
 held=token_stream(L.tokenizer, wiki_split('heldout'), 4096)
 P=Predictors.load('/tmp/pred', m)

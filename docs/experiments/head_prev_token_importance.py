@@ -7,10 +7,11 @@ import sys, time, torch, torch.nn as nn, torch.nn.functional as F
 sys.path.insert(0, "src")
 from pathlib import Path
 from dejavu.load import load
-from dejavu.cli import text_stream
+from dejavu.evaluate import text_stream
 from dejavu.collect import read_manifest, split_shards, load_layer
-from dejavu.predictor import LowRank, _fit, PredictorSelector, Predictors
-from dejavu.sparse import Masked, OracleSelector, head_importance
+from dejavu.predictor import LowRank, _fit, Predictors
+from dejavu.selectors import OracleSelector, PredictorSelector
+from dejavu.sparse import Masked, head_importance
 from dejavu.evaluate import perplexity
 torch.manual_seed(0)
 loaded = load("smollm2-135m"); model, tok = loaded.model, loaded.tokenizer; cfg = model.cfg

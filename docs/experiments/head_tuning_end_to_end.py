@@ -7,8 +7,9 @@ Output: head_tuning_end_to_end.log."""
 import sys, time, random, torch, torch.nn.functional as F
 sys.path.insert(0, "src")
 from dejavu.load import load
-from dejavu.cli import text_stream
-from dejavu.sparse import Masked, OracleSelector, topk_mask
+from dejavu.evaluate import text_stream
+from dejavu.selectors import OracleSelector
+from dejavu.sparse import Masked, topk_mask
 from dejavu.evaluate import perplexity
 torch.manual_seed(0); random.seed(0)
 loaded = load("smollm2-135m"); model, tok = loaded.model, loaded.tokenizer; cfg = model.cfg

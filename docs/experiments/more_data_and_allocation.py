@@ -3,10 +3,11 @@
 import torch, time, sys
 from dejavu.load import load
 from dejavu.sparse import *
+from dejavu.selectors import *
 from dejavu.data import wiki_split
 from dejavu.evaluate import token_stream, perplexity
 from dejavu.collect import record
-from dejavu.predictor import train, TrainSettings, PredictorSelector, Predictors
+from dejavu.predictor import train, TrainSettings, Predictors
 L=load(); m=L.model
 cal=token_stream(L.tokenizer, wiki_split('calibration'), 49152)
 t=time.time(); record(m, cal, '/tmp/rec48', progress=False); print('record', time.time()-t, flush=True)

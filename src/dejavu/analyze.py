@@ -18,7 +18,8 @@ import torch
 
 from .evaluate import perplexity
 from .model import Transformer
-from .sparse import GateSelector, Masked, OracleSelector, Recorder, StaticSelector, head_contributions
+from .selectors import GateSelector, OracleSelector, PredictorSelector, StaticSelector, default_selectors
+from .sparse import Masked, Recorder, head_contributions
 
 KEEP = (0.90, 0.95, 0.99)
 
@@ -63,7 +64,6 @@ def selectors(model: Transformer, predictors=None, static=None) -> dict[str, dic
     """name -> neuron selector, head selector, and the predictors whose per-layer MLP allocation to use.
     'default' is what dejavu uses for this family: the gate selector for gated MLPs (measured best,
     predictor issue), the lookahead predictors otherwise; heads always from the predictors."""
-    from .predictor import PredictorSelector, default_selectors
     oracle = OracleSelector(model)
     out = {"oracle": dict(neurons=oracle, heads=oracle), "static": dict(neurons=static, heads=static)}
     if predictors is not None:

@@ -36,6 +36,7 @@ import torch.nn.functional as F
 from .errors import DejavuError
 from .model import Transformer
 from .predictor import selection_metrics
+from .selectors import default_selectors
 from .sparse import Gathered, Masked, Selection, head_importance, neuron_importance, neuron_norms
 
 
@@ -162,7 +163,6 @@ class Guard:
 
     @classmethod
     def from_predictors(cls, model, preds, mlp_density=0.5, attn_density=0.67, settings=GuardSettings()):
-        from .predictor import default_selectors
         neurons, heads = default_selectors(model, preds)
         return cls(model, neurons, heads, mlp_density, attn_density, settings)
 

@@ -5,7 +5,7 @@ Families are config switches, not classes:
   gemma  (Gemma 1): as llama, GeGLU (tanh GELU), embeddings scaled by sqrt(d)
   opt    (the paper's family): LayerNorm, learned positions, multi-head attention, ReLU, biases
 
-Weight layouts are chosen for sparse execution (one copy of every weight, DESIGN.md 2):
+Weight layouts are chosen for sparse execution (one copy of every weight):
   attention  wqkv     [(heads + 2 kv_heads)*head_dim, d]  Q, K, V rows in one weight (one
                        read for dense, one kernel for a sparse step); a head's rows are
                        contiguous in each part (wq, wk, wv: views)
@@ -64,13 +64,6 @@ class ModelConfig:
         return cls(**d)
 
 
-ACTIVATIONS = {
-    "silu": F.silu,
-    "relu": F.relu,
-    "gelu_tanh": lambda x: F.gelu(x, approximate="tanh"),
-}
-
-
 class Norm(nn.Module):
     def __init__(self, cfg: ModelConfig):
         super().__init__()
@@ -113,45 +106,76 @@ class KVCache:
 
     `key_valid[b, s]` is False for left-padding slots of shorter prompts in a batch.
     """
+    lazy = False  # LazyKVCache: the cache computes K/V itself
 
-    def __init__(self, cfg: ModelConfig, batch: int, max_seq_len: int, device, dtype, lazy_window: int = 0):
+    def __init__(self, cfg: ModelConfig, batch: int, max_seq_len: int, device, dtype):
         shape = (2, cfg.n_layers, batch, cfg.n_kv_heads, max_seq_len, cfg.head_dim)
         self.kv = torch.zeros(shape, device=device, dtype=dtype)  # one tensor: a kernel can write K and V
-        # Lazy K/V fill (multi-head models, batch 1, device positions): keep every token's
-        # normalized attention input, so a head's skipped K/V can be computed when it is selected.
-        self.lazy_window = lazy_window
-        self.x = torch.zeros(cfg.n_layers, batch, max_seq_len, cfg.d_model, device=device, dtype=dtype) \
-            if lazy_window else None
         self.key_valid = torch.ones(batch, max_seq_len, device=device, dtype=torch.bool)
         self.pad = torch.zeros(batch, device=device, dtype=torch.long)
         self.max_seq_len = max_seq_len
-        self._plan = self._length = None
 
     k = property(lambda self: self.kv[0])  # views, derived: whoever replaces kv keeps k and v right
     v = property(lambda self: self.kv[1])
 
-    def lazy_plan(self, pos: torch.Tensor, n_heads: int):
-        """For the lazy fill at slot pos (a device tensor): the r heads refreshed in turn and the
-        window's last W slots. The same for every layer of a step: computed once per pos tensor."""
-        if self._plan is None or self._plan[0] is not pos:
-            W = self.lazy_window
-            r = -(-n_heads // (W - 1))
-            turn = (pos * r + torch.arange(r, device=pos.device)) % n_heads
-            window = (pos - W + 1 + torch.arange(W, device=pos.device)).clamp(min=0)  # repeats slot 0 early on
-            self._plan = (pos, turn, window)
-        return self._plan[1:]
-
-    def decode_length(self, pos: torch.Tensor) -> torch.Tensor:
-        """Keys 0..pos[-1] for the decode kernel: once per step's pos tensor, not once per layer."""
-        if self._length is None or self._length[0] is not pos:
-            self._length = (pos, pos[-1] + 1)
-        return self._length[1]
+    def update(self, layer: int, pos, k: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Write the tokens' K and V [B, kv_heads, T, head_dim] at their slots -> the layer's keys and
+        values to attend over. pos: the first slot (an int), then the slots so far are returned; or
+        the T slots as a device tensor (static shapes), then the whole cache (the mask hides the rest)."""
+        if isinstance(pos, torch.Tensor):
+            self.k[layer].index_copy_(2, pos, k)
+            self.v[layer].index_copy_(2, pos, v)
+            return self.k[layer], self.v[layer]
+        end = pos + k.shape[2]
+        self.k[layer, :, :, pos:end] = k
+        self.v[layer, :, :, pos:end] = v
+        return self.k[layer, :, :, :end], self.v[layer, :, :, :end]
 
     def set_padding(self, pad: torch.Tensor):
         self.pad = pad.to(self.key_valid.device)
         self.key_valid.fill_(True)
         slots = torch.arange(self.max_seq_len, device=self.key_valid.device)
         self.key_valid &= slots[None, :] >= self.pad[:, None]
+
+
+class LazyKVCache(KVCache):
+    """Lazy K/V fill, for head-sparse decode with device positions (multi-head models without
+    RoPE, batch 1): the cache keeps every token's normalized attention input, and a step computes
+    K/V only for the selected heads, over the last W positions, plus r heads in turn whatever the
+    selection, so that every head is refreshed at least every W - 1 steps. A selected head's K/V
+    missing since its last fill then always lie inside the window: the cache is right for every
+    head that attention reads. Weights read: m heads' Q rows and (m + r) heads' K/V rows, not all H,
+    in one kernel that also writes K/V into the cache."""
+    lazy = True
+
+    def __init__(self, cfg: ModelConfig, batch: int, max_seq_len: int, device, dtype, window: int):
+        super().__init__(cfg, batch, max_seq_len, device, dtype)
+        self.window, self.n_heads = window, cfg.n_heads
+        self.x = torch.zeros(cfg.n_layers, batch, max_seq_len, cfg.d_model, device=device, dtype=dtype)
+        self._plan = None
+
+    def plan(self, pos: torch.Tensor):
+        """For the fill at slot pos (a device tensor): the r heads refreshed in turn and the window's
+        last W slots. The same for every layer of a step: computed once per pos tensor."""
+        if self._plan is None or self._plan[0] is not pos:
+            W = self.window
+            r = -(-self.n_heads // (W - 1))
+            turn = (pos * r + torch.arange(r, device=pos.device)) % self.n_heads
+            window = (pos - W + 1 + torch.arange(W, device=pos.device)).clamp(min=0)  # repeats slot 0 early on
+            self._plan = (pos, turn, window)
+        return self._plan[1:]
+
+    def qkv(self, attn: "Attention", layer: int, pos, x: torch.Tensor, heads: torch.Tensor | None):
+        """Keep x, then Q of the query heads and the layer's keys and values to attend over: lazily
+        for one token at a device position with a head selection, else as any cache (no RoPE here)."""
+        slots = pos if isinstance(pos, torch.Tensor) else pos + torch.arange(x.shape[1], device=x.device)
+        self.x[layer].index_copy_(1, slots, x)
+        if heads is None or x.shape[1] != 1 or not isinstance(pos, torch.Tensor):
+            q, k, v = attn.qkv(x, heads)
+            return (q, *self.update(layer, pos, k, v))
+        turn, window = self.plan(pos)
+        q = kernels.gather_qkv_lazily(self.x[layer, 0], attn.wqkv, attn.bqkv, heads, turn, window, self.kv[:, layer, 0])
+        return q.view(1, 1, -1, attn.cfg.head_dim).transpose(1, 2), self.k[layer], self.v[layer]
 
 
 class Attention(nn.Module):
@@ -180,68 +204,34 @@ class Attention(nn.Module):
     bk = property(lambda self: self._part(self.bqkv, 1))
     bv = property(lambda self: self._part(self.bqkv, 2))
 
-    def forward(self, x, rope, mask, cache: KVCache | None, layer: int, start_pos, sparsity=None):
-        """With a gathered sparsity (sparse.Gathered), only the selected query heads are
-        computed: their Q rows, their attention, their W_o slice. K/V are computed for every
-        head, so the cache stays complete whatever later tokens select."""
-        cfg = self.cfg
-        B, T, _ = x.shape
-        idx = sparsity.head_index(layer, x) if sparsity is not None else None
-        static = isinstance(start_pos, torch.Tensor)  # static shapes (CUDA graphs): start_pos = the T slots
-        if cache is not None and cache.x is not None:
-            cache.x[layer].index_copy_(1, start_pos + torch.arange(T, device=x.device) if not static else start_pos, x)
-        lazy = static and idx is not None and cache.x is not None and T == 1
-        if lazy:  # Q and the selected heads' K/V in one pass, K/V written into the cache
-            q = self.qkv_lazily(cache, layer, start_pos, idx)
-        elif idx is None:  # Q, K, V in one matmul
-            q, k, v = F.linear(x, self.wqkv, self.bqkv).split(self.parts, -1)
-        else:  # the selected heads' Q rows only (the first rows of wqkv), K/V for every head
-            q = kernels.gather_matvec(x, self.wqkv, idx, self.bqkv, unit=cfg.head_dim)
-            q_dim = self.parts[0]
-            k, v = F.linear(x, self.wqkv[q_dim:], None if self.bqkv is None else self.bqkv[q_dim:]).chunk(2, -1)
-        q = q.reshape(B, T, -1, cfg.head_dim).transpose(1, 2)
-        if lazy:
-            k, v = cache.k[layer], cache.v[layer]
+    def forward(self, x, rope, mask: kernels.AttentionMask, cache: KVCache | None, layer: int, pos, sparsity=None):
+        """pos: the tokens' first cache slot (an int), or their slots as a device tensor (static shapes)."""
+        heads = sparsity.head_index(layer, x) if sparsity is not None else None  # the query heads to run (None: all)
+        if cache is not None and cache.lazy:  # the cache computes what it lacks from its kept inputs
+            q, k, v = cache.qkv(self, layer, pos, x, heads)
         else:
-            k = k.reshape(B, T, cfg.n_kv_heads, cfg.head_dim).transpose(1, 2)
-            v = v.reshape(B, T, cfg.n_kv_heads, cfg.head_dim).transpose(1, 2)
+            q, k, v = self.qkv(x, heads)
             if rope is not None:
                 q, k = apply_rope(q, rope), apply_rope(k, rope)
-            if static:  # write at the device position, attend over the whole cache (the mask hides the rest)
-                cache.k[layer].index_copy_(2, start_pos, k)
-                cache.v[layer].index_copy_(2, start_pos, v)
-                k, v = cache.k[layer], cache.v[layer]
-            elif cache is not None:
-                end = start_pos + T
-                cache.k[layer, :, :, start_pos:end] = k
-                cache.v[layer, :, :, start_pos:end] = v
-                k, v = cache.k[layer, :, :, :end], cache.v[layer, :, :, :end]
-        if static and T == 1 and x.is_cuda:  # the decode kernel: the selected heads' K/V groups only
-            heads = idx if idx is not None else torch.arange(cfg.n_heads, device=x.device)
-            y = kernels.decode_attention(q[:, :, 0], k, v, heads, cfg.n_heads, cache.decode_length(start_pos),
-                                         cache.key_valid, cfg.head_dim ** -0.5)[:, None]
-        else:
-            if idx is not None:  # each selected query head reads its own K/V group
-                group = idx // (cfg.n_heads // cfg.n_kv_heads)
-                k, v = k[:, group], v[:, group]
-            y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask,
-                                               enable_gqa=idx is None and cfg.n_heads != cfg.n_kv_heads)
-            y = y.transpose(1, 2)  # [B, T, heads, head_dim]
+            if cache is not None:
+                k, v = cache.update(layer, pos, k, v)
+        y = kernels.attention(q, k, v, mask, heads, self.cfg.n_heads)  # [B, T, heads, head_dim]
         if sparsity is not None:
             y = sparsity.heads(layer, x, y)
-        return self.project_out(y.flatten(2), idx)
+        return self.project_out(y.flatten(2), heads)
 
-    def qkv_lazily(self, cache: KVCache, layer: int, pos: torch.Tensor, idx: torch.Tensor) -> torch.Tensor:
-        """DESIGN.md 4.3, with static shapes: compute K/V only for the selected heads, over the
-        last W positions (from the kept inputs), plus r heads in turn whatever the selection, so
-        that every head is refreshed at least every W - 1 steps. A selected head's K/V missing
-        since its last fill then always lie inside the window: the cache is right for every
-        head that attention reads. Weights read: m heads' Q rows and (m + r) heads' K/V rows,
-        not all H, in one kernel that also writes K/V into the cache. -> the selected heads' Q
-        for the current token (the window's last position)."""
-        turn, window = cache.lazy_plan(pos, self.cfg.n_heads)
-        return kernels.gather_qkv_lazily(cache.x[layer, 0], self.wqkv, self.bqkv, idx, turn, window,
-                                         cache.kv[:, layer, 0])
+    def qkv(self, x, heads=None):
+        """Q, K, V, each [B, heads, T, head_dim]. With `heads`, Q of those query heads only (their
+        rows of wqkv, gathered); K and V always of every head, so the cache stays complete whatever
+        later tokens select."""
+        B, T, _ = x.shape
+        if heads is None:  # Q, K, V in one matmul
+            q, k, v = F.linear(x, self.wqkv, self.bqkv).split(self.parts, -1)
+        else:
+            q_dim = self.parts[0]
+            q = kernels.gather_matvec(x, self.wqkv, heads, self.bqkv, unit=self.cfg.head_dim)
+            k, v = F.linear(x, self.wqkv[q_dim:], None if self.bqkv is None else self.bqkv[q_dim:]).chunk(2, -1)
+        return [t.reshape(B, T, -1, self.cfg.head_dim).transpose(1, 2) for t in (q, k, v)]
 
     def project_out(self, y, idx=None):
         """Through W_o: all heads, or the heads idx only (each a head_dim-row slice of wo_t)."""
@@ -254,7 +244,7 @@ class MLP(nn.Module):
     def __init__(self, cfg: ModelConfig):
         super().__init__()
         self.cfg = cfg
-        self.act = ACTIVATIONS[cfg.act]
+        self.act = kernels.ACTIVATIONS[cfg.act]
         self.w_in = nn.Parameter(torch.empty(cfg.d_ff, cfg.n_in, cfg.d_model))
         self.b_in = nn.Parameter(torch.zeros(cfg.d_ff, cfg.n_in)) if cfg.mlp_bias else None
         self.w_out_t = nn.Parameter(torch.empty(cfg.d_ff, cfg.d_model))
@@ -294,14 +284,14 @@ class Block(nn.Module):
         self.mlp_norm = Norm(cfg)
         self.mlp = MLP(cfg)
 
-    def forward(self, x, rope, mask, cache, start_pos, sparsity=None, mlp_out=None):
+    def forward(self, x, rope, mask, cache, pos, sparsity=None, mlp_out=None):
         """x + mlp_out (the previous block's MLP output) is the residual entering this block: each
         residual add is done with the norm after it, in one kernel. -> (residual after attention,
         this block's MLP output)."""
         x, h = self.attn_norm.add(x, mlp_out)
         if sparsity is not None:
             sparsity.enter(self.layer, x)
-        x, h = self.mlp_norm.add(x, self.attn(h, rope, mask, cache, self.layer, start_pos, sparsity))
+        x, h = self.mlp_norm.add(x, self.attn(h, rope, mask, cache, self.layer, pos, sparsity))
         return x, self.mlp(h, self.layer, sparsity)
 
 
@@ -333,14 +323,16 @@ class Transformer(nn.Module):
 
     def new_cache(self, batch: int, max_seq_len: int | None = None, lazy_window: int = 0) -> KVCache:
         """lazy_window W > 1: lazy K/V fill for head-sparse decode with device positions
-        (Attention.fill_kv_lazily); multi-head models without RoPE (OPT), batch 1."""
+        (LazyKVCache); multi-head models without RoPE (OPT), batch 1."""
         n = max_seq_len or self.cfg.max_seq_len
         if n > self.cfg.max_seq_len:
             raise ValueError(f"cache of {n} tokens exceeds the model's context of {self.cfg.max_seq_len}")
-        if lazy_window and not (lazy_window > 1 and batch == 1 and self.cfg.n_kv_heads == self.cfg.n_heads
-                                and self.cfg.positions != "rope"):
+        if not lazy_window:
+            return KVCache(self.cfg, batch, n, self.device, self.dtype)
+        if not (lazy_window > 1 and batch == 1 and self.cfg.n_kv_heads == self.cfg.n_heads
+                and self.cfg.positions != "rope"):
             raise ValueError("lazy K/V fill needs a window > 1, batch 1 and a multi-head model without RoPE (OPT)")
-        return KVCache(self.cfg, batch, n, self.device, self.dtype, lazy_window)
+        return LazyKVCache(self.cfg, batch, n, self.device, self.dtype, lazy_window)
 
     def positions(self, B: int, T: int, start_pos: int, cache: KVCache | None):
         pos = (start_pos + torch.arange(T, device=self.device))[None, :].expand(B, T)
@@ -348,18 +340,21 @@ class Transformer(nn.Module):
             pos = (pos - cache.pad[:, None]).clamp(min=0)
         return pos
 
-    def attention_mask(self, pos_q: torch.Tensor, T: int, start_pos: int, cache: KVCache | None):
-        """Boolean [B, 1, T, keys]: causal, minus padding slots (a slot always sees itself,
-        so padding rows stay finite)."""
+    def attention_mask(self, T: int, start_pos, cache: KVCache | None) -> kernels.AttentionMask:
+        """Causal, minus padding slots (a slot always sees itself, so padding rows stay finite):
+        boolean [B, 1, T, keys]; with a device start_pos (static shapes), over the whole cache and
+        with what the decode kernel reads."""
         if cache is None:
-            return torch.ones(T, T, dtype=torch.bool, device=self.device).tril()[None, None]
+            return kernels.AttentionMask(torch.ones(T, T, dtype=torch.bool, device=self.device).tril()[None, None])
         static = isinstance(start_pos, torch.Tensor)  # keys: the whole cache (static shapes)
         end = cache.max_seq_len if static else start_pos + T
         slot_q = (start_pos + torch.arange(T, device=self.device))[:, None]
         slot_k = torch.arange(end, device=self.device)[None, :]
         causal = slot_k <= slot_q
         mask = causal[None] & (cache.key_valid[:, None, :end] | (slot_k == slot_q)[None])
-        return mask[:, None]
+        if not static:
+            return kernels.AttentionMask(mask[:, None])
+        return kernels.AttentionMask(mask[:, None], start_pos + T, cache.key_valid)
 
     def rope(self, pos):
         if self.cfg.positions != "rope":
@@ -395,14 +390,14 @@ class Transformer(nn.Module):
             raise ValueError(f"sequence of {start_pos + T} tokens exceeds the cache of {cache.max_seq_len}")
         if cache is None and T > self.cfg.max_seq_len:
             raise ValueError(f"sequence of {T} tokens exceeds the model's context of {self.cfg.max_seq_len}")
-        pos = self.positions(B, T, start_pos, cache)
-        x = self.embed(tokens, pos)
-        rope, mask = self.rope(pos), self.attention_mask(pos, T, start_pos, cache)
-        if isinstance(start_pos, torch.Tensor):  # the blocks get the slots, computed once
-            start_pos = start_pos + torch.arange(T, device=self.device)
+        positions = self.positions(B, T, start_pos, cache)
+        x = self.embed(tokens, positions)
+        rope, mask = self.rope(positions), self.attention_mask(T, start_pos, cache)
+        # the tokens' cache slots, for the blocks: the first (an int), or all T as a device tensor
+        pos = start_pos + torch.arange(T, device=self.device) if isinstance(start_pos, torch.Tensor) else start_pos
         mlp_out = None
         for block in self.layers:
-            x, mlp_out = block(x, rope, mask, cache, start_pos, sparsity, mlp_out)
+            x, mlp_out = block(x, rope, mask, cache, pos, sparsity, mlp_out)
         return self.logits(x, mlp_out)
 
 

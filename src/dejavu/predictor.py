@@ -1,6 +1,7 @@
 """Low-rank lookahead predictors: train on recordings, calibrate k, report, save and load.
+(selectors.PredictorSelector selects units with them.)
 
-Per layer l (Deja Vu, DESIGN.md 1):
+Per layer l (Deja Vu):
   MLP predictor of layer l    reads the residual stream entering layer l (before its attention)
   head predictor of layer l   reads the residual stream entering layer l-1 (layer 0: its own)
 so both are ready a block ahead and can run beside the main compute. The same-layer option
@@ -378,25 +379,6 @@ class Predictors:
                     head_bytes=head_p * elem_bytes, head_frac=head_p / attn_block)
 
 
-class PredictorSelector:
-    """Scores from the lookahead predictors (sparse.Masked calls these)."""
-    name = "predicted"
-
-    def __init__(self, preds: Predictors):
-        self.p, self.lookahead = preds, preds.meta.get("lookahead", True)
-        self.cost_frac = preds.cost()["mlp_frac"]
-
-    def mlp_bytes_fraction(self, density: float) -> float:
-        """Weights read per token as a fraction of the MLP's: the selected rows plus the predictor."""
-        return density + self.cost_frac
-
-    def neuron_scores(self, layer, resid, x_in, out=None, k=None, shards=1):
-        return self.p.mlp[layer](resid[layer] if self.lookahead else x_in)
-
-    def head_scores(self, layer, resid, x_in, out=None):
-        return self.p.heads[layer](resid[head_input_layer(layer, self.lookahead)])
-
-
 def random_predictors(model: Transformer, seed: int = 0, mlp_rank: int | None = None,
                       head_rank: int | None = None) -> Predictors:
     """Untrained predictors (default shapes unless ranks are given): for speed work on synthetic
@@ -410,12 +392,3 @@ def random_predictors(model: Transformer, seed: int = 0, mlp_rank: int | None = 
         heads = [LowRank(cfg.d_model, head_rank, cfg.n_heads, True).to(model.dtype).eval() for _ in range(cfg.n_layers)]
     meta = dict(config=cfg.to_dict(), lookahead=True, mlp_rank=mlp_rank, head_rank=head_rank, synthetic=True)
     return Predictors(mlp, heads, None, None, meta)
-
-
-def default_selectors(model: Transformer, preds: Predictors):
-    """dejavu's choice per family, measured on SmolLM2 (results/): gated MLPs select neurons
-    gate-first (the lookahead predictor is far from the oracle there); ReLU MLPs use the
-    paper's lookahead predictor; heads always use their lookahead predictor."""
-    from .sparse import GateSelector
-    pred = PredictorSelector(preds)
-    return (GateSelector(model) if model.cfg.gated else pred), pred

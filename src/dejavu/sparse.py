@@ -1,6 +1,6 @@
-"""Units, importance, and masked (evaluation) sparse execution.
+"""Units, importance, and sparse execution: masked (evaluation), gathered (decode), recorded.
 
-Units (DESIGN.md 4.1):
+Units:
   neuron i of layer l: row i of w_in (gate and up, or fc1) and row i of w_out_t (W_down column i).
     importance for a token: |a_i| * ||W_down[:, i]||   (a = act(gate) * up, or act(fc1))
   head h of layer l: its Q rows and its slice of W_o (rows of wo_t).
@@ -10,19 +10,22 @@ Units (DESIGN.md 4.1):
     stays complete.
 
 A `Sparsity` object rides along a forward pass (Transformer.forward(..., sparsity=...)). The
-engine calls it at three places per layer:
-  enter(layer, x)            the residual stream entering the layer (what lookahead reads)
-  heads(layer, x_in, y)      y [B, T, H, head_dim] per-head attention output -> masked y
-  neurons(layer, x_in, a)    a [B, T, d_ff] neuron activations -> masked a
+model calls it at five places per layer:
+  enter(layer, x)               the residual stream entering the layer (what lookahead reads)
+  head_index(layer, x_in)       the query heads to compute (gathered mode; None: all)
+  heads(layer, x_in, y)         y [B, T, H, head_dim] per-head attention output -> masked y
+  mlp_output(layer, mlp, x_in)  the MLP output from the selected neurons (gathered mode; None: dense)
+  neurons(layer, x_in, a)       a [B, T, d_ff] neuron activations -> masked a
 `Masked` zeroes the unselected units (evaluation over many tokens, each with its own set);
-`Recorder` leaves the computation dense and records inputs and importances.
+`Gathered` computes only the selected units (decode); `Recorder` leaves the computation dense
+and records inputs and importances. Which units are selected is the selectors' business
+(selectors.py): Selection asks them for scores and keeps the top k.
 """
 from __future__ import annotations
 
 import torch
 
 from . import kernels
-from .kernels import cpu as cpu_kernels
 from .errors import DejavuError
 from .model import Transformer
 
@@ -91,126 +94,6 @@ class Sparsity:
 
     def neurons(self, layer: int, x_in: torch.Tensor, a: torch.Tensor) -> torch.Tensor:
         return a
-
-
-# ---------------------------------------------------------------- selectors
-# A selector scores the units of one layer for every token; the top-k are kept. It gets the
-# residual stream entering every layer so far (`resid`), the block part's normalized input
-# `x_in`, in masked mode the part's dense output `out` (a or y), which only the oracle uses,
-# and for neurons the final k (the gate selector refines a larger candidate set down to k).
-
-class OracleSelector:
-    """The true importance (needs the dense output: evaluation only, an upper bound)."""
-    name = "oracle"
-
-    def __init__(self, model: Transformer):
-        self.model, self.down_norms = model, neuron_norms(model)
-
-    def neuron_scores(self, layer, resid, x_in, out=None, k=None, shards=1):
-        if out is None:
-            raise DejavuError("oracle selection needs the dense output: it exists in masked (evaluation) mode only")
-        return neuron_importance(out, self.down_norms[layer])
-
-    def head_scores(self, layer, resid, x_in, out=None):
-        if out is None:
-            raise DejavuError("oracle selection needs the dense output: it exists in masked (evaluation) mode only")
-        return head_importance(self.model.layers[layer].attn.wo_t, out)
-
-
-class StaticSelector:
-    """The same units for every token: ranked by mean importance on calibration text."""
-    name = "static"
-
-    def __init__(self, mean_neuron: list[torch.Tensor] | None, mean_head: list[torch.Tensor] | None):
-        self.mean_neuron, self.mean_head = mean_neuron, mean_head
-
-    def neuron_scores(self, layer, resid, x_in, out=None, k=None, shards=1):
-        m = self.mean_neuron[layer].to(x_in.device)
-        return m.expand(*x_in.shape[:-1], len(m))
-
-    def head_scores(self, layer, resid, x_in, out=None):
-        m = self.mean_head[layer].to(x_in.device)
-        return m.expand(*x_in.shape[:-1], len(m))
-
-
-class GateSelector:
-    """Gated MLPs, gate first: compute the exact gate g = x W_gate (all of W_gate is read), score
-    neurons by |act(g)| * ||W_down[:, i]|| (times a rank-r SVD estimate of |x W_up| when rank > 0).
-    With `refine` = c > 1, the top c*k neurons by that score are candidates; their exact up rows
-    give their exact importance, and the final k are the candidates of largest importance, so only
-    c*k up rows and k down columns are read. (This torch reference computes every up row for the
-    candidates' scores; a fused kernel reads only the candidates'.)"""
-    name = "gate"
-
-    def __init__(self, model: Transformer, rank: int = 0, refine: float | None = 1.5):
-        if not model.cfg.gated:
-            raise DejavuError("the gate selector needs a gated MLP (SwiGLU/GeGLU); use a predictor for ReLU models")
-        self.model, self.rank, self.refine, self.down_norms = model, rank, refine, neuron_norms(model)
-        self.factors = []
-        for b in model.layers if rank else []:
-            u, s, vh = torch.linalg.svd(b.mlp.w_in[:, 1].float(), full_matrices=False)  # W_up [d_ff, d]
-            self.factors.append(((vh[:rank].T * s[:rank]).contiguous(), u[:, :rank].T.contiguous()))
-
-    def neuron_scores(self, layer, resid, x_in, out=None, k=None, shards=1):
-        """Masked mode: scores whose top-k is the selection (k: the final number of neurons)."""
-        mlp = self.model.layers[layer].mlp
-        h = torch.nn.functional.linear(x_in, mlp.w_in.flatten(0, 1)).unflatten(-1, (mlp.cfg.d_ff, 2))
-        g, up = mlp.act(h[..., 0]), h[..., 1]  # one contiguous matmul; gathered mode reads less
-        score = g.float().abs() * self.down_norms[layer]
-        if self.rank:
-            left, right = self.factors[layer]
-            score = score * ((x_in.float() @ left) @ right).abs()
-        if self.refine is None or k is None:
-            return score
-        n = score.shape[-1] // shards  # k and the candidates are per shard (tensor parallelism's rule)
-        cand = topk_mask(score.unflatten(-1, (shards, n)), units_for(self.refine * k / n, n)).flatten(-2)
-        exact = neuron_importance(g * up, self.down_norms[layer])
-        return torch.where(cand, exact, torch.full_like(exact, -1.0))
-
-    def gathered_output(self, layer, mlp, x_in, sel: "Selection"):
-        """Decode, reading only W_gate, the candidates' up rows and the kept down rows. Selects
-        what neuron_scores + Selection.select (union over the batch) would."""
-        n, k = self.model.cfg.d_ff, sel.mlp_k[layer]
-        if self.rank:
-            raise DejavuError("gathered decode with the SVD-scored gate selector is not built; use rank 0")
-        n_cand = units_for(self.refine * k / n, n)
-        if x_in.numel() == x_in.shape[-1] and cpu_kernels.usable(x_in):  # one token: one fused call
-            out, kept = cpu_kernels.gate_first_mlp(mlp, x_in, self.down_norms[layer], n_cand, k)
-            sel.kept["mlp"][0] += len(kept)
-            sel.kept["mlp"][1] += n
-            return out.view(x_in.shape) + (mlp.b_out if mlp.b_out is not None else 0)
-        x2 = x_in.reshape(-1, x_in.shape[-1])
-        all_rows = torch.arange(n, device=x_in.device)
-        g = mlp.act(kernels.gather_matvec(x2, mlp.w_in[:, 0], all_rows))       # [N, d_ff]
-        cand = (g.abs() * self.down_norms[layer]).topk(n_cand, dim=-1, sorted=False).indices
-        if len(x2) == 1:  # one token: fixed sizes and no host sync (CUDA-graph capturable)
-            cand = cand[0]
-            a = g[:, cand] * kernels.gather_matvec(x2, mlp.w_in[:, 1], cand)
-            top = neuron_importance(a, self.down_norms[layer][cand]).topk(k, dim=-1, sorted=False).indices[0]
-            sel.kept["mlp"][0] += k
-            sel.kept["mlp"][1] += n
-            return kernels.gather_axpy(a[:, top], mlp.w_out_t, cand[top], mlp.b_out).view(x_in.shape)
-        if x_in.is_cuda and torch.cuda.is_current_stream_capturing():
-            raise DejavuError("gate-first selection at batch > 1 reads a data-dependent number of rows, which a CUDA "
-                              "graph cannot capture: decode batch > 1 without the graph, or use batch 1")
-        cu = torch.unique(cand)                                                     # the batch's candidates
-        up = kernels.gather_matvec(x2, mlp.w_in[:, 1], cu)                      # [N, |cu|]
-        a = g[:, cu] * up
-        exact = neuron_importance(a, self.down_norms[layer][cu])
-        own = torch.zeros_like(exact, dtype=torch.bool).scatter_(1, torch.searchsorted(cu, cand), True)
-        exact = torch.where(own, exact, torch.full_like(exact, -1.0))               # each token: its own candidates
-        keep = topk_mask(exact, k).any(0)                                           # union of the top-k
-        sel.kept["mlp"][0] += int(keep.sum()) * len(x2)
-        sel.kept["mlp"][1] += n * len(x2)
-        idx = cu[keep]
-        return kernels.gather_axpy(a[:, keep].contiguous(), mlp.w_out_t, idx, mlp.b_out).view(x_in.shape)
-
-    def mlp_bytes_fraction(self, density: float) -> float:
-        """Weights read per token, as a fraction of the MLP's: W_gate, SVD factors, up rows, down columns."""
-        cfg = self.model.cfg
-        up = min(1.0, density * (self.refine or 1.0))
-        svd = self.rank * (cfg.d_model + cfg.d_ff) / (cfg.d_model * cfg.d_ff)
-        return (1 + svd + up + density) / 3
 
 
 class Selection(Sparsity):
@@ -347,7 +230,7 @@ class Gathered(Selection):
     def mlp_output(self, layer, mlp, x_in):
         if self.mlp is None:
             return None
-        if hasattr(self.mlp, "gathered_output"):  # selectors that compute part of the MLP to select
+        if hasattr(self.mlp, "gathered_output"):  # selectors that compute part of the MLP to select (gate first)
             return self.mlp.gathered_output(layer, mlp, x_in, self)
         k = self.mlp_k[layer]
         idx = self._early("mlp", layer)

@@ -1,14 +1,17 @@
-"""Gathered-row kernels, dispatched by device: C++ on the CPU (cpu.py), Triton on CUDA
+"""Which kernel runs, dispatched by device: C++ on the CPU (cpu.py), Triton on CUDA
 (triton_gather.py, triton_attention.py: torch custom ops `dejavu::*`), plain torch where neither
-is available. Each reads only the selected rows of a weight, in place."""
+is available (reference.py holds what they all compute). The gathers read only the selected rows
+of a weight, in place; `attention` picks the decode kernel or SDPA."""
 from __future__ import annotations
 
 import functools
+from typing import NamedTuple
 
 import torch
 import torch.nn.functional as F
 
 from . import cpu
+from .reference import ACTIVATIONS, lazy_fill, lazy_units, unit_rows
 
 
 @functools.cache
@@ -18,11 +21,6 @@ def _triton():
         return triton_gather, triton_attention
     except Exception:  # no triton: torch below
         return None
-
-
-def unit_rows(idx: torch.Tensor, unit: int) -> torch.Tensor:
-    """The weight rows of units idx, each `unit` rows long (a head: head_dim rows)."""
-    return (idx[:, None] * unit + torch.arange(unit, device=idx.device)).flatten() if unit > 1 else idx
 
 
 def gather_matvec(x: torch.Tensor, w: torch.Tensor, idx: torch.Tensor, bias: torch.Tensor | None = None,
@@ -43,23 +41,6 @@ def gather_axpy(a: torch.Tensor, w: torch.Tensor, idx: torch.Tensor, bias: torch
         return _triton()[0].gather_axpy(a, w, idx, bias, unit)
     out = cpu.gather_axpy(a, w, unit_rows(idx, unit))
     return out + bias if bias is not None else out
-
-
-def lazy_units(idx: torch.Tensor, turn: torch.Tensor, n_q_heads: int, kv_heads: int) -> torch.Tensor:
-    """The head units of wqkv that the lazy fill computes: Q of heads idx, then K (n_q_heads + h)
-    and V (n_q_heads + kv_heads + h) of heads idx ++ turn."""
-    heads = torch.cat((idx, turn))
-    return torch.cat((idx, n_q_heads + heads, n_q_heads + kv_heads + heads))
-
-
-def lazy_fill(out: torch.Tensor, idx: torch.Tensor, turn: torch.Tensor, window: torch.Tensor,
-              kv: torch.Tensor) -> torch.Tensor:
-    """The torch paths' epilogue of the lazy fill: out [W, units * hd] in lazy_units order. Writes
-    the K/V rows into kv at the window's slots (cast to kv's dtype); -> Q of the last slot."""
-    n_q, heads, hd = len(idx), torch.cat((idx, turn)), kv.shape[-1]
-    vals = out[:, n_q * hd:].view(len(window), 2, len(heads), hd).to(kv.dtype)
-    kv[:, heads[None, :], window[:, None]] = vals.permute(1, 0, 2, 3)
-    return out[-1:, :n_q * hd]
 
 
 def gather_qkv_lazily(x: torch.Tensor, w: torch.Tensor, bias: torch.Tensor | None, idx: torch.Tensor,
@@ -103,7 +84,30 @@ def decode_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tens
                                           attn_mask=mask, scale=scale)[:, :, 0]
 
 
-ACTIVATIONS = {"silu": F.silu, "gelu_tanh": lambda h: F.gelu(h, approximate="tanh"), "relu": F.relu}
+class AttentionMask(NamedTuple):
+    """The keys each query sees. `dense` [B, 1, T, keys] (boolean) serves SDPA. For tokens at device
+    positions over the whole cache (static shapes) also `length`, a 0-dim device tensor (keys
+    0..length-1), and `key_valid` [B, S] (padding slots False): what the decode kernel reads instead."""
+    dense: torch.Tensor
+    length: torch.Tensor | None = None
+    key_valid: torch.Tensor | None = None
+
+
+def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: AttentionMask,
+              heads: torch.Tensor | None = None, n_heads: int | None = None) -> torch.Tensor:
+    """q [B, m, T, hd] of the query heads `heads` (None: all m heads), k, v [B, kv_heads, keys, hd]
+    -> [B, T, m, hd]. One token over the whole cache on CUDA: the decode kernel, which reads only
+    the selected heads' K/V groups; else SDPA, each selected head over its own K/V group."""
+    B, m, T, hd = q.shape
+    n_heads = n_heads or m
+    if mask.length is not None and T == 1 and q.is_cuda:
+        idx = heads if heads is not None else torch.arange(n_heads, device=q.device)
+        return decode_attention(q[:, :, 0], k, v, idx, n_heads, mask.length, mask.key_valid, hd ** -0.5)[:, None]
+    if heads is not None:
+        group = heads // (n_heads // k.shape[1])
+        k, v = k[:, group], v[:, group]
+    y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask.dense, enable_gqa=heads is None and m != k.shape[1])
+    return y.transpose(1, 2)
 
 
 def sparse_mlp(mlp, x: torch.Tensor, idx: torch.Tensor) -> torch.Tensor:

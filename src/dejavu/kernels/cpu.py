@@ -96,15 +96,18 @@ static inline float act(float v, int code) {
 
 // Gate-first gated MLP for one token, in one call (the selection's small steps cost more
 // than the weights they save when each is a separate torch op):
-//   g = act(W_gate x) for every neuron; candidates = top n_cand by |g| * down_norm;
-//   a = g * (W_up x) for the candidates; keep the top k by |a| * down_norm; out = sum a_i W_down[i].
-// x [d], w_in [F, 2, d], w_out_t [F, d], down_norm [F] -> (out [d], kept neuron ids [k])
-std::vector<torch::Tensor> gate_first_mlp(torch::Tensor x, torch::Tensor w_in, torch::Tensor w_out_t,
+//   g = act(W_gate x + b_gate) for every neuron; candidates = top n_cand by |g| * down_norm;
+//   a = g * (W_up x + b_up) for the candidates; keep the top k by |a| * down_norm; out = sum a_i W_down[i].
+// x [d], w_in [F, 2, d], b_in [F, 2] or empty, w_out_t [F, d], down_norm [F] -> (out [d], kept neuron ids [k])
+std::vector<torch::Tensor> gate_first_mlp(torch::Tensor x, torch::Tensor w_in, torch::Tensor b_in, torch::Tensor w_out_t,
                                           torch::Tensor down_norm, int64_t n_cand, int64_t k, int64_t act_code) {
-  TORCH_CHECK(x.is_contiguous() && w_in.is_contiguous() && w_out_t.is_contiguous(), "contiguous inputs");
+  TORCH_CHECK(x.is_contiguous() && w_in.is_contiguous() && w_out_t.is_contiguous() && b_in.is_contiguous(),
+              "contiguous inputs");
   const int64_t F = w_in.size(0), d = x.numel();
   const float* X = x.data_ptr<float>();
   const float* W = w_in.data_ptr<float>();
+  std::vector<float> zeros(b_in.numel() ? 0 : 2 * F, 0.f);  // no bias: adds of zero
+  const float* Bi = b_in.numel() ? b_in.data_ptr<float>() : zeros.data();
   const float* Wo = w_out_t.data_ptr<float>();
   const float* DN = down_norm.data_ptr<float>();
   std::vector<float> g(F), score(F);
@@ -113,9 +116,9 @@ std::vector<torch::Tensor> gate_first_mlp(torch::Tensor x, torch::Tensor w_in, t
     float v[4];
     for (; i + 4 <= end; i += 4) {
       dot4(W + i * 2 * d, W + (i + 1) * 2 * d, W + (i + 2) * 2 * d, W + (i + 3) * 2 * d, X, d, v);
-      for (int q = 0; q < 4; ++q) g[i + q] = act(v[q], (int)act_code);
+      for (int q = 0; q < 4; ++q) g[i + q] = act(v[q] + Bi[(i + q) * 2], (int)act_code);
     }
-    for (; i < end; ++i) g[i] = act(dot(W + i * 2 * d, X, d), (int)act_code);
+    for (; i < end; ++i) g[i] = act(dot(W + i * 2 * d, X, d) + Bi[i * 2], (int)act_code);
     for (int64_t t = begin; t < end; ++t) score[t] = std::fabs(g[t]) * DN[t];
   });
   std::vector<int64_t> order(F);
@@ -130,9 +133,9 @@ std::vector<torch::Tensor> gate_first_mlp(torch::Tensor x, torch::Tensor w_in, t
     for (; j + 4 <= end; j += 4) {
       dot4(W + order[j] * 2 * d + d, W + order[j + 1] * 2 * d + d, W + order[j + 2] * 2 * d + d,
            W + order[j + 3] * 2 * d + d, X, d, v);
-      for (int q = 0; q < 4; ++q) a[j + q] = g[order[j + q]] * v[q];
+      for (int q = 0; q < 4; ++q) a[j + q] = g[order[j + q]] * (v[q] + Bi[order[j + q] * 2 + 1]);
     }
-    for (; j < end; ++j) a[j] = g[order[j]] * dot(W + order[j] * 2 * d + d, X, d);
+    for (; j < end; ++j) a[j] = g[order[j]] * (dot(W + order[j] * 2 * d + d, X, d) + Bi[order[j] * 2 + 1]);
     for (int64_t t = begin; t < end; ++t) imp[t] = std::fabs(a[t]) * DN[order[t]];
   });
   k = std::min(k, n_cand);
@@ -255,7 +258,8 @@ GATE_ACTS = {"silu": 0, "gelu_tanh": 1}
 
 def gate_first_mlp(mlp, x: torch.Tensor, down_norm: torch.Tensor, n_cand: int, k: int):
     """One token's gate-first MLP in one kernel call: (output [d], kept neuron ids [k])."""
-    out, kept = _extension().gate_first_mlp(x.reshape(-1).contiguous(), mlp.w_in, mlp.w_out_t,
+    b_in = mlp.b_in if mlp.b_in is not None else torch.empty(0)
+    out, kept = _extension().gate_first_mlp(x.reshape(-1).contiguous(), mlp.w_in, b_in, mlp.w_out_t,
                                             down_norm.contiguous(), n_cand, k, GATE_ACTS[mlp.cfg.act])
     return out, kept
 

@@ -1,5 +1,5 @@
-"""Decode attention (one query token) for the selected query heads only, in Triton, beside its
-torch reference (fp32).
+"""Decode attention (one query token) for the selected query heads only, in Triton (its fp32 torch
+reference: reference.py).
 
 Flash-decoding: the valid keys 0..length-1 are cut into n_splits chunks; program (b, head, split)
 reads its chunk of the head's K/V group once and writes its fp32 running max, sum and unnormalised
@@ -120,13 +120,3 @@ def decode_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tens
     assert key_valid.dtype == torch.bool and length.dim() == 0
     return torch.ops.dejavu.decode_attention(q, k_cache, v_cache, head_idx, n_heads, length, key_valid, scale,
                                              n_splits, block_s)
-
-
-def decode_attention_reference(q, k_cache, v_cache, head_idx, n_heads, length, key_valid, scale):
-    L = int(length)
-    group = head_idx // (n_heads // k_cache.shape[1])
-    k, v = k_cache[:, group, :L].float(), v_cache[:, group, :L].float()  # [B, m, L, hd]
-    s = torch.einsum("bhd,bhsd->bhs", q.float(), k) * scale
-    valid = key_valid[:, :L] | (torch.arange(L, device=q.device) == L - 1)
-    s = s.masked_fill(~valid[:, None], float("-inf"))
-    return torch.einsum("bhs,bhsd->bhd", s.softmax(-1), v)

@@ -1,4 +1,4 @@
-"""Triton kernels for gathered decode on the GPU, each beside its torch reference (fp32).
+"""Triton kernels for gathered decode on the GPU (their fp32 torch references: reference.py).
 
 gather_matvec  out[b, j] = W[idx[j]] . x[b]        selected rows of wq (or any row-major weight)
 gather_act     out[b, j] = act(gate_j . x[b]) * (up_j . x[b])   or  act(fc1_j . x[b] + bias_j)
@@ -8,14 +8,14 @@ gather_axpy    out[b]   = sum_j a[b, j] W[idx[j]]  selected rows of w_out_t / wo
                                                    layouts: a neuron's or head's slice is a row)
 Only the selected rows are read, straight from the weight (no gathered temporary). All use
 tl.dot over a batch padded to 16 (batch 1-32 share the loaded weight tile); fp32 accumulation;
-deterministic (gather_axpy sums per-program fp32 partials in a fixed order; an atomic counter
-only says which program is last).
+deterministic (gather_axpy sums per-program fp32 partials in a fixed order; an atomic counter,
+zeroed per call, only says which program is last).
 
 Each kernel is a torch custom op (torch.library.triton_op, namespace `dejavu`), so torch.compile
 traces through it and CUDA graphs capture it: no host synchronisation, indices stay on the
 device, output shapes depend only on input shapes. Outputs (and gather_axpy's partials) are
 allocated inside the op: under a CUDA graph they come from the graph's private pool, so the
-addresses are the same on every replay. The plain functions below are the engine's API.
+addresses are the same on every replay and no two graphs share a buffer. The plain functions below are the engine's API.
 """
 from __future__ import annotations
 
@@ -27,7 +27,7 @@ import triton
 import triton.language as tl
 from torch.library import triton_op, wrap_triton
 
-from . import ACTIVATIONS, lazy_fill, lazy_units, unit_rows
+from .reference import ACTIVATIONS
 
 INTERPRET = os.environ.get("TRITON_INTERPRET") == "1"  # Triton's CPU interpreter, for checking without a GPU
 
@@ -209,7 +209,7 @@ def _gather_axpy_kernel(a_ptr, w_ptr, idx_ptr, b_ptr, part_ptr, count_ptr, out_p
     tl.store(part_ptr + pid_s * stride_s + tile, acc, mask=mask)
     # the column block's last split to finish adds the partials in split order (deterministic), adds
     # the bias, casts and writes the output: no second kernel. (The threadfence-reduction pattern:
-    # every thread's partial is stored before the count moves; the count is left at zero.)
+    # every thread's partial is stored before the count moves; the counts are this call's own.)
     tl.debug_barrier()
     if tl.atomic_add(count_ptr + pid_n, 1, sem="acq_rel", scope="gpu") == S - 1:
         total = tl.zeros((BLOCK_B, BLOCK_N), dtype=tl.float32)
@@ -219,26 +219,6 @@ def _gather_axpy_kernel(a_ptr, w_ptr, idx_ptr, b_ptr, part_ptr, count_ptr, out_p
             total += tl.load(b_ptr + offs_n, mask=n_mask, other=0.0).to(tl.float32)[None, :]
         tl.store(out_ptr + offs_b[:, None] * stride_o + offs_n[None, :], total.to(out_ptr.dtype.element_ty),
                  mask=mask)
-        tl.atomic_xchg(count_ptr + pid_n, 0)
-
-
-_SPLIT_COUNTS: dict = {}
-
-
-def _split_counts(a: torch.Tensor, n: int) -> torch.Tensor:
-    """gather_axpy's per-column-block counters: zero before each call and left at zero by it, so
-    one buffer per device serves every call (calls on one device run one after another: the
-    engine's side stream runs predictors only). Made outside any graph capture where possible; a
-    first call inside a capture or a torch.compile trace gets its own zeroed buffer."""
-    buf = _SPLIT_COUNTS.get(a.device)
-    if buf is not None and buf.numel() >= n:
-        return buf
-    zeros = torch.zeros(max(n, 1024), device=a.device, dtype=torch.int32)
-    tracing = torch.compiler.is_compiling() or torch._subclasses.fake_tensor.is_fake(a)
-    if tracing or (a.is_cuda and torch.cuda.is_current_stream_capturing()):
-        return zeros
-    _SPLIT_COUNTS[a.device] = zeros
-    return zeros
 
 
 def _tile(M: int, x: torch.Tensor, block_m: int, block_k: int, B: int = 0, stages: int = 0) -> tuple[int, int, int]:
@@ -312,9 +292,12 @@ def _gather_axpy_op(a: torch.Tensor, w: torch.Tensor, bias: torch.Tensor | None,
     rows_per_split = triton.cdiv(triton.cdiv(M, splits), block_m) * block_m
     splits = triton.cdiv(M, rows_per_split)
     partial = torch.empty(splits, B, N, device=a.device, dtype=torch.float32)  # graph pool under CUDA graphs
+    # this call's own counters, zeroed: calls overlapping on other streams, graphs or threads each
+    # count their own splits (under a CUDA graph: the graph's own buffer, zeroed at every replay)
+    counts = torch.zeros(col_blocks, device=a.device, dtype=torch.int32)
     out = torch.empty(B, N, device=a.device, dtype=a.dtype)
     launcher(_gather_axpy_kernel)[(col_blocks, splits)](
-        a, w, idx, bias if bias is not None else partial, partial, _split_counts(a, col_blocks), out, B, M, N, splits,
+        a, w, idx, bias if bias is not None else partial, partial, counts, out, B, M, N, splits,
         rows_per_split, a.stride(0), w.stride(0), partial.stride(0), partial.stride(1), out.stride(0), UNIT=unit,
         HAS_BIAS=bias is not None, BLOCK_B=_block_b(B), BLOCK_M=block_m, BLOCK_N=block_n, PRECISION=_precision(a),
         num_warps=num_warps, num_stages=num_stages)
@@ -332,18 +315,12 @@ def gather_matvec(x: torch.Tensor, w: torch.Tensor, idx: torch.Tensor, bias: tor
 
 def gather_qkv_lazily(x: torch.Tensor, w: torch.Tensor, bias: torch.Tensor | None, idx: torch.Tensor,
                       turn: torch.Tensor, n_q_heads: int, window: torch.Tensor, kv: torch.Tensor) -> torch.Tensor:
-    """The lazy K/V fill's one pass (model.Attention.qkv_lazily). x [S, d]: the layer's kept inputs;
+    """The lazy K/V fill's one pass (the lazy K/V fill, model.LazyKVCache). x [S, d]: the layer's kept inputs;
     w [(n_q_heads + 2 kv_heads) * hd, d]: wqkv; idx: the query heads; turn: the heads refreshed in
     turn; window [W] slots; kv [2, kv_heads, S, hd] (K and V of one layer). Writes K/V of heads
     idx ++ turn for every window slot into kv, returns idx's Q [1, len(idx) * hd] for the last slot."""
     assert w.stride(1) == 1 and x.stride(1) == 1 and kv.stride(-1) == 1 and window.numel() <= 32
     return torch.ops.dejavu.gather_qkv_lazily(x, w, bias, idx, turn, n_q_heads, window, kv)
-
-
-def gather_qkv_lazily_reference(x, w, bias, idx, turn, n_q_heads, window, kv):
-    """The same in torch (fp32 output; writes kv in its dtype)."""
-    units = lazy_units(idx, turn, n_q_heads, kv.shape[1])
-    return lazy_fill(gather_matvec_reference(x[window], w, units, bias, unit=kv.shape[-1]), idx, turn, window, kv)
 
 
 def gather_act(x: torch.Tensor, w_in: torch.Tensor, b_in: torch.Tensor | None, idx: torch.Tensor, act: str,
@@ -367,21 +344,3 @@ def gather_axpy(a: torch.Tensor, w: torch.Tensor, idx: torch.Tensor, bias: torch
     out = torch.ops.dejavu.gather_axpy(a.reshape(-1, a.shape[-1]), w, bias, idx, unit, block_m, block_n, num_warps,
                                        num_stages, programs_per_sm)
     return out.view(*a.shape[:-1], w.shape[1])
-
-
-def gather_matvec_reference(x, w, idx, bias=None, unit=1):
-    rows = unit_rows(idx, unit)
-    out = x.float() @ w[rows].float().T
-    return out + bias[rows].float() if bias is not None else out
-
-
-def gather_act_reference(x, w_in, b_in, idx, act):
-    h = torch.einsum("...d,mid->...mi", x.float(), w_in[idx].float())
-    h = h + b_in[idx].float() if b_in is not None else h
-    a = ACTIVATIONS[act](h[..., 0])
-    return a * h[..., 1] if w_in.shape[1] == 2 else a
-
-
-def gather_axpy_reference(a, w, idx, bias=None, unit=1):
-    out = a.float() @ w[unit_rows(idx, unit)].float()
-    return out + bias.float() if bias is not None else out

@@ -1,0 +1,170 @@
+"""Selectors: which units a sparse step keeps, and dejavu's choice per family.
+
+A selector scores the units of one layer for every token; sparse.Selection keeps the top k. It
+gets the residual stream entering every layer so far (`resid`), the block part's normalized input
+`x_in`, in masked mode the part's dense output `out` (a or y), which only the oracle uses, and for
+neurons the final k (the gate selector refines a larger candidate set down to k).
+
+  OracleSelector     the true importance (evaluation only: an upper bound)
+  StaticSelector     the same units for every token (mean importance on calibration text)
+  GateSelector       gated MLPs: the exact gate first, then the candidates' up rows
+  PredictorSelector  the low-rank lookahead predictors (predictor.py)
+  default_selectors  the per-family policy
+"""
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+
+from . import kernels
+from .errors import DejavuError
+from .kernels import cpu
+from .model import Transformer
+from .predictor import Predictors, head_input_layer
+from .sparse import Selection, head_importance, neuron_importance, neuron_norms, topk_mask, units_for
+
+
+class OracleSelector:
+    """The true importance (needs the dense output: evaluation only, an upper bound)."""
+    name = "oracle"
+
+    def __init__(self, model: Transformer):
+        self.model, self.down_norms = model, neuron_norms(model)
+
+    def neuron_scores(self, layer, resid, x_in, out=None, k=None, shards=1):
+        if out is None:
+            raise DejavuError("oracle selection needs the dense output: it exists in masked (evaluation) mode only")
+        return neuron_importance(out, self.down_norms[layer])
+
+    def head_scores(self, layer, resid, x_in, out=None):
+        if out is None:
+            raise DejavuError("oracle selection needs the dense output: it exists in masked (evaluation) mode only")
+        return head_importance(self.model.layers[layer].attn.wo_t, out)
+
+
+class StaticSelector:
+    """The same units for every token: ranked by mean importance on calibration text."""
+    name = "static"
+
+    def __init__(self, mean_neuron: list[torch.Tensor] | None, mean_head: list[torch.Tensor] | None):
+        self.mean_neuron, self.mean_head = mean_neuron, mean_head
+
+    def neuron_scores(self, layer, resid, x_in, out=None, k=None, shards=1):
+        m = self.mean_neuron[layer].to(x_in.device)
+        return m.expand(*x_in.shape[:-1], len(m))
+
+    def head_scores(self, layer, resid, x_in, out=None):
+        m = self.mean_head[layer].to(x_in.device)
+        return m.expand(*x_in.shape[:-1], len(m))
+
+
+class GateSelector:
+    """Gated MLPs, gate first: compute the exact gate g = x W_gate (all of W_gate is read), score
+    neurons by |act(g)| * ||W_down[:, i]|| (times a rank-r SVD estimate of |x W_up| when rank > 0).
+    With `refine` = c > 1, the top c*k neurons by that score are candidates; their exact up rows
+    give their exact importance, and the final k are the candidates of largest importance, so only
+    c*k up rows and k down columns are read. (This torch reference computes every up row for the
+    candidates' scores; a fused kernel reads only the candidates'.)"""
+    name = "gate"
+
+    def __init__(self, model: Transformer, rank: int = 0, refine: float | None = 1.5):
+        if not model.cfg.gated:
+            raise DejavuError("the gate selector needs a gated MLP (SwiGLU/GeGLU); use a predictor for ReLU models")
+        self.model, self.rank, self.refine, self.down_norms = model, rank, refine, neuron_norms(model)
+        # gate and up biases (mlp_bias models), contiguous: the gathers read bias[row]
+        self.biases = [(None, None) if b.mlp.b_in is None else tuple(b.mlp.b_in.detach().T.contiguous())
+                       for b in model.layers]
+        self.factors = []
+        for b in model.layers if rank else []:
+            u, s, vh = torch.linalg.svd(b.mlp.w_in[:, 1].float(), full_matrices=False)  # W_up [d_ff, d]
+            self.factors.append(((vh[:rank].T * s[:rank]).contiguous(), u[:, :rank].T.contiguous()))
+
+    def neuron_scores(self, layer, resid, x_in, out=None, k=None, shards=1):
+        """Masked mode: scores whose top-k is the selection (k: the final number of neurons)."""
+        mlp = self.model.layers[layer].mlp
+        b = mlp.b_in.flatten() if mlp.b_in is not None else None
+        h = F.linear(x_in, mlp.w_in.flatten(0, 1), b).unflatten(-1, (mlp.cfg.d_ff, 2))
+        g, up = mlp.act(h[..., 0]), h[..., 1]  # one contiguous matmul; gathered mode reads less
+        score = g.float().abs() * self.down_norms[layer]
+        if self.rank:
+            left, right = self.factors[layer]
+            score = score * ((x_in.float() @ left) @ right).abs()
+        if self.refine is None or k is None:
+            return score
+        n = score.shape[-1] // shards  # k and the candidates are per shard (tensor parallelism's rule)
+        cand = topk_mask(score.unflatten(-1, (shards, n)), units_for(self.refine * k / n, n)).flatten(-2)
+        exact = neuron_importance(g * up, self.down_norms[layer])
+        return torch.where(cand, exact, torch.full_like(exact, -1.0))
+
+    def gathered_output(self, layer, mlp, x_in, sel: Selection):
+        """Decode, reading only W_gate, the candidates' up rows and the kept down rows. Selects
+        what neuron_scores + Selection.select (union over the batch) would."""
+        n, k = self.model.cfg.d_ff, sel.mlp_k[layer]
+        if self.rank:
+            raise DejavuError("gathered decode with the SVD-scored gate selector is not built; use rank 0")
+        n_cand = units_for(self.refine * k / n, n)
+        if x_in.numel() == x_in.shape[-1] and cpu.usable(x_in):  # one token: one fused call
+            out, kept = cpu.gate_first_mlp(mlp, x_in, self.down_norms[layer], n_cand, k)
+            sel.kept["mlp"][0] += len(kept)
+            sel.kept["mlp"][1] += n
+            return out.view(x_in.shape) + (mlp.b_out if mlp.b_out is not None else 0)
+        x2 = x_in.reshape(-1, x_in.shape[-1])
+        all_rows = torch.arange(n, device=x_in.device)
+        b_gate, b_up = self.biases[layer]
+        g = mlp.act(kernels.gather_matvec(x2, mlp.w_in[:, 0], all_rows, b_gate))  # [N, d_ff]
+        cand = (g.abs() * self.down_norms[layer]).topk(n_cand, dim=-1, sorted=False).indices
+        if len(x2) == 1:  # one token: fixed sizes and no host sync (CUDA-graph capturable)
+            cand = cand[0]
+            a = g[:, cand] * kernels.gather_matvec(x2, mlp.w_in[:, 1], cand, b_up)
+            top = neuron_importance(a, self.down_norms[layer][cand]).topk(k, dim=-1, sorted=False).indices[0]
+            sel.kept["mlp"][0] += k
+            sel.kept["mlp"][1] += n
+            return kernels.gather_axpy(a[:, top], mlp.w_out_t, cand[top], mlp.b_out).view(x_in.shape)
+        if x_in.is_cuda and torch.cuda.is_current_stream_capturing():
+            raise DejavuError("gate-first selection at batch > 1 reads a data-dependent number of rows, which a CUDA "
+                              "graph cannot capture: decode batch > 1 without the graph, or use batch 1")
+        cu = torch.unique(cand)                                                     # the batch's candidates
+        up = kernels.gather_matvec(x2, mlp.w_in[:, 1], cu, b_up)                # [N, |cu|]
+        a = g[:, cu] * up
+        exact = neuron_importance(a, self.down_norms[layer][cu])
+        own = torch.zeros_like(exact, dtype=torch.bool).scatter_(1, torch.searchsorted(cu, cand), True)
+        exact = torch.where(own, exact, torch.full_like(exact, -1.0))               # each token: its own candidates
+        keep = topk_mask(exact, k).any(0)                                           # union of the top-k
+        sel.kept["mlp"][0] += int(keep.sum()) * len(x2)
+        sel.kept["mlp"][1] += n * len(x2)
+        idx = cu[keep]
+        return kernels.gather_axpy(a[:, keep].contiguous(), mlp.w_out_t, idx, mlp.b_out).view(x_in.shape)
+
+    def mlp_bytes_fraction(self, density: float) -> float:
+        """Weights read per token, as a fraction of the MLP's: W_gate, SVD factors, up rows, down columns."""
+        cfg = self.model.cfg
+        up = min(1.0, density * (self.refine or 1.0))
+        svd = self.rank * (cfg.d_model + cfg.d_ff) / (cfg.d_model * cfg.d_ff)
+        return (1 + svd + up + density) / 3
+
+
+class PredictorSelector:
+    """Scores from the lookahead predictors."""
+    name = "predicted"
+
+    def __init__(self, preds: Predictors):
+        self.p, self.lookahead = preds, preds.meta.get("lookahead", True)
+        self.cost_frac = preds.cost()["mlp_frac"]
+
+    def mlp_bytes_fraction(self, density: float) -> float:
+        """Weights read per token as a fraction of the MLP's: the selected rows plus the predictor."""
+        return density + self.cost_frac
+
+    def neuron_scores(self, layer, resid, x_in, out=None, k=None, shards=1):
+        return self.p.mlp[layer](resid[layer] if self.lookahead else x_in)
+
+    def head_scores(self, layer, resid, x_in, out=None):
+        return self.p.heads[layer](resid[head_input_layer(layer, self.lookahead)])
+
+
+def default_selectors(model: Transformer, preds: Predictors):
+    """dejavu's choice per family, measured on SmolLM2 (results/): gated MLPs select neurons
+    gate-first (the lookahead predictor is far from the oracle there); ReLU MLPs use the
+    paper's lookahead predictor; heads always use their lookahead predictor."""
+    pred = PredictorSelector(preds)
+    return (GateSelector(model) if model.cfg.gated else pred), pred
