@@ -98,3 +98,29 @@ def test_default_model_conversion_is_cached(smollm2):
     folder = smollm2_folder()
     assert (folder / "model.safetensors").exists()
     assert json.loads((folder / "config.json").read_text())["model_type"] == "llama"
+
+
+def test_stop_ids_are_every_end_of_text_the_generation_config_names(tmp_path):
+    """Llama-3 style: the generation config lists several ids (end of text, end of turn); text
+    must stop at each. The tokenizer's EOS comes first (finished rows repeat it)."""
+    from transformers import GenerationConfig
+    from dejavu.load import stop_ids
+
+    class Tok:
+        eos_token_id = 7
+    assert stop_ids(Tok(), GenerationConfig(eos_token_id=[9, 7, 11])) == (7, 9, 11)
+    assert stop_ids(Tok(), GenerationConfig(eos_token_id=5)) == (7, 5)
+    assert stop_ids(None, None) == ()
+
+
+def test_importing_dejavu_leaves_the_hub_settings_alone():
+    """Only dejavu's own loading is offline (local_files_only); importing it must not switch the
+    whole process offline (it set HF_HUB_OFFLINE on import)."""
+    import os
+    import subprocess
+    import sys
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("HF_HUB_OFFLINE", "HF_DATASETS_OFFLINE"))}
+    code = ("import os, dejavu, dejavu.load, dejavu.lm_eval_adapter, dejavu.cli; "
+            "print(os.environ.get('HF_HUB_OFFLINE'), os.environ.get('HF_DATASETS_OFFLINE'))")
+    out = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, check=True)
+    assert out.stdout.split() == ["None", "None"]

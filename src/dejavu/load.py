@@ -301,7 +301,7 @@ def load(name: str = DEFAULT_MODEL, dtype: torch.dtype | None = None, device: st
 def stop_ids(tokenizer, generation_config=None) -> tuple[int, ...]:
     """The tokenizer's EOS first (finished rows repeat it), then every other id the model's
     generation config names as an end of text."""
-    ids = [tokenizer.eos_token_id]
+    ids = [getattr(tokenizer, "eos_token_id", None)]
     eos = getattr(generation_config, "eos_token_id", None)
     ids += eos if isinstance(eos, (list, tuple)) else [eos]
     return tuple(dict.fromkeys(int(i) for i in ids if i is not None))
