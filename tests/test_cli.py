@@ -287,7 +287,7 @@ def test_calibrate_then_analyze_end_to_end(tmp_path, monkeypatch, capsys):
     assert (preds / "predictors.json").exists() and not (preds / "recording").exists()
     assert f"predictors saved in {preds}" in text
     assert main(["analyze", "--out", str(out), "--tokens", "512",
-                 "--mlp-densities", "0.5", "--attn-densities", "0.67"]) == 0
+                 "--mlp-densities", "0.5", "--attn-densities", "0.67", "--input-densities", "0.5"]) == 0
     assert f"predictors {preds}: the predicted curve is included" in capsys.readouterr().out
     result = json.loads((out / "analysis.json").read_text())
     assert len(result["layers"]) == 30 and result["layers"][5]["resid_cos_next"] > 0.5
@@ -299,6 +299,12 @@ def test_calibrate_then_analyze_end_to_end(tmp_path, monkeypatch, capsys):
     assert {("mlp", "gate"), ("mlp", "default, allocated"), ("both", "default, allocated")} <= seen
     assert (out / "perplexity_vs_density.png").stat().st_size > 10_000 and (out / "layers.png").exists()
     assert "| oracle |" in (out / "analysis.md").read_text()
+    honest = json.loads((out / "bytes_vs_ppl.json").read_text())  # perplexity against weights read per token
+    reads = {r["selector"]: r["weights_read_fraction"] for r in honest["rows"]}
+    assert {"dense", "oracle neurons", "gate-first neurons", "predicted heads", "oracle neurons + heads",
+            "input-side teal", "input-side wina"} <= set(reads) and reads["dense"] == 1.0
+    assert reads["oracle neurons"] < reads["predicted neurons"] < reads["gate-first neurons"] < 1  # extra reads counted
+    assert all(r["perplexity"] > 1 for r in honest["rows"]) and (out / "bytes_vs_ppl.png").stat().st_size > 10_000
     # the static mask comes from the predictors here: --static-tokens would do nothing
     rc, _, err = run(["analyze", "--static-tokens", "1024", "--tokens", "512"], capsys)
     assert rc == 2 and "drop --static-tokens" in err
@@ -323,6 +329,7 @@ def test_analyze_refuses_predictors_of_another_model(tmp_path, capsys):
 
 
 @pytest.mark.parametrize("argv", [["analyze", "--mlp-densities", "0.5,1.5"], ["analyze", "--attn-densities", "0"],
+                                  ["analyze", "--input-densities", "0.5,1.5"],
                                   ["calibrate", "--label-density", "0"], ["generate", "--mlp-density", "1.2"],
                                   ["bench", "decode", "--attn-density", "-1"]])
 def test_impossible_densities_on_the_command_line(argv, capsys):

@@ -6,7 +6,9 @@ On held-out text, per layer:
   - cosine similarity of the residual stream entering consecutive layers (why lookahead works);
 and perplexity against density for oracle contextual top-k, the best static mask (units
 ranked by mean importance on calibration text), the predictors, and for gated MLPs the gate
-selector: for the MLP alone, the heads alone, and both.
+selector: for the MLP alone, the heads alone, and both. Then the honest axis: perplexity against
+the fraction of the weights a decode step reads per token, for every selector above and for
+input-side sparsity (teal, wina) at the same density in every projection group.
 """
 from __future__ import annotations
 
@@ -18,8 +20,9 @@ import torch
 
 from .evaluate import perplexity
 from .model import Transformer
-from .selectors import GateSelector, OracleSelector, PredictorSelector, StaticSelector, default_selectors
-from .sparse import Masked, Recorder, head_contributions
+from .selectors import (GateSelector, InputSelector, OracleSelector, PredictorSelector, StaticSelector,
+                        default_selectors, weights_read_fraction)
+from .sparse import InputMasked, Masked, Recorder, head_contributions
 
 KEEP = (0.90, 0.95, 0.99)
 
@@ -108,6 +111,69 @@ def curves(model: Transformer, stream: torch.Tensor, sels: dict, mlp_densities, 
             log(f"  {part:<4} {name:<19} mlp {fmt(md)} attn {fmt(ad)}  ppl {r.ppl:8.2f}  "
                 f"({time.perf_counter() - t:.0f} s)")
     return rows
+
+
+def bytes_vs_ppl(model: Transformer, stream: torch.Tensor, sels: dict, rows: list[dict], dense_ppl: float,
+                 input_densities, window=512, progress=True, log=print) -> list[dict]:
+    """Perplexity against the weights read per token (selectors.weights_read_fraction): the
+    curves' rows (neurons, heads, both) and input-side teal and wina, one density for every
+    projection group."""
+    label = {"mlp": "neurons", "attn": "heads", "both": "neurons + heads"}
+    names = {"gate": "gate-first"}  # the curves' short name for dejavu's gated-MLP default
+    out = [dict(selector="dense", weights_read_fraction=1.0, perplexity=dense_ppl)]
+    for r in rows:
+        sel = sels[r["selector"]]
+        frac = weights_read_fraction(model, sel["neurons"] if r["mlp_density"] is not None else None,
+                                     sel["heads"] if r["attn_density"] is not None else None,
+                                     r["mlp_density"], r["attn_density"])
+        name = f"{names.get(r['selector'], r['selector'])} {label[r['part']]}"
+        out.append(dict(selector=name, weights_read_fraction=frac,
+                        perplexity=r["ppl"], mlp_density=r["mlp_density"], attn_density=r["attn_density"]))
+    for score in ("teal", "wina"):
+        selector = InputSelector(model, score)
+        for d in input_densities:
+            mask = InputMasked(model, selector, d)
+            t = time.perf_counter()
+            ppl = perplexity(model, stream, window, sparsity=mask, progress=progress, desc=selector.name).ppl
+            out.append(dict(selector=selector.name, weights_read_fraction=weights_read_fraction(model, input_density=d),
+                            perplexity=ppl, input_density=mask.densities,
+                            achieved_input_density={g: mask.density(g) for g in mask.densities}))
+            log(f"  {selector.name:<24} inputs {d:.2f}  reads {out[-1]['weights_read_fraction']:.3f}  ppl {ppl:8.2f}  "
+                f"({time.perf_counter() - t:.0f} s)")
+    return out
+
+
+def plot_bytes(result: dict, out: Path):
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    rows = result["rows"]
+    style = {" neurons + heads": ("D", "--"), " neurons": ("o", "-"), " heads": ("^", ":")}  # by what is selected
+    names = list(dict.fromkeys(r["selector"] for r in rows if r["selector"] != "dense"))
+    bases = list(dict.fromkeys(next((n[:-len(s)] for s in style if n.endswith(s)), n) for n in names))
+    fig, ax = plt.subplots(figsize=(10, 6))
+    for name in names:  # colour: the selector; marker and line: neurons, heads, both, input channels
+        suffix = next((s for s in style if name.endswith(s)), "")
+        marker, ls = style.get(suffix, ("s", "-"))
+        pts = sorted((r["weights_read_fraction"], r["perplexity"]) for r in rows if r["selector"] == name)
+        ax.plot(*zip(*pts), marker=marker, ls=ls, lw=2.5 if not suffix else 1.2, label=name,
+                color=plt.cm.tab10(bases.index(name[:len(name) - len(suffix)]) % 10))
+    ax.plot([1.0], [result["dense_ppl"]], "k*", ms=12, label=f"dense {result['dense_ppl']:.2f}")
+    ax.set_yscale("log")
+    ax.set_xlabel("weights read per token (fraction of the dense decode step; LM head read in full)")
+    ax.set_ylabel("perplexity (held-out)")
+    ax.set_title(f"{result['model']}: perplexity vs weights read ({result['eval_tokens']} held-out tokens)")
+    ax.grid(alpha=0.3, which="both")
+    ax.legend(fontsize=7, ncol=2)
+    fig.tight_layout()
+    fig.savefig(out / "bytes_vs_ppl.png", dpi=110)
+    plt.close(fig)
+
+
+def save_bytes(result: dict, out: Path):
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "bytes_vs_ppl.json").write_text(json.dumps(result, indent=1))
+    plot_bytes(result, out)
 
 
 def fmt(d):

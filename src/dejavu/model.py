@@ -206,6 +206,8 @@ class Attention(nn.Module):
 
     def forward(self, x, rope, mask: kernels.AttentionMask, cache: KVCache | None, layer: int, pos, sparsity=None):
         """pos: the tokens' first cache slot (an int), or their slots as a device tensor (static shapes)."""
+        if sparsity is not None:
+            x = sparsity.inputs(layer, "qkv", x)  # input-side sparsity: the input channels W_q, W_k, W_v read
         heads = sparsity.head_index(layer, x) if sparsity is not None else None  # the query heads to run (None: all)
         if cache is not None and cache.lazy:  # the cache computes what it lacks from its kept inputs
             q, k, v = cache.qkv(self, layer, pos, x, heads)
@@ -217,7 +219,7 @@ class Attention(nn.Module):
                 k, v = cache.update(layer, pos, k, v)
         y = kernels.attention(q, k, v, mask, heads, self.cfg.n_heads)  # [B, T, heads, head_dim]
         if sparsity is not None:
-            y = sparsity.heads(layer, x, y)
+            y = sparsity.inputs(layer, "o", sparsity.heads(layer, x, y).flatten(2))
         return self.project_out(y.flatten(2), heads)
 
     def qkv(self, x, heads=None):
@@ -269,9 +271,11 @@ class MLP(nn.Module):
             out = sparsity.mlp_output(layer, self, x)  # gathered mode computes only the selected neurons
             if out is not None:
                 return out
+        if sparsity is not None:
+            x = sparsity.inputs(layer, "gate_up", x)
         a = self.activations(x)
         if sparsity is not None:
-            a = sparsity.neurons(layer, x, a)
+            a = sparsity.inputs(layer, "down", sparsity.neurons(layer, x, a))
         return self.project_out(a)
 
 

@@ -9,7 +9,9 @@ neurons the final k (the gate selector refines a larger candidate set down to k)
   StaticSelector     the same units for every token (mean importance on calibration text)
   GateSelector       gated MLPs: the exact gate first, then the candidates' up rows
   PredictorSelector  the low-rank lookahead predictors (predictor.py)
+  InputSelector      input-side sparsity: input channels by |x_i| (teal) or |x_i| * ||W[:, i]|| (wina)
   default_selectors  the per-family policy
+  weights_read_fraction  the weights a decode step reads per token, for any of these
 """
 from __future__ import annotations
 
@@ -21,7 +23,7 @@ from .errors import DejavuError
 from .kernels import cpu
 from .model import Transformer
 from .predictor import Predictors, head_input_layer
-from .sparse import Selection, head_importance, neuron_importance, neuron_norms, topk_mask, units_for
+from .sparse import INPUT_GROUPS, Selection, head_importance, neuron_importance, neuron_norms, topk_mask, units_for
 
 
 class OracleSelector:
@@ -168,3 +170,70 @@ def default_selectors(model: Transformer, preds: Predictors):
     paper's lookahead predictor; heads always use their lookahead predictor."""
     pred = PredictorSelector(preds)
     return (GateSelector(model) if model.cfg.gated else pred), pred
+
+
+class InputSelector:
+    """Input-side sparsity scores (sparse.InputMasked keeps each token's top k channels).
+    teal: |x_i|. wina: |x_i| * ||W[:, i]||, the norm of the weight column channel i multiplies,
+    over the group's output rows (q, k and v together; gate and up together); for `down` that
+    is the neuron's exact importance."""
+
+    def __init__(self, model: Transformer, score: str = "wina"):
+        if score not in ("teal", "wina"):
+            raise DejavuError(f"input-side score must be 'teal' or 'wina', got {score!r}")
+        self.name = f"input-side {score}"
+        with torch.no_grad():
+            self.col_norms = None if score == "teal" else [dict(
+                qkv=b.attn.wqkv.float().norm(dim=0),             # [d]: columns of W_q, W_k, W_v stacked
+                o=b.attn.wo_t.float().norm(dim=1),               # [heads*head_dim]: wo_t's rows are W_o's columns
+                gate_up=b.mlp.w_in.float().flatten(0, 1).norm(dim=0),
+                down=b.mlp.w_out_t.float().norm(dim=1)) for b in model.layers]
+
+    def input_scores(self, layer, group, x):
+        s = x.float().abs()
+        return s if self.col_norms is None else s * self.col_norms[layer][group]
+
+    def neuron_scores(self, *args, **kwargs):
+        raise DejavuError("an input-side selector selects input channels, not neurons: use it with "
+                          "sparse.InputMasked (input-side and unit selection together are not built)")
+
+    head_scores = neuron_scores
+
+
+def weights_read_fraction(model: Transformer, neurons=None, heads=None, mlp_density=None, attn_density=None,
+                          input_density=None) -> float:
+    """Weights a decode step reads for one token, as a fraction of what the dense step reads:
+    every layer's weights, norms and biases, the LM head in full, one embedding row (and one
+    position row). Sparse parts read less:
+      neurons at density m   k neurons' rows of w_in and w_out_t; gate-first reads all of W_gate
+                             and its candidates' up rows; predictors add their own weights
+      heads at density m     k query heads' Q rows and W_o slices (K/V always); predictors add theirs
+      input_density          a dict group -> density (or one number): k input channels' columns
+                             of each projection group (sparse.InputMasked)
+    Densities are the mean over layers (the reads are linear in them, so per-layer allocations
+    with that mean read the same)."""
+    cfg = model.cfg
+    d, hd = cfg.d_model, cfg.head_dim
+    q_rows, kv_rows = cfg.n_heads * hd, 2 * cfg.n_kv_heads * hd
+    mlp_full = cfg.d_ff * (cfg.n_in + 1) * d
+    attn_full = (2 * q_rows + kv_rows) * d
+    small = sum(p.numel() for n, p in model.layers.named_parameters()  # norms and biases: read in full
+                if n.split(".")[-1] not in ("wqkv", "wo_t", "w_in", "w_out_t"))
+    head = cfg.vocab_size * d + d * (2 if model.pos_emb is not None else 1) + sum(p.numel() for p in model.norm.parameters())
+    dense = cfg.n_layers * (mlp_full + attn_full) + small + head
+    mlp, attn = mlp_full, attn_full
+    if input_density is not None:
+        if neurons is not None or heads is not None:
+            raise DejavuError("input-side sparsity with neuron or head selection together is not built")
+        from .sparse import input_densities
+        ds = input_densities(input_density)
+        attn = (q_rows + kv_rows) * d * ds["qkv"] + q_rows * d * ds["o"]
+        mlp = cfg.d_ff * cfg.n_in * d * ds["gate_up"] + cfg.d_ff * d * ds["down"]
+    if neurons is not None and mlp_density is not None:
+        frac = neurons.mlp_bytes_fraction(mlp_density) if hasattr(neurons, "mlp_bytes_fraction") else mlp_density
+        mlp = mlp_full * frac
+    if heads is not None and attn_density is not None:
+        attn = (kv_rows + 2 * q_rows * attn_density) * d
+        if isinstance(heads, PredictorSelector):
+            attn += heads.p.cost()["head_frac"] * attn_full
+    return (cfg.n_layers * (mlp + attn) + small + head) / dense

@@ -9,9 +9,19 @@ Units:
     and its W_o slice; K/V are shared by the head's group and always computed, so the cache
     stays complete.
 
+Input-side sparsity (TEAL / WINA) selects input channels instead of units: for each projection
+group of a layer it keeps the top k channels of the group's input and zeroes the rest, which is
+what reading only those columns of the weights (rows of W^T) computes. Groups and their inputs:
+  qkv      W_q, W_k, W_v together   the attention norm's output h             [d_model]
+  o        W_o                      the attention output y, heads flattened   [heads*head_dim]
+  gate_up  W_gate, W_up together    the MLP norm's output                     [d_model]
+  down     W_down                   the activation a = act(gate) * up         [d_ff]
+For `down` a channel is a neuron: wina's score |a_i| * ||W_down[:, i]|| is its exact importance.
+
 A `Sparsity` object rides along a forward pass (Transformer.forward(..., sparsity=...)). The
-model calls it at five places per layer:
+model calls it at these places per layer:
   enter(layer, x)               the residual stream entering the layer (what lookahead reads)
+  inputs(layer, group, x)       a projection group's input -> its input with channels zeroed
   head_index(layer, x_in)       the query heads to compute (gathered mode; None: all)
   heads(layer, x_in, y)         y [B, T, H, head_dim] per-head attention output -> masked y
   mlp_output(layer, mlp, x_in)  the MLP output from the selected neurons (gathered mode; None: dense)
@@ -94,6 +104,50 @@ class Sparsity:
 
     def neurons(self, layer: int, x_in: torch.Tensor, a: torch.Tensor) -> torch.Tensor:
         return a
+
+    def inputs(self, layer: int, group: str, x: torch.Tensor) -> torch.Tensor:
+        return x  # input-side sparsity: the input of projection group `group` (INPUT_GROUPS), masked
+
+
+INPUT_GROUPS = ("qkv", "o", "gate_up", "down")
+
+
+def input_channels(model: Transformer) -> dict[str, int]:
+    """Input channels of each projection group."""
+    cfg = model.cfg
+    return dict(qkv=cfg.d_model, o=cfg.n_heads * cfg.head_dim, gate_up=cfg.d_model, down=cfg.d_ff)
+
+
+def input_densities(density) -> dict[str, float]:
+    """One density for every projection group, or a dict group -> density (every group given)."""
+    ds = dict.fromkeys(INPUT_GROUPS, density) if isinstance(density, (int, float)) else dict(density)
+    if set(ds) != set(INPUT_GROUPS):
+        raise DejavuError(f"input-side densities need exactly the groups {', '.join(INPUT_GROUPS)}, got {sorted(ds)}")
+    for g, d in ds.items():
+        check_density(f"input density of {g}", d)
+    return ds
+
+
+class InputMasked(Sparsity):
+    """Input-side sparsity, evaluation: each token keeps the top k input channels of every
+    projection group by the selector's score (selectors.InputSelector: teal or wina) and the
+    others are zeroed. k is fixed per group, the same in every layer (static shapes later).
+    One family at a time: neurons and heads run dense here (Masked selects those)."""
+
+    def __init__(self, model: Transformer, selector, density):
+        self.selector, self.densities = selector, input_densities(density)
+        self.k = {g: units_for(self.densities[g], n) for g, n in input_channels(model).items()}
+        self.kept = {g: [0, 0] for g in INPUT_GROUPS}  # kept, total channels (achieved density)
+
+    def inputs(self, layer, group, x):
+        mask = topk_mask(self.selector.input_scores(layer, group, x), self.k[group])
+        self.kept[group][0] += int(mask.sum())
+        self.kept[group][1] += mask.numel()
+        return x * mask.to(x.dtype)
+
+    def density(self, group: str) -> float | None:
+        kept, total = self.kept[group]
+        return kept / total if total else None
 
 
 class Selection(Sparsity):

@@ -2,6 +2,7 @@
 perplexity against density."""
 from __future__ import annotations
 
+import sys
 import time
 from pathlib import Path
 
@@ -60,6 +61,15 @@ def run(args):
     print(analyze.summary_table(result))
     print(f"wrote {out}/analysis.json, analysis.md, perplexity_vs_density.png, layers.png "
           f"({result['seconds']:.0f} s)")
+    bytes_rows = analyze.bytes_vs_ppl(model, held, sels, rows, dense, args.input_densities, window)
+    analyze.save_bytes(dict(command="dejavu " + " ".join(sys.argv[1:]), model=loaded.name,
+                            eval_tokens=result["eval_tokens"], dense_ppl=dense,
+                            predictors=result["predictors"], device=result["device"], dtype=result["dtype"],
+                            weights_read=("per token, as a fraction of the dense decode step: every layer's weights, "
+                                          "norms and biases, the LM head in full, one embedding row; gate-first "
+                                          "reads all of W_gate; predictors add their own weights"),
+                            seconds=round(time.perf_counter() - t0, 1), rows=bytes_rows), out)
+    print(f"wrote {out}/bytes_vs_ppl.json, bytes_vs_ppl.png ({time.perf_counter() - t0:.0f} s)")
 
 
 def static_from_calibration(model, tok, tokens: int, window: int):

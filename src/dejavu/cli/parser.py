@@ -316,6 +316,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--attn-densities", type=density_list, default=None, metavar="D,D,...",
                    help="attention densities to score; 'both' pairs them with the MLP ones in order (default: "
                         "about 0.78, 0.67, 0.56 of the heads, rounded to whole heads)")
+    p.add_argument("--input-densities", type=density_list, default="0.7,0.6,0.5,0.4", metavar="D,D,...",
+                   help="input-side sparsity (teal, wina): input channels kept, the same in every projection group")
     p.set_defaults(func=analyze.run)
 
     p = sub.add_parser("eval", help="zero-shot accuracy (lm-eval), dense and masked-sparse",
