@@ -41,6 +41,14 @@ def stop_list(eos_id) -> list[int]:
     return [] if eos_id is None else [int(eos_id)] if isinstance(eos_id, int) else [int(i) for i in eos_id]
 
 
+def end_rows(nxt: torch.Tensor, done: torch.Tensor, stops: torch.Tensor) -> torch.Tensor:
+    """Rows already done repeat the first stop id; a stop id ends its row (`done` in place)."""
+    if len(stops):
+        nxt = torch.where(done, stops[0], nxt)
+        done |= torch.isin(nxt, stops)
+    return nxt
+
+
 @torch.inference_mode()
 def generate(model: Transformer, prompts: list[list[int]], max_new_tokens: int, temperature: float = 0.0,
              top_p: float = 1.0, eos_id: int | list[int] | tuple[int, ...] | None = None, pad_id: int = 0, seed: int | None = None,
@@ -82,9 +90,7 @@ def generate(model: Transformer, prompts: list[list[int]], max_new_tokens: int, 
     if guard is not None:
         guard.begin()
     for step in range(max_new_tokens):
-        if len(stops):
-            nxt = torch.where(done, stops[0], nxt)
-            done |= torch.isin(nxt, stops)
+        nxt = end_rows(nxt, done, stops)
         stats.new_tokens += 1
         yield nxt
         if step == max_new_tokens - 1 or bool(done.all()):
@@ -144,30 +150,24 @@ def generate_graph(model: Transformer, tokens: torch.Tensor, pad: torch.Tensor, 
         dec.set_sampling(temperature, top_p, seeds)
     stats = stats if stats is not None else GenerationStats()
     stats.batch, stats.prompt_tokens = B, int((T - pad).sum())
-    stops = stop_list(eos_id)
+    stops = torch.tensor(stop_list(eos_id), dtype=torch.long, device=model.device)
     dec.capture()  # compiles and captures: not part of the prefill's time
     t0 = time.perf_counter()
     dec.prefill(tokens.to(model.device))
     torch.cuda.synchronize()
     stats.prefill_seconds = time.perf_counter() - t0
-    done = [False] * B
+    done = torch.zeros(B, dtype=torch.bool, device=model.device)
     left = max_new_tokens
     while left > 0:
         n = min(CHUNK, left)
+        last = n == left  # no step after the last token asked for
         t = time.perf_counter()
-        out, _ = dec.decode(n, last_step=n < left)  # no step after the last token asked for
-        rows = out.tolist()
-        steps = n if n < left else n - 1
+        out, _ = dec.decode(n, last_step=not last)  # synchronizes: the chunk is done
         stats.decode_seconds += time.perf_counter() - t
-        stats.decode_steps += steps
+        stats.decode_steps += n - last
         left -= n
         for i in range(n):
-            col = []
-            for b in range(B):
-                tok = stops[0] if done[b] else rows[b][i]
-                done[b] = done[b] or tok in stops
-                col.append(tok)
             stats.new_tokens += 1
-            yield torch.tensor(col, device=model.device)
-            if all(done):
+            yield end_rows(out[:, i], done, stops)
+            if bool(done.all()):
                 return

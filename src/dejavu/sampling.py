@@ -6,13 +6,20 @@ from __future__ import annotations
 import torch
 
 
-def probabilities(logits: torch.Tensor, temperature: float, top_p: float = 1.0) -> torch.Tensor:
-    """logits [..., V] -> the sampling distribution [..., V] (temperature > 0), normalized."""
+def probabilities(logits: torch.Tensor, temperature, top_p=1.0) -> torch.Tensor:
+    """logits [..., V] -> the sampling distribution [..., V] (temperature > 0), normalized.
+    temperature and top_p are numbers, or tensors of one value per row (logits[..., 0]'s shape):
+    then nothing branches on their values, so a CUDA graph can capture the call, and rows at
+    temperature 0 get temperature 1 (their pick is the argmax anyway)."""
+    per_row = isinstance(temperature, torch.Tensor)
+    if per_row:
+        temperature = torch.where(temperature > 0, temperature, torch.ones_like(temperature))[..., None]
+        top_p = top_p[..., None]
     probs = torch.softmax(logits.float() / temperature, dim=-1)
-    if top_p < 1.0:
+    if per_row or top_p < 1.0:
         sorted_p, order = probs.sort(dim=-1, descending=True)
         outside = sorted_p.cumsum(dim=-1) - sorted_p > top_p  # keep the smallest prefix reaching top_p
-        sorted_p = sorted_p.masked_fill(outside, 0.0)
+        sorted_p = sorted_p.masked_fill(outside & (top_p < 1), 0.0)  # top_p 1: keep all (sums may round past 1)
         probs = torch.zeros_like(probs).scatter_(-1, order, sorted_p)
         probs = probs / probs.sum(dim=-1, keepdim=True)
     return probs
@@ -35,9 +42,6 @@ def sample(logits: torch.Tensor, temperature: float = 0.0, top_p: float = 1.0,
 # argmax_i p_i / E_i with E_i = -log(u_i), which picks i with probability p_i exactly as
 # torch.multinomial does; p is `probabilities`, the same transform as the host path.
 
-_MASK64 = (1 << 64) - 1
-
-
 def _signed(c: int) -> int:  # a 64-bit constant as the int64 torch stores
     return c - (1 << 64) if c >= 1 << 63 else c
 
@@ -58,18 +62,6 @@ def uniform_hash(seed: torch.Tensor, pos: torch.Tensor, n: int) -> torch.Tensor:
     return (_shr(x, 40).float() + 0.5) * (1.0 / (1 << 24))  # the top 24 bits, never 0 or 1
 
 
-def probabilities_rows(logits: torch.Tensor, temperature: torch.Tensor, top_p: torch.Tensor) -> torch.Tensor:
-    """`probabilities` with a temperature and a top-p per row ([B] tensors), static shapes.
-    Rows with temperature 0 get a softmax at temperature 1 (they are greedy anyway)."""
-    t = torch.where(temperature > 0, temperature, torch.ones_like(temperature))
-    probs = torch.softmax(logits.float() / t[:, None], dim=-1)
-    sorted_p, order = probs.sort(dim=-1, descending=True)
-    outside = sorted_p.cumsum(dim=-1) - sorted_p > top_p[:, None]  # top_p 1: nothing is outside
-    sorted_p = sorted_p.masked_fill(outside & (top_p[:, None] < 1), 0.0)
-    probs = torch.zeros_like(probs).scatter_(-1, order, sorted_p)
-    return probs / probs.sum(dim=-1, keepdim=True)
-
-
 def sample_rows(logits: torch.Tensor, temperature: torch.Tensor, top_p: torch.Tensor, seed: torch.Tensor,
                 pos: torch.Tensor) -> torch.Tensor:
     """logits [B, V] -> next tokens [B], every argument a tensor on the logits' device, so the
@@ -77,6 +69,6 @@ def sample_rows(logits: torch.Tensor, temperature: torch.Tensor, top_p: torch.Te
     temperature[b] == 0, else a draw from probabilities(logits[b], temperature[b], top_p[b])
     keyed by (seed[b], pos[b]): reproducible, and independent of the other rows."""
     greedy = logits.argmax(dim=-1)
-    probs = probabilities_rows(logits, temperature, top_p)
+    probs = probabilities(logits, temperature, top_p)
     race = probs / -torch.log(uniform_hash(seed, pos, logits.shape[-1]))
     return torch.where(temperature > 0, race.argmax(dim=-1), greedy)
