@@ -23,7 +23,8 @@ from .errors import DejavuError
 from .kernels import cpu
 from .model import Transformer
 from .predictor import Predictors, head_input_layer
-from .sparse import INPUT_GROUPS, Selection, head_importance, neuron_importance, neuron_norms, topk_mask, units_for
+from .sparse import (INPUT_GROUPS, Selection, head_importance, input_densities, neuron_importance, neuron_norms,
+                     topk_mask, units_for)
 
 
 class OracleSelector:
@@ -225,7 +226,6 @@ def weights_read_fraction(model: Transformer, neurons=None, heads=None, mlp_dens
     if input_density is not None:
         if neurons is not None or heads is not None:
             raise DejavuError("input-side sparsity with neuron or head selection together is not built")
-        from .sparse import input_densities
         ds = input_densities(input_density)
         attn = (q_rows + kv_rows) * d * ds["qkv"] + q_rows * d * ds["o"]
         mlp = cfg.d_ff * cfg.n_in * d * ds["gate_up"] + cfg.d_ff * d * ds["down"]
