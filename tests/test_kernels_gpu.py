@@ -70,6 +70,29 @@ def test_gather_matvec_and_axpy(dtype, n, d, m, batch):
     check(tg.gather_axpy(a, w, idx), ref.gather_axpy_reference(a, w, idx), dtype)
 
 
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("K,N", [(576, 1000), (4096, 300), (1536, 4133)])
+@pytest.mark.parametrize("batch", [1, 3, 32])
+@pytest.mark.parametrize("rule", ["dense", "teal", "wina"])
+def test_input_matvec(dtype, K, N, batch, rule):
+    """Every row of an input-major weight, or only the input channels that pass the threshold for
+    some row of the batch (the union), with and without a bias."""
+    dot_ok(dtype)
+    g = gen()
+    w_t, x, bias = randn(K, N, g=g, dtype=dtype), randn(batch, K, g=g, dtype=dtype), randn(N, g=g, dtype=dtype)
+    scale = torch.rand(K, device=DEV, generator=g) + 0.5 if rule == "wina" else None
+    threshold = None if rule == "dense" else torch.tensor(1.2 + 0.3 * batch ** 0.5, device=DEV)  # some pass, not all
+    keep = torch.ones(K, dtype=torch.bool, device=DEV)
+    if threshold is not None:
+        keep = ((x.float().abs() * (scale if scale is not None else 1)) > threshold).any(0)
+        assert 0 < keep.float().mean() < 0.9
+    want = (x.double() * keep) @ w_t.double()
+    for b in (None, bias):
+        poison()
+        check(tg.input_matvec(x, w_t, b, scale, threshold), (want + (0 if b is None else b.double())).to(dtype)
+              .double(), dtype)
+
+
 @pytest.mark.parametrize("programs_per_sm", [1, 4, 16])
 def test_gather_axpy_last_split_sums_deterministically(programs_per_sm):
     """Many splits, many calls back to back with no sync between: the column block's last split

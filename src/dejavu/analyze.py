@@ -22,7 +22,7 @@ from .evaluate import perplexity
 from .model import Transformer
 from .selectors import (GateSelector, InputSelector, OracleSelector, PredictorSelector, StaticSelector,
                         default_selectors, weights_read_fraction)
-from .sparse import InputMasked, Masked, Recorder, head_contributions
+from .sparse import INPUT_GROUPS, InputSparsity, Masked, Recorder, calibrate_thresholds, head_contributions
 
 KEEP = (0.90, 0.95, 0.99)
 
@@ -113,11 +113,15 @@ def curves(model: Transformer, stream: torch.Tensor, sels: dict, mlp_densities, 
     return rows
 
 
+INPUT_CALIBRATION_TOKENS = 2048  # calibration text the input-side thresholds are set on
+
+
 def bytes_vs_ppl(model: Transformer, stream: torch.Tensor, sels: dict, rows: list[dict], dense_ppl: float,
-                 input_densities, window=512, progress=True, log=print) -> list[dict]:
+                 input_densities, calibration: torch.Tensor, window=512, progress=True, log=print) -> list[dict]:
     """Perplexity against the weights read per token (selectors.weights_read_fraction): the
-    curves' rows (neurons, heads, both) and input-side teal and wina, one density for every
-    projection group."""
+    curves' rows (neurons, heads, both) and input-side teal and wina, thresholds calibrated on
+    `calibration` [B, T] to one density for every projection group; an input-side row's weights
+    read are from the densities the held-out text actually kept."""
     label = {"mlp": "neurons", "attn": "heads", "both": "neurons + heads"}
     names = {"gate": "gate-first"}  # the curves' short name for dejavu's gated-MLP default
     out = [dict(selector="dense", weights_read_fraction=1.0, perplexity=dense_ppl)]
@@ -132,12 +136,12 @@ def bytes_vs_ppl(model: Transformer, stream: torch.Tensor, sels: dict, rows: lis
     for score in ("teal", "wina"):
         selector = InputSelector(model, score)
         for d in input_densities:
-            mask = InputMasked(model, selector, d)
             t = time.perf_counter()
+            mask = InputSparsity(model, selector, calibrate_thresholds(model, selector, calibration, d))
             ppl = perplexity(model, stream, window, sparsity=mask, progress=progress, desc=selector.name).ppl
-            out.append(dict(selector=selector.name, weights_read_fraction=weights_read_fraction(model, input_density=d),
-                            perplexity=ppl, input_density=mask.densities,
-                            achieved_input_density={g: mask.density(g) for g in mask.densities}))
+            kept = {g: mask.density(g) for g in INPUT_GROUPS}
+            out.append(dict(selector=selector.name, weights_read_fraction=weights_read_fraction(model, input_density=kept),
+                            perplexity=ppl, input_density=d, achieved_input_density=kept))
             log(f"  {selector.name:<24} inputs {d:.2f}  reads {out[-1]['weights_read_fraction']:.3f}  ppl {ppl:8.2f}  "
                 f"({time.perf_counter() - t:.0f} s)")
     return out

@@ -13,6 +13,10 @@ Weight layouts are chosen for sparse execution (one copy of every weight):
   MLP        w_in     [d_ff, n_in, d]      (n_in = 2 for gated: gate and up rows of a neuron
                                             interleaved, so one neuron is one contiguous row)
              w_out_t  [d_ff, d]            (W_down transposed: a neuron's column is a row)
+That is output-major for wqkv and w_in (a neuron's or head's rows are contiguous: what neuron and
+head selection read). Input-side sparsity reads input channels instead, which are contiguous when
+every weight is input-major: Transformer.to_input_major() re-stores wqkv and w_in transposed, in
+place (same logical shapes; wo_t and w_out_t already are), and every dense path reads them as they are.
 """
 from __future__ import annotations
 
@@ -95,6 +99,11 @@ class Norm(nn.Module):
             return F.layer_norm(x, x.shape[-1:], self.weight, self.bias, self.eps)
         xf = x.float()  # RMS statistics in fp32, as the reference implementations do
         return (xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + self.eps)).type_as(x) * self.weight
+
+
+def input_rule(sparsity, layer: int, group: str):
+    """The input-side rule decode applies inside the projection (kernels.linear), or None."""
+    return None if sparsity is None else sparsity.input_rule(layer, group)
 
 
 def _maybe_bias(flag: bool, n: int):
@@ -207,12 +216,12 @@ class Attention(nn.Module):
     def forward(self, x, rope, mask: kernels.AttentionMask, cache: KVCache | None, layer: int, pos, sparsity=None):
         """pos: the tokens' first cache slot (an int), or their slots as a device tensor (static shapes)."""
         if sparsity is not None:
-            x = sparsity.inputs(layer, "qkv", x)  # input-side sparsity: the input channels W_q, W_k, W_v read
+            x = sparsity.inputs(layer, "qkv", x)  # input-side sparsity, masked: the channels W_q, W_k, W_v see
         heads = sparsity.head_index(layer, x) if sparsity is not None else None  # the query heads to run (None: all)
         if cache is not None and cache.lazy:  # the cache computes what it lacks from its kept inputs
             q, k, v = cache.qkv(self, layer, pos, x, heads)
         else:
-            q, k, v = self.qkv(x, heads)
+            q, k, v = self.qkv(x, heads, input_rule(sparsity, layer, "qkv"))
             if rope is not None:
                 q, k = apply_rope(q, rope), apply_rope(k, rope)
             if cache is not None:
@@ -220,26 +229,26 @@ class Attention(nn.Module):
         y = kernels.attention(q, k, v, mask, heads, self.cfg.n_heads)  # [B, T, heads, head_dim]
         if sparsity is not None:
             y = sparsity.inputs(layer, "o", sparsity.heads(layer, x, y).flatten(2))
-        return self.project_out(y.flatten(2), heads)
+        return self.project_out(y.flatten(2), heads, input_rule(sparsity, layer, "o"))
 
-    def qkv(self, x, heads=None):
+    def qkv(self, x, heads=None, rule=None):
         """Q, K, V, each [B, heads, T, head_dim]. With `heads`, Q of those query heads only (their
         rows of wqkv, gathered); K and V always of every head, so the cache stays complete whatever
         later tokens select."""
         B, T, _ = x.shape
         if heads is None:  # Q, K, V in one matmul
-            q, k, v = F.linear(x, self.wqkv, self.bqkv).split(self.parts, -1)
+            q, k, v = kernels.linear(x, self.wqkv, self.bqkv, rule).split(self.parts, -1)
         else:
             q_dim = self.parts[0]
             q = kernels.gather_matvec(x, self.wqkv, heads, self.bqkv, unit=self.cfg.head_dim)
             k, v = F.linear(x, self.wqkv[q_dim:], None if self.bqkv is None else self.bqkv[q_dim:]).chunk(2, -1)
         return [t.reshape(B, T, -1, self.cfg.head_dim).transpose(1, 2) for t in (q, k, v)]
 
-    def project_out(self, y, idx=None):
+    def project_out(self, y, idx=None, rule=None):
         """Through W_o: all heads, or the heads idx only (each a head_dim-row slice of wo_t)."""
         if idx is not None:
             return kernels.gather_axpy(y, self.wo_t, idx, self.bo, unit=self.cfg.head_dim)
-        return y @ self.wo_t + self.bo if self.bo is not None else y @ self.wo_t
+        return kernels.linear(y, self.wo_t.t(), self.bo, rule)
 
 
 class MLP(nn.Module):
@@ -252,19 +261,19 @@ class MLP(nn.Module):
         self.w_out_t = nn.Parameter(torch.empty(cfg.d_ff, cfg.d_model))
         self.b_out = _maybe_bias(cfg.mlp_bias, cfg.d_model)
 
-    def activations(self, x, idx=None):
+    def activations(self, x, idx=None, rule=None):
         """Per-neuron activation a: act(gate) * up, or act(fc1). Shape [..., d_ff], or
         [..., len(idx)] for the neurons idx only (their rows of w_in are contiguous)."""
         w = self.w_in if idx is None else self.w_in[idx]
         b = self.b_in if idx is None or self.b_in is None else self.b_in[idx]
-        h = F.linear(x, w.flatten(0, 1), b.flatten() if b is not None else None)
+        h = kernels.linear(x, w.flatten(0, 1), b.flatten() if b is not None else None, rule)
         h = h.unflatten(-1, (w.shape[0], self.cfg.n_in))
         if self.cfg.gated:
             return self.act(h[..., 0]) * h[..., 1]
         return self.act(h[..., 0])
 
-    def project_out(self, a):
-        return a @ self.w_out_t + self.b_out if self.b_out is not None else a @ self.w_out_t
+    def project_out(self, a, rule=None):
+        return kernels.linear(a, self.w_out_t.t(), self.b_out, rule)
 
     def forward(self, x, layer: int = 0, sparsity=None):
         if sparsity is not None:
@@ -273,10 +282,10 @@ class MLP(nn.Module):
                 return out
         if sparsity is not None:
             x = sparsity.inputs(layer, "gate_up", x)
-        a = self.activations(x)
+        a = self.activations(x, rule=input_rule(sparsity, layer, "gate_up"))
         if sparsity is not None:
             a = sparsity.inputs(layer, "down", sparsity.neurons(layer, x, a))
-        return self.project_out(a)
+        return self.project_out(a, input_rule(sparsity, layer, "down"))
 
 
 class Block(nn.Module):
@@ -337,6 +346,17 @@ class Transformer(nn.Module):
                 and self.cfg.positions != "rope"):
             raise ValueError("lazy K/V fill needs a window > 1, batch 1 and a multi-head model without RoPE (OPT)")
         return LazyKVCache(self.cfg, batch, n, self.device, self.dtype, lazy_window)
+
+    @torch.no_grad()
+    def to_input_major(self):
+        """Re-store wqkv and w_in transposed (input channel k contiguous), in place and one at a time
+        (one weight's copy at most in flight): what input-side sparsity's decode reads. The logical
+        shapes stay; dense paths read the transposed storage as it is."""
+        for b in self.layers:
+            for p in (b.attn.wqkv, b.mlp.w_in):
+                flat = p.data.flatten(0, -2) if p.dim() == 3 else p.data  # [N, K]
+                p.data = flat.t().contiguous().t().view(p.shape)
+        return self
 
     def positions(self, B: int, T: int, start_pos: int, cache: KVCache | None):
         pos = (start_pos + torch.arange(T, device=self.device))[None, :].expand(B, T)

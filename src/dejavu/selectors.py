@@ -103,6 +103,7 @@ class GateSelector:
         """Decode, reading only W_gate, the candidates' up rows and the kept down rows. Selects
         what neuron_scores + Selection.select (union over the batch) would."""
         n, k = self.model.cfg.d_ff, sel.mlp_k[layer]
+        kernels.require_output_major(mlp.w_in)
         if self.rank:
             raise DejavuError("gathered decode with the SVD-scored gate selector is not built; use rank 0")
         n_cand = units_for(self.refine * k / n, n)
@@ -174,7 +175,7 @@ def default_selectors(model: Transformer, preds: Predictors):
 
 
 class InputSelector:
-    """Input-side sparsity scores (sparse.InputMasked keeps each token's top k channels).
+    """Input-side sparsity scores (sparse.InputSparsity keeps the channels above a threshold).
     teal: |x_i|. wina: |x_i| * ||W[:, i]||, the norm of the weight column channel i multiplies,
     over the group's output rows (q, k and v together; gate and up together); for `down` that
     is the neuron's exact importance."""
@@ -190,13 +191,17 @@ class InputSelector:
                 gate_up=b.mlp.w_in.float().flatten(0, 1).norm(dim=0),
                 down=b.mlp.w_out_t.float().norm(dim=1)) for b in model.layers]
 
+    def scale(self, layer, group) -> torch.Tensor | None:
+        """What |x| is multiplied by (None: nothing)."""
+        return None if self.col_norms is None else self.col_norms[layer][group]
+
     def input_scores(self, layer, group, x):
         s = x.float().abs()
         return s if self.col_norms is None else s * self.col_norms[layer][group]
 
     def neuron_scores(self, *args, **kwargs):
         raise DejavuError("an input-side selector selects input channels, not neurons: use it with "
-                          "sparse.InputMasked (input-side and unit selection together are not built)")
+                          "sparse.InputSparsity (input-side and unit selection together are not built)")
 
     head_scores = neuron_scores
 
@@ -210,7 +215,7 @@ def weights_read_fraction(model: Transformer, neurons=None, heads=None, mlp_dens
                              and its candidates' up rows; predictors add their own weights
       heads at density m     k query heads' Q rows and W_o slices (K/V always); predictors add theirs
       input_density          a dict group -> density (or one number): k input channels' columns
-                             of each projection group (sparse.InputMasked)
+                             of each projection group (sparse.InputSparsity)
     Densities are the mean over layers (the reads are linear in them, so per-layer allocations
     with that mean read the same)."""
     cfg = model.cfg

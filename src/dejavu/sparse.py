@@ -10,8 +10,11 @@ Units:
     stays complete.
 
 Input-side sparsity (TEAL / WINA) selects input channels instead of units: for each projection
-group of a layer it keeps the top k channels of the group's input and zeroes the rest, which is
-what reading only those columns of the weights (rows of W^T) computes. Groups and their inputs:
+group of a layer a token's input channel counts where its score passes the group's threshold, and
+the rest are zeroed, which is what reading only those columns of the weights (rows of W^T)
+computes. Thresholds are calibrated per layer and group to a density on calibration text, as TEAL
+does: a fixed rule, so the decode step keeps static shapes and selection costs no kernel (the
+projection's load mask). Groups and their inputs:
   qkv      W_q, W_k, W_v together   the attention norm's output h             [d_model]
   o        W_o                      the attention output y, heads flattened   [heads*head_dim]
   gate_up  W_gate, W_up together    the MLP norm's output                     [d_model]
@@ -21,7 +24,8 @@ For `down` a channel is a neuron: wina's score |a_i| * ||W_down[:, i]|| is its e
 A `Sparsity` object rides along a forward pass (Transformer.forward(..., sparsity=...)). The
 model calls it at these places per layer:
   enter(layer, x)               the residual stream entering the layer (what lookahead reads)
-  inputs(layer, group, x)       a projection group's input -> its input with channels zeroed
+  inputs(layer, group, x)       a projection group's input -> its input with channels zeroed (masked)
+  input_rule(layer, group)      the rule the projection itself applies (gathered), or None
   head_index(layer, x_in)       the query heads to compute (gathered mode; None: all)
   heads(layer, x_in, y)         y [B, T, H, head_dim] per-head attention output -> masked y
   mlp_output(layer, mlp, x_in)  the MLP output from the selected neurons (gathered mode; None: dense)
@@ -108,6 +112,9 @@ class Sparsity:
     def inputs(self, layer: int, group: str, x: torch.Tensor) -> torch.Tensor:
         return x  # input-side sparsity: the input of projection group `group` (INPUT_GROUPS), masked
 
+    def input_rule(self, layer: int, group: str) -> kernels.InputRule | None:
+        return None  # input-side sparsity, gathered: what the projection of `group` reads
+
 
 INPUT_GROUPS = ("qkv", "o", "gate_up", "down")
 
@@ -128,26 +135,63 @@ def input_densities(density) -> dict[str, float]:
     return ds
 
 
-class InputMasked(Sparsity):
-    """Input-side sparsity, evaluation: each token keeps the top k input channels of every
-    projection group by the selector's score (selectors.InputSelector: teal or wina) and the
-    others are zeroed. k is fixed per group, the same in every layer (static shapes later).
-    One family at a time: neurons and heads run dense here (Masked selects those)."""
+class InputSparsity(Sparsity):
+    """Input-side sparsity: in every projection group of every layer, a token's input channel
+    counts where its score (selectors.InputSelector: |x_k|, or |x_k| * ||W[:, k]||) exceeds the
+    group's threshold (`thresholds[layer][group]`, from calibrate_thresholds). Masked (evaluation):
+    each token's other channels are zeroed before the dense projection, and the share kept is
+    counted (`density`). Gathered (decode): the projection applies the rule itself
+    (kernels.linear reads only the channels that pass for some row of the batch); the same result.
+    One family at a time: neurons and heads run dense here."""
 
-    def __init__(self, model: Transformer, selector, density):
-        self.selector, self.densities = selector, input_densities(density)
-        self.k = {g: units_for(self.densities[g], n) for g, n in input_channels(model).items()}
-        self.kept = {g: [0, 0] for g in INPUT_GROUPS}  # kept, total channels (achieved density)
+    def __init__(self, model: Transformer, selector, thresholds: list[dict[str, float]], gathered: bool = False):
+        if len(thresholds) != model.cfg.n_layers:
+            raise DejavuError(f"input-side thresholds for {len(thresholds)} layers, the model has {model.cfg.n_layers}")
+        self.selector, self.gathered, self.thresholds = selector, gathered, thresholds
+        self.rules = [{g: kernels.InputRule(torch.tensor(float(t[g]), device=model.device), selector.scale(layer, g))
+                       for g in INPUT_GROUPS} for layer, t in enumerate(thresholds)]
+        self.kept = {g: [0, 0] for g in INPUT_GROUPS}  # kept, total channels (achieved density, masked mode)
 
     def inputs(self, layer, group, x):
-        mask = topk_mask(self.selector.input_scores(layer, group, x), self.k[group])
-        self.kept[group][0] += int(mask.sum())
-        self.kept[group][1] += mask.numel()
-        return x * mask.to(x.dtype)
+        if self.gathered:
+            return x
+        keep = self.rules[layer][group].keep(x)
+        self.kept[group][0] += int(keep.sum())
+        self.kept[group][1] += keep.numel()
+        return x * keep.to(x.dtype)
+
+    def input_rule(self, layer, group):
+        return self.rules[layer][group] if self.gathered else None
 
     def density(self, group: str) -> float | None:
         kept, total = self.kept[group]
         return kept / total if total else None
+
+
+class _Thresholds(Sparsity):
+    """Dense forward that sets every projection group's threshold from its input scores."""
+
+    def __init__(self, selector, densities: dict[str, float], n_layers: int):
+        self.selector, self.densities = selector, densities
+        self.thresholds = [{} for _ in range(n_layers)]
+
+    def inputs(self, layer, group, x):
+        s = self.selector.input_scores(layer, group, x).flatten()
+        below = round((1 - self.densities[group]) * s.numel())  # channels that fail: the bar is the largest
+        self.thresholds[layer][group] = -1.0 if below == 0 else float(s.kthvalue(below).values)
+        return x
+
+
+@torch.no_grad()
+def calibrate_thresholds(model: Transformer, selector, tokens: torch.Tensor, density) -> list[dict[str, float]]:
+    """Per layer and projection group, the score threshold that a share `density` of the input
+    channels of `tokens` [B, T] passes (one number, or a dict group -> density). Density 1: -1,
+    every channel passes."""
+    if tokens.numel() == 0:
+        raise DejavuError("calibrating input-side thresholds needs calibration tokens, got none")
+    sampler = _Thresholds(selector, input_densities(density), model.cfg.n_layers)
+    model(tokens.to(model.device), sparsity=sampler)
+    return sampler.thresholds
 
 
 class Selection(Sparsity):

@@ -61,7 +61,9 @@ def run(args):
     print(analyze.summary_table(result))
     print(f"wrote {out}/analysis.json, analysis.md, perplexity_vs_density.png, layers.png "
           f"({result['seconds']:.0f} s)")
-    bytes_rows = analyze.bytes_vs_ppl(model, held, sels, rows, dense, args.input_densities, window)
+    calibration = text_stream(tok, None, "calibration", analyze.INPUT_CALIBRATION_TOKENS)
+    calibration = calibration[:len(calibration) // window * window].view(-1, window)  # the input-side thresholds
+    bytes_rows = analyze.bytes_vs_ppl(model, held, sels, rows, dense, args.input_densities, calibration, window)
     analyze.save_bytes(dict(command="dejavu " + " ".join(sys.argv[1:]), model=loaded.name,
                             eval_tokens=result["eval_tokens"], dense_ppl=dense,
                             predictors=result["predictors"], device=result["device"], dtype=result["dtype"],

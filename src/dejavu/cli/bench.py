@@ -2,6 +2,8 @@
 sparse, optionally lossless), the GPU gather kernels, the GPU end-to-end latency table."""
 from __future__ import annotations
 
+import sys
+
 import torch
 
 from ..errors import DejavuError
@@ -57,6 +59,19 @@ def run_kernels(args):
     print("\n" + kernels.kernels_markdown(res))
     if args.out:
         print("wrote " + ", ".join(map(str, kernels.save(res, args.out))))
+
+
+def run_gated(args):
+    from ..bench import gated
+    need_gpu("gated")
+    rows = []
+    for shape, layers in args.shape or [("llama-3-8b", None), ("llama-3-70b", 40)]:
+        rows += gated.bench_gated(shape, args.sparsity, args.prompt_tokens, args.max_new_tokens, layers,
+                                  DTYPES[args.dtype])
+    command = "dejavu " + " ".join(sys.argv[1:])
+    print("\n" + gated.gated_markdown(rows, command))
+    if args.out:
+        print("wrote " + ", ".join(map(str, gated.save(rows, command, args.out))))
 
 
 def run_e2e(args):

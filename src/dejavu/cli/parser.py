@@ -107,6 +107,17 @@ def kernel_batches(text: str) -> list[int]:
     return batches
 
 
+def shape_with_layers(text: str) -> tuple[str, int | None]:
+    """'llama-3-70b:40' -> ('llama-3-70b', 40); 'llama-3-8b' -> ('llama-3-8b', None)."""
+    from ..load import PRESETS
+    name, _, layers = text.partition(":")
+    if name not in PRESETS:
+        raise argparse.ArgumentTypeError(f"unknown shape preset {name!r}; choose from {', '.join(PRESETS)}")
+    if layers and not (layers.isdigit() and int(layers) > 0):
+        raise argparse.ArgumentTypeError(f"layers after ':' must be a positive whole number, got {layers!r}")
+    return name, int(layers) if layers else None
+
+
 def kernel_shapes(text: str) -> list[str]:
     from ..bench.kernels import KERNEL_SHAPES
     shapes = [s for s in text.split(",") if s.strip()]
@@ -274,6 +285,22 @@ def build_parser() -> argparse.ArgumentParser:
     b.add_argument("--out", metavar="DIR", help="write e2e_<shape>.json, .md and .png here (default: print only)")
     b.set_defaults(func=bench.run_e2e)
 
+    b = benches.add_parser("gated", help="GPU: gated shapes, every sparsity family incl. input-side, ms/token",
+                           description="ms/token (batch 1) of the CUDA-graph engine on gated shapes: dense in both "
+                                       "weight layouts, gate-first, the paper's predictors, and input-side sparsity "
+                                       "(teal, wina) at each model-wide sparsity, with roofline fractions. Synthetic "
+                                       "weights and untrained predictors: speed only.")
+    b.add_argument("--shape", type=shape_with_layers, action="append", metavar="PRESET[:LAYERS]",
+                   help="a gated shape preset, optionally only its first LAYERS layers (repeatable; default: "
+                        "llama-3-8b and llama-3-70b:40)")
+    b.add_argument("--sparsity", type=density_list, default="0.25,0.4,0.5", metavar="S,S,...",
+                   help="input-side sparsities: the share of input channels skipped, model-wide")
+    b.add_argument("--prompt-tokens", type=int, default=128, help="prompt length")
+    b.add_argument("--max-new-tokens", type=int, default=128, help="new tokens per timed run")
+    b.add_argument("--dtype", choices=DTYPES, default="bfloat16", help="weight dtype")
+    b.add_argument("--out", metavar="DIR", help="write gated.json and gated.md here (default: print only)")
+    b.set_defaults(func=bench.run_gated)
+
     p = sub.add_parser("calibrate", help="record calibration data and train lookahead predictors",
                        description="Run the dense model over calibration text, record per layer the predictor "
                                    "input and unit importances (sharded safetensors, resumable), train low-rank "
@@ -317,7 +344,8 @@ def build_parser() -> argparse.ArgumentParser:
                    help="attention densities to score; 'both' pairs them with the MLP ones in order (default: "
                         "about 0.78, 0.67, 0.56 of the heads, rounded to whole heads)")
     p.add_argument("--input-densities", type=density_list, default="0.7,0.6,0.5,0.4", metavar="D,D,...",
-                   help="input-side sparsity (teal, wina): input channels kept, the same in every projection group")
+                   help="input-side sparsity (teal, wina): share of input channels kept, the same in every projection "
+                        "group, by thresholds set on 2048 calibration tokens")
     p.set_defaults(func=analyze.run)
 
     p = sub.add_parser("eval", help="zero-shot accuracy (lm-eval), dense and masked-sparse",

@@ -10,6 +10,7 @@ from typing import NamedTuple
 import torch
 import torch.nn.functional as F
 
+from ..errors import DejavuError
 from . import cpu
 from .reference import ACTIVATIONS, lazy_fill, lazy_units, unit_rows
 
@@ -23,10 +24,55 @@ def _triton():
         return None
 
 
+class InputRule(NamedTuple):
+    """Input-side sparsity for one projection: input channel k of a token counts where
+    |x_k| * scale[k] > threshold (scale None: 1); threshold a 0-dim fp32 tensor on the weights' device."""
+    threshold: torch.Tensor
+    scale: torch.Tensor | None = None
+
+    def keep(self, x: torch.Tensor) -> torch.Tensor:
+        score = x.float().abs()
+        return (score * self.scale if self.scale is not None else score) > self.threshold
+
+
+def is_input_major(w: torch.Tensor) -> bool:
+    """w [N, K] stored transposed (Transformer.to_input_major): input channel k is a contiguous row."""
+    return w.dim() == 2 and w.stride(0) == 1 and w.stride(1) == w.shape[0] and w.shape[0] > 1
+
+
+def linear(x: torch.Tensor, w: torch.Tensor, bias: torch.Tensor | None = None,
+           rule: InputRule | None = None) -> torch.Tensor:
+    """x [..., K] @ w[N, K].T + bias, the dense projection of every path; with `rule`, input-side
+    sparsity as decode runs it: only the input channels that pass for some row of x (a batch
+    shares the union) are read. Decode rows of an input-major weight on CUDA run the Triton
+    kernel (input_matvec: the rule is its load mask); one token on the CPU gathers the passing
+    rows (C++); anything else computes the same in torch."""
+    K, rows = x.shape[-1], x.numel() // x.shape[-1]
+    w_t = w.t()
+    if x.is_cuda and rows <= 32 and is_input_major(w) and _triton() is not None:
+        return _triton()[0].input_matvec(x, w_t, bias, *((rule.scale, rule.threshold) if rule else (None, None)))
+    if rule is None:
+        return F.linear(x, w, bias)
+    keep = rule.keep(x).reshape(-1, K).any(0)
+    if is_input_major(w) and cpu.usable(x):
+        idx = keep.nonzero().squeeze(-1)
+        out = cpu.gather_axpy(x.reshape(-1, K)[:, idx].contiguous(), w_t, idx).view(*x.shape[:-1], w.shape[0])
+        return out + bias if bias is not None else out
+    return F.linear(x * keep.to(x.dtype), w, bias)
+
+
+def require_output_major(w: torch.Tensor):
+    if w.stride(-1) != 1:
+        raise DejavuError("neuron and head selection gather rows of the output-major layout, and this model's "
+                          "weights are input-major (converted for input-side sparsity): load the model again "
+                          "without converting it to use neuron or head selection")
+
+
 def gather_matvec(x: torch.Tensor, w: torch.Tensor, idx: torch.Tensor, bias: torch.Tensor | None = None,
                   unit: int = 1) -> torch.Tensor:
     """x [..., d], w [N, d] (rows may be strided), idx [m] -> [..., m * unit] = x @ w[rows].T + bias[rows],
     rows = unit_rows(idx, unit)"""
+    require_output_major(w)
     if x.is_cuda and _triton() is not None and x.numel() // x.shape[-1] <= 32:
         return _triton()[0].gather_matvec(x, w, idx, bias, unit)
     rows = unit_rows(idx, unit)
@@ -61,6 +107,7 @@ def gather_act(x: torch.Tensor, w_in: torch.Tensor, b_in: torch.Tensor | None, i
                act: str) -> torch.Tensor:
     """x [..., d], w_in [d_ff, n_in, d], b_in [d_ff, n_in] or None, idx [m] -> [..., m]:
     act(gate) * up (n_in 2) or act(fc1 + bias) (n_in 1) for the neurons idx."""
+    require_output_major(w_in)
     if x.is_cuda and _triton() is not None and x.numel() // x.shape[-1] <= 32:
         return _triton()[0].gather_act(x, w_in, b_in, idx, act)
     n_in = w_in.shape[1]

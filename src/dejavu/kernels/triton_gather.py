@@ -6,6 +6,9 @@ gather_act     out[b, j] = act(gate_j . x[b]) * (up_j . x[b])   or  act(fc1_j . 
                                                    of w_in [d_ff, n_in, d] in one pass, fused
 gather_axpy    out[b]   = sum_j a[b, j] W[idx[j]]  selected rows of w_out_t / wo_t (transposed
                                                    layouts: a neuron's or head's slice is a row)
+input_matvec   out[b]   = sum_k x[b, k] W_t[k]     every row of an input-major weight, or with a
+                                                   threshold only the input channels that pass it
+                                                   (input-side sparsity: selection in the load mask)
 Only the selected rows are read, straight from the weight (no gathered temporary). All use
 tl.dot over a batch padded to 16 (batch 1-32 share the loaded weight tile); fp32 accumulation;
 deterministic (gather_axpy sums per-program fp32 partials in a fixed order; an atomic counter,
@@ -204,12 +207,20 @@ def _gather_axpy_kernel(a_ptr, w_ptr, idx_ptr, b_ptr, part_ptr, count_ptr, out_p
         w = tl.load(w_ptr + rows[:, None] * stride_w + offs_n[None, :], mask=m_mask[:, None] & n_mask[None, :],
                     other=0.0)
         acc = tl.dot(a, w, acc, input_precision=PRECISION)
+    _sum_splits(acc, part_ptr, count_ptr, b_ptr, out_ptr, pid_n, pid_s, S, offs_b, offs_n, b_mask, n_mask,
+                stride_s, stride_p, stride_o, HAS_BIAS, BLOCK_B, BLOCK_N)
+
+
+@triton.jit
+def _sum_splits(acc, part_ptr, count_ptr, b_ptr, out_ptr, pid_n, pid_s, S, offs_b, offs_n, b_mask, n_mask,
+                stride_s, stride_p, stride_o, HAS_BIAS: tl.constexpr, BLOCK_B: tl.constexpr, BLOCK_N: tl.constexpr):
+    """Split-K epilogue: store this program's fp32 partial; the column block's last split to finish
+    adds the partials in split order (deterministic), adds the bias, casts and writes the output: no
+    second kernel. (The threadfence-reduction pattern: every thread's partial is stored before the
+    count moves; the counts are this call's own.)"""
     mask = b_mask[:, None] & n_mask[None, :]
     tile = offs_b[:, None] * stride_p + offs_n[None, :]
     tl.store(part_ptr + pid_s * stride_s + tile, acc, mask=mask)
-    # the column block's last split to finish adds the partials in split order (deterministic), adds
-    # the bias, casts and writes the output: no second kernel. (The threadfence-reduction pattern:
-    # every thread's partial is stored before the count moves; the counts are this call's own.)
     tl.debug_barrier()
     if tl.atomic_add(count_ptr + pid_n, 1, sem="acq_rel", scope="gpu") == S - 1:
         total = tl.zeros((BLOCK_B, BLOCK_N), dtype=tl.float32)
@@ -219,6 +230,39 @@ def _gather_axpy_kernel(a_ptr, w_ptr, idx_ptr, b_ptr, part_ptr, count_ptr, out_p
             total += tl.load(b_ptr + offs_n, mask=n_mask, other=0.0).to(tl.float32)[None, :]
         tl.store(out_ptr + offs_b[:, None] * stride_o + offs_n[None, :], total.to(out_ptr.dtype.element_ty),
                  mask=mask)
+
+
+@triton.jit
+def _input_matvec_kernel(x_ptr, w_ptr, scale_ptr, t_ptr, b_ptr, part_ptr, count_ptr, out_ptr, B, M, N, S,
+                         rows_per_split, stride_x, stride_w, stride_s, stride_p, stride_o, SELECT: tl.constexpr,
+                         HAS_SCALE: tl.constexpr, HAS_BIAS: tl.constexpr, BLOCK_B: tl.constexpr,
+                         BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, PRECISION: tl.constexpr):
+    # as _gather_axpy_kernel over every row of an input-major weight; with SELECT, row m (input
+    # channel m) is read only where some row of the batch scores |x[b, m]| (* scale[m]) > threshold:
+    # the selection is the load's mask, so skipped rows cost no memory traffic and no extra kernel
+    pid_n, pid_s = tl.program_id(0), tl.program_id(1)
+    offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+    n_mask = offs_n < N
+    offs_b = tl.arange(0, BLOCK_B)
+    b_mask = offs_b < B
+    acc = tl.zeros((BLOCK_B, BLOCK_N), dtype=tl.float32)
+    start = pid_s * rows_per_split
+    for m0 in range(start, start + rows_per_split, BLOCK_M):
+        offs_m = m0 + tl.arange(0, BLOCK_M)
+        keep = (offs_m < M) & (offs_m < start + rows_per_split)
+        a = tl.load(x_ptr + offs_b[:, None] * stride_x + offs_m[None, :], mask=b_mask[:, None] & keep[None, :],
+                    other=0.0)
+        if SELECT:
+            score = tl.abs(a.to(tl.float32))
+            if HAS_SCALE:
+                score = score * tl.load(scale_ptr + offs_m, mask=keep, other=0.0)[None, :]
+            keep = keep & (tl.max(score, axis=0) > tl.load(t_ptr))
+            a = tl.where(keep[None, :], a, 0.0)
+        w = tl.load(w_ptr + offs_m[:, None] * stride_w + offs_n[None, :], mask=keep[:, None] & n_mask[None, :],
+                    other=0.0)
+        acc = tl.dot(a.to(w.dtype), w, acc, input_precision=PRECISION)
+    _sum_splits(acc, part_ptr, count_ptr, b_ptr, out_ptr, pid_n, pid_s, S, offs_b, offs_n, b_mask, n_mask,
+                stride_s, stride_p, stride_o, HAS_BIAS, BLOCK_B, BLOCK_N)
 
 
 def _tile(M: int, x: torch.Tensor, block_m: int, block_k: int, B: int = 0, stages: int = 0) -> tuple[int, int, int]:
@@ -288,9 +332,7 @@ def _gather_axpy_op(a: torch.Tensor, w: torch.Tensor, bias: torch.Tensor | None,
     a = a.contiguous()
     (B, M), N = a.shape, w.shape[1]
     col_blocks = triton.cdiv(N, block_n)
-    splits = max(1, min(triton.cdiv(M, block_m), triton.cdiv(programs_per_sm * sm_count(a), col_blocks)))
-    rows_per_split = triton.cdiv(triton.cdiv(M, splits), block_m) * block_m
-    splits = triton.cdiv(M, rows_per_split)
+    splits, rows_per_split = _splits(M, col_blocks, block_m, programs_per_sm, a)
     partial = torch.empty(splits, B, N, device=a.device, dtype=torch.float32)  # graph pool under CUDA graphs
     # this call's own counters, zeroed: calls overlapping on other streams, graphs or threads each
     # count their own splits (under a CUDA graph: the graph's own buffer, zeroed at every replay)
@@ -301,6 +343,33 @@ def _gather_axpy_op(a: torch.Tensor, w: torch.Tensor, bias: torch.Tensor | None,
         rows_per_split, a.stride(0), w.stride(0), partial.stride(0), partial.stride(1), out.stride(0), UNIT=unit,
         HAS_BIAS=bias is not None, BLOCK_B=_block_b(B), BLOCK_M=block_m, BLOCK_N=block_n, PRECISION=_precision(a),
         num_warps=num_warps, num_stages=num_stages)
+    return out
+
+
+def _splits(M: int, col_blocks: int, block_m: int, programs_per_sm: int, t: torch.Tensor) -> tuple[int, int]:
+    """Split-K: (splits, rows per split) so that about programs_per_sm programs run per SM."""
+    splits = max(1, min(triton.cdiv(M, block_m), triton.cdiv(programs_per_sm * sm_count(t), col_blocks)))
+    rows_per_split = triton.cdiv(triton.cdiv(M, splits), block_m) * block_m
+    return triton.cdiv(M, rows_per_split), rows_per_split
+
+
+@triton_op("dejavu::input_matvec", mutates_args=())
+def _input_matvec_op(x: torch.Tensor, w_t: torch.Tensor, bias: torch.Tensor | None, scale: torch.Tensor | None,
+                     threshold: torch.Tensor | None, block_m: int, block_n: int, num_warps: int, num_stages: int,
+                     programs_per_sm: int) -> torch.Tensor:
+    x = x.contiguous()
+    (B, M), N = x.shape, w_t.shape[1]
+    col_blocks = triton.cdiv(N, block_n)
+    splits, rows_per_split = _splits(M, col_blocks, block_m, programs_per_sm, x)
+    partial = torch.empty(splits, B, N, device=x.device, dtype=torch.float32)  # graph pool under CUDA graphs
+    counts = torch.zeros(col_blocks, device=x.device, dtype=torch.int32)     # this call's own (gather_axpy)
+    out = torch.empty(B, N, device=x.device, dtype=x.dtype)
+    launcher(_input_matvec_kernel)[(col_blocks, splits)](
+        x, w_t, scale if scale is not None else partial, threshold if threshold is not None else partial,
+        bias if bias is not None else partial, partial, counts, out, B, M, N, splits, rows_per_split, x.stride(0),
+        w_t.stride(0), partial.stride(0), partial.stride(1), out.stride(0), SELECT=threshold is not None,
+        HAS_SCALE=scale is not None, HAS_BIAS=bias is not None, BLOCK_B=_block_b(B), BLOCK_M=block_m,
+        BLOCK_N=block_n, PRECISION=_precision(x), num_warps=num_warps, num_stages=num_stages)
     return out
 
 
@@ -344,3 +413,16 @@ def gather_axpy(a: torch.Tensor, w: torch.Tensor, idx: torch.Tensor, bias: torch
     out = torch.ops.dejavu.gather_axpy(a.reshape(-1, a.shape[-1]), w, bias, idx, unit, block_m, block_n, num_warps,
                                        num_stages, programs_per_sm)
     return out.view(*a.shape[:-1], w.shape[1])
+
+
+def input_matvec(x: torch.Tensor, w_t: torch.Tensor, bias: torch.Tensor | None = None,
+                 scale: torch.Tensor | None = None, threshold: torch.Tensor | None = None, block_m: int = 64,
+                 block_n: int = 128, num_warps: int = 4, num_stages: int = 3, programs_per_sm: int = 4) -> torch.Tensor:
+    """x [..., K], w_t [K, N] (input-major: input channel k is row k) -> [..., N] = x @ w_t (+ bias).
+    With `threshold` (a 0-dim fp32 device tensor), input-side sparsity: channel k counts only where
+    some row of x has |x[b, k]| * scale[k] (scale None: 1) > threshold, and only those rows of w_t
+    are read (a batch shares the union). Split over the input rows as gather_axpy; deterministic."""
+    assert w_t.stride(1) == 1, "weight rows (input channels) must be contiguous"
+    out = torch.ops.dejavu.input_matvec(x.reshape(-1, x.shape[-1]), w_t, bias, scale, threshold, block_m, block_n,
+                                        num_warps, num_stages, programs_per_sm)
+    return out.view(*x.shape[:-1], w_t.shape[1])
