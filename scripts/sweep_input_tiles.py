@@ -1,8 +1,9 @@
-"""Tiles of input_matvec (the input-major projection, dense and input-side sparse) on the decode
-projections of Llama-3-8B and -70B, against F.linear on the output-major weight, batch 1. Each
-call timed as 32 calls back to back in a CUDA graph over L2-defeating weight copies (bench.kernels.graph_ms).
-Prints one line per (shape, mode, tile) and the best tile per (shape, mode); writes JSON to argv[1]."""
-import itertools
+"""Input-side projections on the decode shapes of Llama-3-8B and -70B, batch 1, bf16: F.linear on
+the output-major and on the input-major (transposed view) weight, and input-side sparse (input_gather: a
+segmented compaction, then gather_axpy over the passing rows) at sparsities 0.25/0.4/0.5 for a few
+tiles. Each
+call timed as 32 calls back to back in a CUDA graph over L2-defeating weight copies
+(bench.kernels.graph_ms). Writes JSON to argv[1]."""
 import json
 import sys
 
@@ -16,7 +17,7 @@ PROJECTIONS = {  # name: (K inputs, N outputs)
     "8b qkv": (4096, 6144), "8b o": (4096, 4096), "8b gate_up": (4096, 28672), "8b down": (14336, 4096),
     "70b qkv": (8192, 10240), "70b o": (8192, 8192), "70b gate_up": (8192, 57344), "70b down": (28672, 8192),
 }
-TILES = list(itertools.product((32, 64, 128), (64, 128, 256), (3, 4), (4, 8)))  # block_m, block_n, stages, per SM
+TILES = [(64, 128, 2, 4), (32, 128, 2, 4), (64, 128, 3, 4), (64, 256, 2, 4), (32, 64, 2, 8), (64, 128, 2, 8)]
 CALLS = 32
 
 
@@ -24,35 +25,31 @@ def main(out):
     bw, l2 = copy_bandwidth(), torch.cuda.get_device_properties(0).L2_cache_size
     g = torch.Generator(device="cuda").manual_seed(0)
     rows = []
+
+    def add(name, mode, ms, read, **kw):
+        rows.append(dict(shape=name, mode=mode, ms=ms, of_bw=read / (ms / 1e3) / bw, **kw))
+        print(f"{name:<12} {mode:<34} {ms * 1e3:7.1f} us  {rows[-1]['of_bw']:4.0%} of copy bw", flush=True)
+
     for name, (K, N) in PROJECTIONS.items():
         copies = -(-8 * l2 // (K * N * 2))
-        w = [torch.randn(K, N, device="cuda", dtype=torch.bfloat16, generator=g) for _ in range(copies)]
-        w_out = [t.t().contiguous() for t in w]
+        w_t = [torch.randn(K, N, device="cuda", dtype=torch.bfloat16, generator=g) for _ in range(copies)]
+        w_out = [t.t().contiguous() for t in w_t]
         x = torch.randn(1, K, device="cuda", dtype=torch.bfloat16, generator=g)
-        dense = graph_ms([lambda j=j: F.linear(x, w_out[j % copies]) for j in range(CALLS)])
-        rows.append(dict(shape=name, mode="F.linear", ms=dense, of_bw=K * N * 2 / (dense / 1e3) / bw))
-        print(f"{name:<12} F.linear          {dense * 1e3:7.1f} us  {rows[-1]['of_bw']:4.0%}", flush=True)
-        for mode, sparsity in (("dense", 0.0), ("sparse 0.5", 0.5), ("sparse 0.4", 0.4)):
-            t = None if not sparsity else x.float().abs().flatten().kthvalue(round(sparsity * K)).values
-            best = None
+        add(name, "F.linear output-major", graph_ms([lambda j=j: F.linear(x, w_out[j % copies]) for j in range(CALLS)]),
+            K * N * 2)
+        add(name, "F.linear input-major view", graph_ms([lambda j=j: F.linear(x, w_t[j % copies].t())
+                                                         for j in range(CALLS)]), K * N * 2)
+        for sparsity in (0.25, 0.4, 0.5):
+            t = x.float().abs().flatten().kthvalue(round(sparsity * K)).values
+            kept = int((x.float().abs() > t).sum())
             for bm, bn, st, pps in TILES:
-                try:
-                    ms = graph_ms([lambda j=j: tg.input_matvec(x, w[j % copies], None, None, t, block_m=bm, block_n=bn,
-                                                               num_stages=st, programs_per_sm=pps)
-                                   for j in range(CALLS)])
-                except Exception as e:  # out of shared memory and the like: skip the tile
-                    print(f"{name:<12} {mode:<10} {bm}x{bn} st{st} pps{pps}: {type(e).__name__}", flush=True)
-                    continue
-                read = K * N * 2 * (1 - sparsity)
-                row = dict(shape=name, mode=mode, block_m=bm, block_n=bn, stages=st, per_sm=pps, ms=ms,
-                           of_bw=read / (ms / 1e3) / bw, vs_linear=dense / ms)
-                rows.append(row)
-                if best is None or ms < best["ms"]:
-                    best = row
-            print(f"{name:<12} {mode:<10} best {best['block_m']}x{best['block_n']} st{best['stages']} "
-                  f"pps{best['per_sm']}: {best['ms'] * 1e3:7.1f} us  {best['of_bw']:4.0%} of copy bw  "
-                  f"{best['vs_linear']:.2f}x F.linear", flush=True)
-        del w, w_out
+                def call(j):
+                    return tg.input_gather(x, w_t[j % copies], None, t, block_m=bm, block_n=bn, num_stages=st,
+                                           programs_per_sm=pps)
+                add(name, f"sparse {sparsity} {bm}x{bn} st{st} pps{pps}", graph_ms([lambda j=j: call(j)
+                                                                                   for j in range(CALLS)]),
+                    kept * N * 2, sparsity=sparsity, tile=(bm, bn, st, pps))
+        del w_t, w_out
         torch.cuda.empty_cache()
     json.dump(dict(card=torch.cuda.get_device_name(), copy_bandwidth=bw, rows=rows), open(out, "w"), indent=1)
 

@@ -71,26 +71,49 @@ def test_gather_matvec_and_axpy(dtype, n, d, m, batch):
 
 
 @pytest.mark.parametrize("dtype", DTYPES)
-@pytest.mark.parametrize("K,N", [(576, 1000), (4096, 300), (1536, 4133)])
-@pytest.mark.parametrize("batch", [1, 3, 32])
-@pytest.mark.parametrize("rule", ["dense", "teal", "wina"])
-def test_input_matvec(dtype, K, N, batch, rule):
-    """Every row of an input-major weight, or only the input channels that pass the threshold for
-    some row of the batch (the union), with and without a bias."""
+@pytest.mark.parametrize("K,N", [(576, 1000), (4096, 300), (14336, 4133)])
+@pytest.mark.parametrize("rule", ["teal", "wina", "none pass", "all pass"])
+def test_input_gather(dtype, K, N, rule):
+    """One token's input-side projection reads only the rows of the channels that pass (a segmented
+    compaction, then gather_axpy over the packed rows), for every split layout."""
     dot_ok(dtype)
     g = gen()
-    w_t, x, bias = randn(K, N, g=g, dtype=dtype), randn(batch, K, g=g, dtype=dtype), randn(N, g=g, dtype=dtype)
+    w_t, x, bias = randn(K, N, g=g, dtype=dtype), randn(K, g=g, dtype=dtype), randn(N, g=g, dtype=dtype)
     scale = torch.rand(K, device=DEV, generator=g) + 0.5 if rule == "wina" else None
-    threshold = None if rule == "dense" else torch.tensor(1.2 + 0.3 * batch ** 0.5, device=DEV)  # some pass, not all
-    keep = torch.ones(K, dtype=torch.bool, device=DEV)
-    if threshold is not None:
-        keep = ((x.float().abs() * (scale if scale is not None else 1)) > threshold).any(0)
-        assert 0 < keep.float().mean() < 0.9
+    threshold = torch.tensor({"none pass": 1e9, "all pass": -1.0}.get(rule, 0.8), device=DEV)
+    keep = (x.float().abs() * (scale if scale is not None else 1)) > threshold
     want = (x.double() * keep) @ w_t.double()
-    for b in (None, bias):
+    for b, pps in ((None, 4), (bias, 1), (bias, 16)):
         poison()
-        check(tg.input_matvec(x, w_t, b, scale, threshold), (want + (0 if b is None else b.double())).to(dtype)
-              .double(), dtype)
+        got = tg.input_gather(x, w_t, scale, threshold, b, programs_per_sm=pps)
+        ref_out = (want + (0 if b is None else b.double())).to(dtype).double()
+        if not keep.any():  # nothing passes: the bias alone, or zeros
+            assert torch.equal(got.double(), ref_out)
+        else:
+            check(got, ref_out, dtype)
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("rope", [True, False])
+@pytest.mark.parametrize("device_slot", [True, False])
+@pytest.mark.parametrize("B,H,KV,hd", [(1, 32, 8, 128), (3, 4, 2, 64), (2, 12, 12, 80)])
+def test_rope_cache(dtype, rope, device_slot, B, H, KV, hd):
+    """RoPE on Q and K and the K/V cache write in one kernel = the torch reference (the CPU's path)."""
+    g = gen()
+    qkv = randn(B, (H + 2 * KV) * hd, g=g, dtype=dtype)
+    angles = randn(B, 1, 1, hd // 2, g=g).repeat(1, 1, 1, 2) * 3
+    cos_sin = (angles.cos().to(dtype), angles.sin().to(dtype)) if rope else None
+    S, slot = 40, 17
+    kv = randn(2, B, KV, S, hd, g=g, dtype=dtype)
+    want_kv = kv.clone()
+    pos = torch.tensor([slot], device=DEV) if device_slot else slot
+    f32 = (lambda t: t.float()) if dtype != torch.float32 else (lambda t: t)
+    want_q = ref.rope_cache_reference(f32(qkv), None if not rope else tuple(map(f32, cos_sin)), pos, want_kv, H)
+    q = ta.rope_cache(qkv, cos_sin, pos, kv, H)
+    check(q, want_q.to(dtype).double(), dtype)
+    check(kv[:, :, :, slot], want_kv[:, :, :, slot].double(), dtype)
+    others = torch.arange(S, device=DEV) != slot
+    assert torch.equal(kv[:, :, :, others], want_kv[:, :, :, others])
 
 
 @pytest.mark.parametrize("programs_per_sm", [1, 4, 16])

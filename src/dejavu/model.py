@@ -134,11 +134,16 @@ class KVCache:
         if isinstance(pos, torch.Tensor):
             self.k[layer].index_copy_(2, pos, k)
             self.v[layer].index_copy_(2, pos, v)
+        else:
+            self.k[layer, :, :, pos:pos + k.shape[2]] = k
+            self.v[layer, :, :, pos:pos + k.shape[2]] = v
+        return self.keys(layer, pos, k.shape[2])
+
+    def keys(self, layer: int, pos, T: int = 1) -> tuple[torch.Tensor, torch.Tensor]:
+        """The layer's keys and values to attend over once T tokens sit at pos (see update)."""
+        if isinstance(pos, torch.Tensor):
             return self.k[layer], self.v[layer]
-        end = pos + k.shape[2]
-        self.k[layer, :, :, pos:end] = k
-        self.v[layer, :, :, pos:end] = v
-        return self.k[layer, :, :, :end], self.v[layer, :, :, :end]
+        return self.k[layer, :, :, :pos + T], self.v[layer, :, :, :pos + T]
 
     def set_padding(self, pad: torch.Tensor):
         self.pad = pad.to(self.key_valid.device)
@@ -218,10 +223,16 @@ class Attention(nn.Module):
         if sparsity is not None:
             x = sparsity.inputs(layer, "qkv", x)  # input-side sparsity, masked: the channels W_q, W_k, W_v see
         heads = sparsity.head_index(layer, x) if sparsity is not None else None  # the query heads to run (None: all)
+        rule = input_rule(sparsity, layer, "qkv")
         if cache is not None and cache.lazy:  # the cache computes what it lacks from its kept inputs
             q, k, v = cache.qkv(self, layer, pos, x, heads)
+        elif heads is None and cache is not None and x.shape[1] == 1:  # a decode token: RoPE and cache write fused
+            B, H = x.shape[0], self.cfg.n_heads
+            q = kernels.rope_cache(kernels.linear(x, self.wqkv, self.bqkv, rule).flatten(1), rope, pos,
+                                   cache.kv[:, layer], H)
+            q, (k, v) = q.view(B, 1, H, -1).transpose(1, 2), cache.keys(layer, pos)
         else:
-            q, k, v = self.qkv(x, heads, input_rule(sparsity, layer, "qkv"))
+            q, k, v = self.qkv(x, heads, rule)
             if rope is not None:
                 q, k = apply_rope(q, rope), apply_rope(k, rope)
             if cache is not None:

@@ -12,7 +12,7 @@ import torch.nn.functional as F
 
 from ..errors import DejavuError
 from . import cpu
-from .reference import ACTIVATIONS, lazy_fill, lazy_units, unit_rows
+from .reference import ACTIVATIONS, lazy_fill, lazy_units, rope_cache_reference, unit_rows
 
 
 @functools.cache
@@ -44,15 +44,14 @@ def linear(x: torch.Tensor, w: torch.Tensor, bias: torch.Tensor | None = None,
            rule: InputRule | None = None) -> torch.Tensor:
     """x [..., K] @ w[N, K].T + bias, the dense projection of every path; with `rule`, input-side
     sparsity as decode runs it: only the input channels that pass for some row of x (a batch
-    shares the union) are read. Decode rows of an input-major weight on CUDA run the Triton
-    kernel (input_matvec: the rule is its load mask); one token on the CPU gathers the passing
-    rows (C++); anything else computes the same in torch."""
+    shares the union) are read. One token on CUDA with an input-major weight: Triton's
+    input_gather (the passing channels packed, then only their rows read); one token on the CPU gathers the passing rows (C++); anything else computes the same in torch."""
     K, rows = x.shape[-1], x.numel() // x.shape[-1]
     w_t = w.t()
-    if x.is_cuda and rows <= 32 and is_input_major(w) and _triton() is not None:
-        return _triton()[0].input_matvec(x, w_t, bias, *((rule.scale, rule.threshold) if rule else (None, None)))
     if rule is None:
         return F.linear(x, w, bias)
+    if x.is_cuda and rows == 1 and is_input_major(w) and _triton() is not None:
+        return _triton()[0].input_gather(x, w_t, rule.scale, rule.threshold, bias)
     keep = rule.keep(x).reshape(-1, K).any(0)
     if is_input_major(w) and cpu.usable(x):
         idx = keep.nonzero().squeeze(-1)
@@ -131,6 +130,21 @@ def decode_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tens
                                           attn_mask=mask, scale=scale)[:, :, 0]
 
 
+def rope_cache(qkv: torch.Tensor, rope, pos, kv: torch.Tensor, n_heads: int) -> torch.Tensor:
+    """One decode token per row: qkv [B, (n_heads + 2 kv_heads) * hd], rope (cos, sin) or None, pos
+    the cache slot (an int or a device tensor), kv [2, B, kv_heads, S, hd] one layer's cache ->
+    q [B, n_heads * hd] with RoPE; K (with RoPE) and V written at the slot. On CUDA one Triton kernel
+    (triton_attention.rope_cache), where torch runs about a dozen."""
+    if qkv.is_cuda and _triton() is not None:
+        return _triton()[1].rope_cache(qkv, rope, pos, kv, n_heads)
+    return rope_cache_reference(qkv, rope, pos, kv, n_heads)
+
+
+@functools.cache
+def _all_heads(n: int, device: torch.device) -> torch.Tensor:
+    return torch.arange(n, device=device)  # made once: no arange kernel in every layer of every step
+
+
 class AttentionMask(NamedTuple):
     """The keys each query sees. `dense` [B, 1, T, keys] (boolean) serves SDPA. For tokens at device
     positions over the whole cache (static shapes) also `length`, a 0-dim device tensor (keys
@@ -148,7 +162,7 @@ def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: Attention
     B, m, T, hd = q.shape
     n_heads = n_heads or m
     if mask.length is not None and T == 1 and q.is_cuda:
-        idx = heads if heads is not None else torch.arange(n_heads, device=q.device)
+        idx = heads if heads is not None else _all_heads(n_heads, q.device)
         return decode_attention(q[:, :, 0], k, v, idx, n_heads, mask.length, mask.key_valid, hd ** -0.5)[:, None]
     if heads is not None:
         group = heads // (n_heads // k.shape[1])

@@ -63,3 +63,16 @@ def decode_attention_reference(q, k_cache, v_cache, head_idx, n_heads, length, k
     valid = key_valid[:, :L] | (torch.arange(L, device=q.device) == L - 1)
     s = s.masked_fill(~valid[:, None], float("-inf"))
     return torch.einsum("bhs,bhsd->bhd", s.softmax(-1), v)
+
+
+def rope_cache_reference(qkv: torch.Tensor, rope, pos, kv: torch.Tensor, n_heads: int) -> torch.Tensor:
+    """triton_attention.rope_cache in torch (the CPU's path, in the model's dtype as the prefill's
+    RoPE): qkv [B, (n_heads + 2 kv_heads) * hd] -> q [B, n_heads * hd]; K, V into kv[:, :, :, pos]."""
+    B, kv_heads, hd = qkv.shape[0], kv.shape[2], kv.shape[-1]
+    q, k, v = qkv.view(B, n_heads + 2 * kv_heads, hd).split([n_heads, kv_heads, kv_heads], 1)
+    if rope is not None:
+        cos, sin = (t.reshape(B, 1, hd) for t in rope)
+        q, k = ((t * cos + torch.cat((-t[..., hd // 2:], t[..., :hd // 2]), -1) * sin) for t in (q, k))
+    slot = pos.reshape(1) if isinstance(pos, torch.Tensor) else torch.tensor([pos], device=kv.device)
+    kv.index_copy_(3, slot, torch.stack((k, v))[:, :, :, None].to(kv.dtype))
+    return q.reshape(B, n_heads * hd)

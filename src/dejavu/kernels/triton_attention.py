@@ -120,3 +120,59 @@ def decode_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tens
     assert key_valid.dtype == torch.bool and length.dim() == 0
     return torch.ops.dejavu.decode_attention(q, k_cache, v_cache, head_idx, n_heads, length, key_valid, scale,
                                              n_splits, block_s)
+
+
+@triton.jit
+def _rope_cache_kernel(qkv_ptr, cos_ptr, sin_ptr, pos_ptr, q_ptr, kv_ptr, slot, H, KV, stride_qkv, stride_cos,
+                       stride_q, stride_kv_r, stride_kv_b, stride_kv_h, stride_kv_s, SLOT_ON_DEVICE: tl.constexpr,
+                       ROPE: tl.constexpr, HD: tl.constexpr, BLOCK_D: tl.constexpr):
+    # program (b, head of Q, K or V): RoPE on Q and K (x cos + rotate_half(x) sin, fp32), then Q to
+    # q and K, V into their cache slot
+    b, head = tl.program_id(0), tl.program_id(1)
+    offs = tl.arange(0, BLOCK_D)
+    d_mask = offs < HD
+    row = qkv_ptr + b.to(tl.int64) * stride_qkv + head * HD
+    y = tl.load(row + offs, mask=d_mask, other=0.0).to(tl.float32)
+    if ROPE:
+        if head < H + KV:
+            rot = tl.load(row + (offs + HD // 2) % HD, mask=d_mask, other=0.0).to(tl.float32)
+            rot = tl.where(offs < HD // 2, -rot, rot)
+            cos = tl.load(cos_ptr + b * stride_cos + offs, mask=d_mask, other=0.0).to(tl.float32)
+            sin = tl.load(sin_ptr + b * stride_cos + offs, mask=d_mask, other=0.0).to(tl.float32)
+            y = y * cos + rot * sin
+    if head < H:
+        tl.store(q_ptr + b.to(tl.int64) * stride_q + head * HD + offs, y.to(q_ptr.dtype.element_ty), mask=d_mask)
+    else:
+        if SLOT_ON_DEVICE:
+            slot = tl.load(pos_ptr)
+        part = (head - H) // KV  # 0: K, 1: V
+        dest = kv_ptr + part * stride_kv_r + b.to(tl.int64) * stride_kv_b + ((head - H) % KV) * stride_kv_h \
+            + slot.to(tl.int64) * stride_kv_s
+        tl.store(dest + offs, y.to(kv_ptr.dtype.element_ty), mask=d_mask)
+
+
+@triton_op("dejavu::rope_cache", mutates_args=("kv",))
+def _rope_cache_op(qkv: torch.Tensor, cos: torch.Tensor | None, sin: torch.Tensor | None, pos: torch.Tensor | None,
+                   slot: int, kv: torch.Tensor, n_heads: int) -> torch.Tensor:
+    B, hd, KV = qkv.shape[0], kv.shape[-1], kv.shape[2]
+    q = torch.empty(B, n_heads * hd, device=qkv.device, dtype=qkv.dtype)  # graph pool under CUDA graphs
+    launcher(_rope_cache_kernel)[(B, n_heads + 2 * KV)](
+        qkv, cos if cos is not None else qkv, sin if sin is not None else qkv, pos if pos is not None else qkv, q, kv,
+        slot, n_heads, KV, qkv.stride(0), cos.stride(0) if cos is not None else 0, q.stride(0), kv.stride(0),
+        kv.stride(1), kv.stride(2), kv.stride(3), SLOT_ON_DEVICE=pos is not None, ROPE=cos is not None, HD=hd,
+        BLOCK_D=triton.next_power_of_2(hd))
+    return q
+
+
+def rope_cache(qkv: torch.Tensor, rope, pos, kv: torch.Tensor, n_heads: int) -> torch.Tensor:
+    """One decode token per row: qkv [B, (n_heads + 2 kv_heads) * hd] (Q, K, V heads in a row),
+    rope (cos, sin) [B, 1, 1, hd] or None, pos the cache slot (an int, or a 1-element device tensor),
+    kv [2, B, kv_heads, S, hd] (one layer's K and V) -> q [B, n_heads * hd] with RoPE; K (with RoPE)
+    and V written into their slot. One kernel where the eager step runs about a dozen."""
+    assert qkv.stride(-1) == 1 and kv.stride(-1) == 1
+    cos, sin = rope if rope is not None else (None, None)
+    if cos is not None:
+        cos, sin = cos.reshape(qkv.shape[0], -1), sin.reshape(qkv.shape[0], -1)
+    device_pos = pos.reshape(1) if isinstance(pos, torch.Tensor) else None
+    return torch.ops.dejavu.rope_cache(qkv, cos, sin, device_pos, 0 if device_pos is not None else int(pos), kv,
+                                       n_heads)

@@ -6,9 +6,9 @@ gather_act     out[b, j] = act(gate_j . x[b]) * (up_j . x[b])   or  act(fc1_j . 
                                                    of w_in [d_ff, n_in, d] in one pass, fused
 gather_axpy    out[b]   = sum_j a[b, j] W[idx[j]]  selected rows of w_out_t / wo_t (transposed
                                                    layouts: a neuron's or head's slice is a row)
-input_matvec   out[b]   = sum_k x[b, k] W_t[k]     every row of an input-major weight, or with a
-                                                   threshold only the input channels that pass it
-                                                   (input-side sparsity: selection in the load mask)
+input_gather   out      = sum_k x[k] W_t[k] over the channels k whose |x_k| (* scale) passes a
+                                                   threshold: a segmented compaction, then gather_axpy
+                                                   over the packed rows of the input-major weight
 Only the selected rows are read, straight from the weight (no gathered temporary). All use
 tl.dot over a batch padded to 16 (batch 1-32 share the loaded weight tile); fp32 accumulation;
 deterministic (gather_axpy sums per-program fp32 partials in a fixed order; an atomic counter,
@@ -187,10 +187,13 @@ def _gather_act_kernel(x_ptr, w_ptr, b_ptr, idx_ptr, out_ptr, B, M, K, stride_wn
 
 
 @triton.jit
-def _gather_axpy_kernel(a_ptr, w_ptr, idx_ptr, b_ptr, part_ptr, count_ptr, out_ptr, B, M, N, S, rows_per_split,
-                        stride_a, stride_w, stride_s, stride_p, stride_o, UNIT: tl.constexpr, HAS_BIAS: tl.constexpr,
-                        BLOCK_B: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, PRECISION: tl.constexpr):
-    # program (column block, split): its share of the selected rows, into its own fp32 partial
+def _gather_axpy_kernel(a_ptr, w_ptr, idx_ptr, n_ptr, b_ptr, part_ptr, count_ptr, out_ptr, B, M, N, S,
+                        rows_per_split, stride_a, stride_w, stride_s, stride_p, stride_o, UNIT: tl.constexpr,
+                        HAS_N: tl.constexpr, HAS_BIAS: tl.constexpr, BLOCK_B: tl.constexpr, BLOCK_M: tl.constexpr,
+                        BLOCK_N: tl.constexpr, PRECISION: tl.constexpr):
+    # program (column block, split): its share of the selected rows, into its own fp32 partial. With
+    # HAS_N, split s owns segment s of idx and a (rows_per_split entries) of which the first n[s] count
+    # (the segmented compaction's output)
     pid_n, pid_s = tl.program_id(0), tl.program_id(1)
     offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
     n_mask = offs_n < N
@@ -198,9 +201,12 @@ def _gather_axpy_kernel(a_ptr, w_ptr, idx_ptr, b_ptr, part_ptr, count_ptr, out_p
     b_mask = offs_b < B
     acc = tl.zeros((BLOCK_B, BLOCK_N), dtype=tl.float32)
     start = pid_s * rows_per_split
-    for m0 in range(start, start + rows_per_split, BLOCK_M):
+    end = tl.minimum(start + rows_per_split, M)
+    if HAS_N:
+        end = start + tl.load(n_ptr + pid_s)
+    for m0 in range(start, end, BLOCK_M):
         offs_m = m0 + tl.arange(0, BLOCK_M)
-        m_mask = (offs_m < M) & (offs_m < start + rows_per_split)
+        m_mask = offs_m < end
         rows = _rows(idx_ptr, offs_m, m_mask, UNIT)
         a = tl.load(a_ptr + offs_b[:, None] * stride_a + offs_m[None, :], mask=b_mask[:, None] & m_mask[None, :],
                     other=0.0)
@@ -233,36 +239,26 @@ def _sum_splits(acc, part_ptr, count_ptr, b_ptr, out_ptr, pid_n, pid_s, S, offs_
 
 
 @triton.jit
-def _input_matvec_kernel(x_ptr, w_ptr, scale_ptr, t_ptr, b_ptr, part_ptr, count_ptr, out_ptr, B, M, N, S,
-                         rows_per_split, stride_x, stride_w, stride_s, stride_p, stride_o, SELECT: tl.constexpr,
-                         HAS_SCALE: tl.constexpr, HAS_BIAS: tl.constexpr, BLOCK_B: tl.constexpr,
-                         BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, PRECISION: tl.constexpr):
-    # as _gather_axpy_kernel over every row of an input-major weight; with SELECT, row m (input
-    # channel m) is read only where some row of the batch scores |x[b, m]| (* scale[m]) > threshold:
-    # the selection is the load's mask, so skipped rows cost no memory traffic and no extra kernel
-    pid_n, pid_s = tl.program_id(0), tl.program_id(1)
-    offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
-    n_mask = offs_n < N
-    offs_b = tl.arange(0, BLOCK_B)
-    b_mask = offs_b < B
-    acc = tl.zeros((BLOCK_B, BLOCK_N), dtype=tl.float32)
-    start = pid_s * rows_per_split
-    for m0 in range(start, start + rows_per_split, BLOCK_M):
-        offs_m = m0 + tl.arange(0, BLOCK_M)
-        keep = (offs_m < M) & (offs_m < start + rows_per_split)
-        a = tl.load(x_ptr + offs_b[:, None] * stride_x + offs_m[None, :], mask=b_mask[:, None] & keep[None, :],
-                    other=0.0)
-        if SELECT:
-            score = tl.abs(a.to(tl.float32))
-            if HAS_SCALE:
-                score = score * tl.load(scale_ptr + offs_m, mask=keep, other=0.0)[None, :]
-            keep = keep & (tl.max(score, axis=0) > tl.load(t_ptr))
-            a = tl.where(keep[None, :], a, 0.0)
-        w = tl.load(w_ptr + offs_m[:, None] * stride_w + offs_n[None, :], mask=keep[:, None] & n_mask[None, :],
-                    other=0.0)
-        acc = tl.dot(a.to(w.dtype), w, acc, input_precision=PRECISION)
-    _sum_splits(acc, part_ptr, count_ptr, b_ptr, out_ptr, pid_n, pid_s, S, offs_b, offs_n, b_mask, n_mask,
-                stride_s, stride_p, stride_o, HAS_BIAS, BLOCK_B, BLOCK_N)
+def _compact_kernel(x_ptr, scale_ptr, t_ptr, val_ptr, idx_ptr, n_ptr, K, SEG, HAS_SCALE: tl.constexpr,
+                    BLOCK: tl.constexpr):
+    # program p, segment p of x (SEG channels): the channels whose |x| (* scale) passes the threshold,
+    # their values and indices packed at the segment's front, in order, and how many (n[p])
+    p = tl.program_id(0)
+    t = tl.load(t_ptr)
+    base = tl.full((), 0, tl.int32)
+    for k0 in range(p * SEG, tl.minimum(p * SEG + SEG, K), BLOCK):
+        offs = k0 + tl.arange(0, BLOCK)
+        inside = (offs < K) & (offs < p * SEG + SEG)
+        x = tl.load(x_ptr + offs, mask=inside, other=0.0)
+        score = tl.abs(x.to(tl.float32))
+        if HAS_SCALE:
+            score = score * tl.load(scale_ptr + offs, mask=inside, other=0.0)
+        keep = inside & (score > t)
+        pos = p * SEG + base + tl.cumsum(keep.to(tl.int32), 0) - 1
+        tl.store(val_ptr + pos, x, mask=keep)
+        tl.store(idx_ptr + pos, offs, mask=keep)
+        base += tl.sum(keep.to(tl.int32), 0)
+    tl.store(n_ptr + p, base)
 
 
 def _tile(M: int, x: torch.Tensor, block_m: int, block_k: int, B: int = 0, stages: int = 0) -> tuple[int, int, int]:
@@ -339,9 +335,9 @@ def _gather_axpy_op(a: torch.Tensor, w: torch.Tensor, bias: torch.Tensor | None,
     counts = torch.zeros(col_blocks, device=a.device, dtype=torch.int32)
     out = torch.empty(B, N, device=a.device, dtype=a.dtype)
     launcher(_gather_axpy_kernel)[(col_blocks, splits)](
-        a, w, idx, bias if bias is not None else partial, partial, counts, out, B, M, N, splits,
+        a, w, idx, counts, bias if bias is not None else partial, partial, counts, out, B, M, N, splits,
         rows_per_split, a.stride(0), w.stride(0), partial.stride(0), partial.stride(1), out.stride(0), UNIT=unit,
-        HAS_BIAS=bias is not None, BLOCK_B=_block_b(B), BLOCK_M=block_m, BLOCK_N=block_n, PRECISION=_precision(a),
+        HAS_N=False, HAS_BIAS=bias is not None, BLOCK_B=_block_b(B), BLOCK_M=block_m, BLOCK_N=block_n, PRECISION=_precision(a),
         num_warps=num_warps, num_stages=num_stages)
     return out
 
@@ -353,24 +349,42 @@ def _splits(M: int, col_blocks: int, block_m: int, programs_per_sm: int, t: torc
     return triton.cdiv(M, rows_per_split), rows_per_split
 
 
-@triton_op("dejavu::input_matvec", mutates_args=())
-def _input_matvec_op(x: torch.Tensor, w_t: torch.Tensor, bias: torch.Tensor | None, scale: torch.Tensor | None,
-                     threshold: torch.Tensor | None, block_m: int, block_n: int, num_warps: int, num_stages: int,
+@triton_op("dejavu::input_gather", mutates_args=())
+def _input_gather_op(x: torch.Tensor, w_t: torch.Tensor, bias: torch.Tensor | None, scale: torch.Tensor | None,
+                     threshold: torch.Tensor, block_m: int, block_n: int, num_warps: int, num_stages: int,
                      programs_per_sm: int) -> torch.Tensor:
     x = x.contiguous()
-    (B, M), N = x.shape, w_t.shape[1]
+    K, N = x.numel(), w_t.shape[1]
     col_blocks = triton.cdiv(N, block_n)
-    splits, rows_per_split = _splits(M, col_blocks, block_m, programs_per_sm, x)
-    partial = torch.empty(splits, B, N, device=x.device, dtype=torch.float32)  # graph pool under CUDA graphs
-    counts = torch.zeros(col_blocks, device=x.device, dtype=torch.int32)     # this call's own (gather_axpy)
-    out = torch.empty(B, N, device=x.device, dtype=x.dtype)
-    launcher(_input_matvec_kernel)[(col_blocks, splits)](
-        x, w_t, scale if scale is not None else partial, threshold if threshold is not None else partial,
-        bias if bias is not None else partial, partial, counts, out, B, M, N, splits, rows_per_split, x.stride(0),
-        w_t.stride(0), partial.stride(0), partial.stride(1), out.stride(0), SELECT=threshold is not None,
-        HAS_SCALE=scale is not None, HAS_BIAS=bias is not None, BLOCK_B=_block_b(B), BLOCK_M=block_m,
-        BLOCK_N=block_n, PRECISION=_precision(x), num_warps=num_warps, num_stages=num_stages)
+    splits, seg = _splits(K, col_blocks, block_m, programs_per_sm, x)
+    values = torch.empty(1, K, device=x.device, dtype=x.dtype)  # graph pool under CUDA graphs
+    idx = torch.empty(K, device=x.device, dtype=torch.int32)
+    n = torch.empty(splits, device=x.device, dtype=torch.int32)
+    launcher(_compact_kernel)[(splits,)](x, scale if scale is not None else x, threshold, values, idx, n, K, seg,
+                                         HAS_SCALE=scale is not None, BLOCK=min(4096, triton.next_power_of_2(seg)),
+                                         num_warps=4)
+    partial = torch.empty(splits, 1, N, device=x.device, dtype=torch.float32)
+    counts = torch.zeros(col_blocks, device=x.device, dtype=torch.int32)  # this call's own (gather_axpy)
+    out = torch.empty(1, N, device=x.device, dtype=x.dtype)
+    launcher(_gather_axpy_kernel)[(col_blocks, splits)](
+        values, w_t, idx, n, bias if bias is not None else partial, partial, counts, out, 1, K, N, splits, seg,
+        values.stride(0), w_t.stride(0), partial.stride(0), partial.stride(1), out.stride(0), UNIT=1, HAS_N=True,
+        HAS_BIAS=bias is not None, BLOCK_B=16, BLOCK_M=block_m, BLOCK_N=block_n, PRECISION=_precision(x),
+        num_warps=num_warps, num_stages=num_stages)
     return out
+
+
+def input_gather(x: torch.Tensor, w_t: torch.Tensor, scale: torch.Tensor | None, threshold: torch.Tensor,
+                 bias: torch.Tensor | None = None, block_m: int = 64, block_n: int = 128, num_warps: int = 4,
+                 num_stages: int = 2, programs_per_sm: int = 4) -> torch.Tensor:
+    """Input-side sparsity for one token: x [..., K] (one row), w_t [K, N] input-major -> [..., N] =
+    sum over the channels k with |x_k| (* scale[k]) > threshold of x_k w_t[k] (+ bias). Two kernels:
+    a segmented compaction (segment s: the passing channels of gather_axpy's split s, packed, and
+    their count, on the device), then gather_axpy reading only those rows. Static shapes, no sync."""
+    assert w_t.stride(1) == 1 and x.numel() == x.shape[-1] == w_t.shape[0]
+    out = torch.ops.dejavu.input_gather(x.reshape(1, -1), w_t, bias, scale, threshold, block_m, block_n, num_warps,
+                                        num_stages, programs_per_sm)
+    return out.view(*x.shape[:-1], w_t.shape[1])
 
 
 def gather_matvec(x: torch.Tensor, w: torch.Tensor, idx: torch.Tensor, bias: torch.Tensor | None = None,
@@ -414,15 +428,3 @@ def gather_axpy(a: torch.Tensor, w: torch.Tensor, idx: torch.Tensor, bias: torch
                                        num_stages, programs_per_sm)
     return out.view(*a.shape[:-1], w.shape[1])
 
-
-def input_matvec(x: torch.Tensor, w_t: torch.Tensor, bias: torch.Tensor | None = None,
-                 scale: torch.Tensor | None = None, threshold: torch.Tensor | None = None, block_m: int = 64,
-                 block_n: int = 128, num_warps: int = 4, num_stages: int = 3, programs_per_sm: int = 4) -> torch.Tensor:
-    """x [..., K], w_t [K, N] (input-major: input channel k is row k) -> [..., N] = x @ w_t (+ bias).
-    With `threshold` (a 0-dim fp32 device tensor), input-side sparsity: channel k counts only where
-    some row of x has |x[b, k]| * scale[k] (scale None: 1) > threshold, and only those rows of w_t
-    are read (a batch shares the union). Split over the input rows as gather_axpy; deterministic."""
-    assert w_t.stride(1) == 1, "weight rows (input channels) must be contiguous"
-    out = torch.ops.dejavu.input_matvec(x.reshape(-1, x.shape[-1]), w_t, bias, scale, threshold, block_m, block_n,
-                                        num_warps, num_stages, programs_per_sm)
-    return out.view(*x.shape[:-1], w_t.shape[1])
