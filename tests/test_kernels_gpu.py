@@ -94,6 +94,29 @@ def test_input_gather(dtype, K, N, rule):
 
 
 @pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("act,gated", [("silu", True), ("gelu_tanh", True), ("relu", False)])
+@pytest.mark.parametrize("batch", [1, 3])
+def test_mlp_act_and_input_gather_from_the_up_side(dtype, act, gated, batch):
+    """The MLP's activations from its interleaved up side in one kernel; input_gather computing them
+    inside its compaction (the down projection of one token) reads only the passing neurons' rows."""
+    dot_ok(dtype)
+    g = gen()
+    K, N = 1500, 700
+    h = randn(batch, K * (2 if gated else 1), g=g, dtype=dtype)
+    hh = h.double().unflatten(-1, (K, -1))
+    a = ref.ACTIVATIONS[act](hh[..., 0]) * (hh[..., 1] if gated else 1)
+    poison()
+    check(tg.mlp_act(h, act, gated), a.to(dtype).double(), dtype)
+    w_t, scale = randn(K, N, g=g, dtype=dtype), torch.rand(K, device=DEV, generator=g) + 0.5
+    threshold = torch.tensor(0.3, device=DEV)
+    a0 = a[0].to(dtype).float()  # the kernel scores the activations as stored (rounded to the dtype)
+    keep = (a0.abs() * scale) > threshold
+    assert 0.1 < keep.double().mean() < 0.9
+    poison()
+    check(tg.input_gather(h[0], w_t, scale, threshold, None, act, gated), (a0.double() * keep) @ w_t.double(), dtype)
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
 @pytest.mark.parametrize("rope", [True, False])
 @pytest.mark.parametrize("device_slot", [True, False])
 @pytest.mark.parametrize("B,H,KV,hd", [(1, 32, 8, 128), (3, 4, 2, 64), (2, 12, 12, 80)])

@@ -291,12 +291,16 @@ class MLP(nn.Module):
             out = sparsity.mlp_output(layer, self, x)  # gathered mode computes only the selected neurons
             if out is not None:
                 return out
-        if sparsity is not None:
             x = sparsity.inputs(layer, "gate_up", x)
-        a = self.activations(x, rule=input_rule(sparsity, layer, "gate_up"))
+        up_rule, down_rule = input_rule(sparsity, layer, "gate_up"), input_rule(sparsity, layer, "down")
+        if sparsity is None or down_rule is not None:  # nobody looks at the activations: fused into the down side
+            h = kernels.linear(x, self.w_in.flatten(0, 1), self.b_in.flatten() if self.b_in is not None else None,
+                               up_rule)
+            return kernels.mlp_down(h, self.w_out_t, self.b_out, self.cfg.act, self.cfg.gated, down_rule)
+        a = self.activations(x, rule=up_rule)
         if sparsity is not None:
             a = sparsity.inputs(layer, "down", sparsity.neurons(layer, x, a))
-        return self.project_out(a, input_rule(sparsity, layer, "down"))
+        return self.project_out(a, down_rule)
 
 
 class Block(nn.Module):

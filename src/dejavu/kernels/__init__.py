@@ -60,6 +60,21 @@ def linear(x: torch.Tensor, w: torch.Tensor, bias: torch.Tensor | None = None,
     return F.linear(x * keep.to(x.dtype), w, bias)
 
 
+def mlp_down(h: torch.Tensor, w_out_t: torch.Tensor, b_out: torch.Tensor | None, act: str, gated: bool,
+             rule: InputRule | None = None) -> torch.Tensor:
+    """The MLP from its up side h [..., d_ff * n_in] (gate and up interleaved per neuron) to its
+    output: activations, then W_down (with `rule`: input-side sparsity, as linear). On CUDA decode
+    rows the activations are one kernel, or with a rule for one token computed inside input_gather."""
+    if h.is_cuda and _triton() is not None and h.numel() // h.shape[-1] <= 32:
+        tg = _triton()[0]
+        if rule is not None and h.numel() == h.shape[-1]:
+            return tg.input_gather(h, w_out_t, rule.scale, rule.threshold, b_out, act, gated)
+        return linear(tg.mlp_act(h, act, gated), w_out_t.t(), b_out, rule)
+    h = h.unflatten(-1, (-1, 2 if gated else 1))
+    a = ACTIVATIONS[act](h[..., 0]) * h[..., 1] if gated else ACTIVATIONS[act](h[..., 0])
+    return linear(a, w_out_t.t(), b_out, rule)
+
+
 def require_output_major(w: torch.Tensor):
     if w.stride(-1) != 1:
         raise DejavuError("neuron and head selection gather rows of the output-major layout, and this model's "

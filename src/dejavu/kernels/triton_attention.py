@@ -144,10 +144,12 @@ def _rope_cache_kernel(qkv_ptr, cos_ptr, sin_ptr, pos_ptr, q_ptr, kv_ptr, slot, 
         tl.store(q_ptr + b.to(tl.int64) * stride_q + head * HD + offs, y.to(q_ptr.dtype.element_ty), mask=d_mask)
     else:
         if SLOT_ON_DEVICE:
-            slot = tl.load(pos_ptr)
+            at = tl.load(pos_ptr)
+        else:
+            at = slot
         part = (head - H) // KV  # 0: K, 1: V
         dest = kv_ptr + part * stride_kv_r + b.to(tl.int64) * stride_kv_b + ((head - H) % KV) * stride_kv_h \
-            + slot.to(tl.int64) * stride_kv_s
+            + at * stride_kv_s
         tl.store(dest + offs, y.to(kv_ptr.dtype.element_ty), mask=d_mask)
 
 

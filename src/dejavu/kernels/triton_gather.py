@@ -148,6 +148,41 @@ def _qkv_lazy_kernel(x_ptr, win_ptr, w_ptr, b_ptr, idx_ptr, turn_ptr, q_ptr, kv_
 
 
 @triton.jit
+def _activation(g, ACT: tl.constexpr):
+    """ACT of fp32 g: 'silu', 'gelu_tanh' or 'relu'."""
+    if ACT == "silu":
+        a = g * tl.sigmoid(g)
+    elif ACT == "gelu_tanh":  # 0.5 (1 + tanh(u)) = sigmoid(2u), u = sqrt(2/pi) (g + 0.044715 g^3)
+        a = g * tl.sigmoid(1.5957691216057308 * (g + 0.044715 * g * g * g))
+    else:
+        a = tl.maximum(g, 0.0)
+    return a
+
+
+@triton.jit
+def _mlp_act(h_ptr, offs, mask, ACT: tl.constexpr, GATED: tl.constexpr):
+    """The activations of the MLP's channels offs from its up side h: act(gate) * up with gate and up
+    interleaved (h[2k], h[2k + 1], w_in's layout), or act(h[k]); fp32."""
+    if GATED:
+        g = tl.load(h_ptr + 2 * offs, mask=mask, other=0.0).to(tl.float32)
+        u = tl.load(h_ptr + 2 * offs + 1, mask=mask, other=0.0).to(tl.float32)
+        a = _activation(g, ACT) * u
+    else:
+        a = _activation(tl.load(h_ptr + offs, mask=mask, other=0.0).to(tl.float32), ACT)
+    return a
+
+
+@triton.jit
+def _act_kernel(h_ptr, out_ptr, K, total, ACT: tl.constexpr, GATED: tl.constexpr, BLOCK: tl.constexpr):
+    # out[b, k] = the activation of channel k of row b (rows of h are 2K or K wide)
+    offs = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)
+    mask = offs < total
+    row, k = offs // K, offs % K
+    a = _mlp_act(h_ptr + row * (2 * K if GATED else K), k, mask, ACT, GATED)
+    tl.store(out_ptr + offs, a.to(out_ptr.dtype.element_ty), mask=mask)
+
+
+@triton.jit
 def _gather_act_kernel(x_ptr, w_ptr, b_ptr, idx_ptr, out_ptr, B, M, K, stride_wn, stride_wi, stride_bn, stride_bi,
                        stride_x, stride_o, N_IN: tl.constexpr, ACT: tl.constexpr, HAS_BIAS: tl.constexpr,
                        BLOCK_B: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_K: tl.constexpr, PRECISION: tl.constexpr):
@@ -174,12 +209,7 @@ def _gather_act_kernel(x_ptr, w_ptr, b_ptr, idx_ptr, out_ptr, B, M, K, stride_wn
         gate += tl.load(b_ptr + rows * stride_bn, mask=m_mask, other=0.0).to(tl.float32)[:, None]
         if N_IN == 2:
             up += tl.load(b_ptr + rows * stride_bn + stride_bi, mask=m_mask, other=0.0).to(tl.float32)[:, None]
-    if ACT == "silu":
-        a = gate * tl.sigmoid(gate)
-    elif ACT == "gelu_tanh":  # 0.5 (1 + tanh(u)) = sigmoid(2u), u = sqrt(2/pi) (g + 0.044715 g^3)
-        a = gate * tl.sigmoid(1.5957691216057308 * (gate + 0.044715 * gate * gate * gate))
-    else:
-        a = tl.maximum(gate, 0.0)
+    a = _activation(gate, ACT)
     if N_IN == 2:
         a = a * up
     tl.store(out_ptr + offs_b[None, :] * stride_o + offs_m[:, None], a.to(out_ptr.dtype.element_ty),
@@ -240,16 +270,20 @@ def _sum_splits(acc, part_ptr, count_ptr, b_ptr, out_ptr, pid_n, pid_s, S, offs_
 
 @triton.jit
 def _compact_kernel(x_ptr, scale_ptr, t_ptr, val_ptr, idx_ptr, n_ptr, K, SEG, HAS_SCALE: tl.constexpr,
-                    BLOCK: tl.constexpr):
+                    ACT: tl.constexpr, GATED: tl.constexpr, BLOCK: tl.constexpr):
     # program p, segment p of x (SEG channels): the channels whose |x| (* scale) passes the threshold,
-    # their values and indices packed at the segment's front, in order, and how many (n[p])
+    # their values and indices packed at the segment's front, in order, and how many (n[p]). With
+    # ACT, x is the MLP's up side and the channels are its activations (computed here)
     p = tl.program_id(0)
     t = tl.load(t_ptr)
     base = tl.full((), 0, tl.int32)
     for k0 in range(p * SEG, tl.minimum(p * SEG + SEG, K), BLOCK):
         offs = k0 + tl.arange(0, BLOCK)
         inside = (offs < K) & (offs < p * SEG + SEG)
-        x = tl.load(x_ptr + offs, mask=inside, other=0.0)
+        if ACT != "":
+            x = _mlp_act(x_ptr, offs, inside, ACT, GATED).to(val_ptr.dtype.element_ty)
+        else:
+            x = tl.load(x_ptr + offs, mask=inside, other=0.0)
         score = tl.abs(x.to(tl.float32))
         if HAS_SCALE:
             score = score * tl.load(scale_ptr + offs, mask=inside, other=0.0)
@@ -351,18 +385,18 @@ def _splits(M: int, col_blocks: int, block_m: int, programs_per_sm: int, t: torc
 
 @triton_op("dejavu::input_gather", mutates_args=())
 def _input_gather_op(x: torch.Tensor, w_t: torch.Tensor, bias: torch.Tensor | None, scale: torch.Tensor | None,
-                     threshold: torch.Tensor, block_m: int, block_n: int, num_warps: int, num_stages: int,
-                     programs_per_sm: int) -> torch.Tensor:
+                     threshold: torch.Tensor, act: str, gated: bool, block_m: int, block_n: int, num_warps: int,
+                     num_stages: int, programs_per_sm: int) -> torch.Tensor:
     x = x.contiguous()
-    K, N = x.numel(), w_t.shape[1]
+    K, N = w_t.shape
     col_blocks = triton.cdiv(N, block_n)
     splits, seg = _splits(K, col_blocks, block_m, programs_per_sm, x)
     values = torch.empty(1, K, device=x.device, dtype=x.dtype)  # graph pool under CUDA graphs
     idx = torch.empty(K, device=x.device, dtype=torch.int32)
     n = torch.empty(splits, device=x.device, dtype=torch.int32)
     launcher(_compact_kernel)[(splits,)](x, scale if scale is not None else x, threshold, values, idx, n, K, seg,
-                                         HAS_SCALE=scale is not None, BLOCK=min(4096, triton.next_power_of_2(seg)),
-                                         num_warps=4)
+                                         HAS_SCALE=scale is not None, ACT=act, GATED=gated,
+                                         BLOCK=min(4096, triton.next_power_of_2(seg)), num_warps=4)
     partial = torch.empty(splits, 1, N, device=x.device, dtype=torch.float32)
     counts = torch.zeros(col_blocks, device=x.device, dtype=torch.int32)  # this call's own (gather_axpy)
     out = torch.empty(1, N, device=x.device, dtype=x.dtype)
@@ -375,16 +409,34 @@ def _input_gather_op(x: torch.Tensor, w_t: torch.Tensor, bias: torch.Tensor | No
 
 
 def input_gather(x: torch.Tensor, w_t: torch.Tensor, scale: torch.Tensor | None, threshold: torch.Tensor,
-                 bias: torch.Tensor | None = None, block_m: int = 64, block_n: int = 128, num_warps: int = 4,
-                 num_stages: int = 2, programs_per_sm: int = 4) -> torch.Tensor:
+                 bias: torch.Tensor | None = None, act: str = "", gated: bool = False, block_m: int = 64,
+                 block_n: int = 128, num_warps: int = 4, num_stages: int = 2, programs_per_sm: int = 4) -> torch.Tensor:
     """Input-side sparsity for one token: x [..., K] (one row), w_t [K, N] input-major -> [..., N] =
     sum over the channels k with |x_k| (* scale[k]) > threshold of x_k w_t[k] (+ bias). Two kernels:
     a segmented compaction (segment s: the passing channels of gather_axpy's split s, packed, and
-    their count, on the device), then gather_axpy reading only those rows. Static shapes, no sync."""
-    assert w_t.stride(1) == 1 and x.numel() == x.shape[-1] == w_t.shape[0]
-    out = torch.ops.dejavu.input_gather(x.reshape(1, -1), w_t, bias, scale, threshold, block_m, block_n, num_warps,
-                                        num_stages, programs_per_sm)
+    their count, on the device), then gather_axpy reading only those rows. Static shapes, no sync.
+    With `act`, x is the MLP's up side h [..., 2K] (gated: gate and up interleaved) or [..., K], and
+    the channels are its activations, computed in the compaction (the down projection)."""
+    assert w_t.stride(1) == 1 and x.numel() == x.shape[-1] == w_t.shape[0] * (2 if act and gated else 1)
+    out = torch.ops.dejavu.input_gather(x.reshape(1, -1), w_t, bias, scale, threshold, act, gated, block_m, block_n,
+                                        num_warps, num_stages, programs_per_sm)
     return out.view(*x.shape[:-1], w_t.shape[1])
+
+
+@triton_op("dejavu::mlp_act", mutates_args=())
+def _mlp_act_op(h: torch.Tensor, act: str, gated: bool) -> torch.Tensor:
+    h = h.contiguous()
+    K = h.shape[-1] // (2 if gated else 1)
+    out = torch.empty(*h.shape[:-1], K, device=h.device, dtype=h.dtype)  # graph pool under CUDA graphs
+    launcher(_act_kernel)[(triton.cdiv(out.numel(), 1024),)](h, out, K, out.numel(), ACT=act, GATED=gated, BLOCK=1024)
+    return out
+
+
+def mlp_act(h: torch.Tensor, act: str, gated: bool) -> torch.Tensor:
+    """The MLP's activations from its up side h [..., 2K] (gate and up interleaved) or [..., K]: one
+    kernel where torch runs two (act on a strided view, then the product)."""
+    assert act in ACTIVATIONS, f"act must be one of {sorted(ACTIVATIONS)}, got {act!r}"
+    return torch.ops.dejavu.mlp_act(h, act, gated)
 
 
 def gather_matvec(x: torch.Tensor, w: torch.Tensor, idx: torch.Tensor, bias: torch.Tensor | None = None,
