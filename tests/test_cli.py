@@ -35,6 +35,15 @@ def test_generate_prints_english(capsys):
     assert "decode" in out.err and "tokens/s" in out.err
 
 
+def test_generate_with_input_side_sparsity(capsys):
+    """--input-density: no predictors, thresholds calibrated at start, the C++ row gather per token."""
+    assert main(["generate", "--sparse", "--input-density", "0.7", "--input-score", "wina", "--prompt",
+                 "The capital of France is", "--max-new-tokens", "8"]) == 0
+    out = capsys.readouterr()
+    assert out.out.startswith("The capital of France is") and len(out.out) > len("The capital of France is") + 8
+    assert "input-side wina, thresholds set for 0.7 of the input channels" in out.err
+
+
 def test_generate_batch_and_sampling(capsys):
     assert main(["generate", "--prompt", "Hello", "--prompt", "The history of Rome", "--max-new-tokens", "5",
                  "--temperature", "0.8", "--top-p", "0.9", "--seed", "1"]) == 0
@@ -151,6 +160,12 @@ def test_every_help_shows_the_defaults():
     (["serve", "--guard"], "--guard: sparse decoding only; add --sparse"),
     (["serve", "--sparse", "--min-agreement", "0.9"], "--min-agreement: tunes the guard"),
     (["eval", "--attn-density", "0.5"], "--attn-density: the sparse rows only; add --sparse"),
+    (["generate", "--sparse", "--input-density", "0.5", "--mlp-density", "0.3"],
+     "--mlp-density: neuron and head selection; --input-density selects input channels instead"),
+    (["generate", "--sparse", "--input-density", "0.5", "--guard"], "--guard: the guard checks neuron and head"),
+    (["generate", "--sparse", "--input-score", "wina"], "--input-score: input-side sparsity only"),
+    (["generate", "--input-density", "0.5"], "--input-density: sparse decoding only; add --sparse"),
+    (["generate", "--sparse", "--input-density", "1.5"], "--input-density must be in (0, 1]"),
 ])
 def test_a_flag_that_would_be_ignored_is_refused(argv, msg, capsys):
     rc, _, err = run(argv, capsys)

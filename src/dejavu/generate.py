@@ -129,7 +129,9 @@ def graph_step_applies(model: Transformer, batch: int, sparsity, guard) -> bool:
         return False
     if sparsity is None:
         return True
-    from .sparse import Gathered
+    from .sparse import Gathered, InputSparsity
+    if isinstance(sparsity, InputSparsity):
+        return sparsity.gathered  # the rule sits in the projections: static shapes at any batch
     return isinstance(sparsity, Gathered) and (batch == 1 or sparsity.cap is not None)
 
 

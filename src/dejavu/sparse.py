@@ -93,6 +93,7 @@ def per_layer(name: str, density, n_layers: int) -> list[float] | None:
 
 class Sparsity:
     """The dense no-op; subclasses mask, gather or record."""
+    input_side = False  # InputSparsity: input channels, not neurons and heads
 
     def enter(self, layer: int, x: torch.Tensor):
         pass
@@ -140,14 +141,16 @@ class InputSparsity(Sparsity):
     counts where its score (selectors.InputSelector: |x_k|, or |x_k| * ||W[:, k]||) exceeds the
     group's threshold (`thresholds[layer][group]`, from calibrate_thresholds). Masked (evaluation):
     each token's other channels are zeroed before the dense projection, and the share kept is
-    counted (`density`). Gathered (decode): the projection applies the rule itself
+    counted (`density`; `target`: the density the thresholds were set for). Gathered (decode): the projection applies the rule itself
     (kernels.linear reads only the channels that pass for some row of the batch); the same result.
     One family at a time: neurons and heads run dense here."""
 
-    def __init__(self, model: Transformer, selector, thresholds: list[dict[str, float]], gathered: bool = False):
+    def __init__(self, model: Transformer, selector, thresholds: list[dict[str, float]], gathered: bool = False,
+                 target: float | None = None):
         if len(thresholds) != model.cfg.n_layers:
             raise DejavuError(f"input-side thresholds for {len(thresholds)} layers, the model has {model.cfg.n_layers}")
-        self.selector, self.gathered, self.thresholds = selector, gathered, thresholds
+        self.selector, self.gathered, self.thresholds, self.target = selector, gathered, thresholds, target
+        self.input_side = True
         self.rules = [{g: kernels.InputRule(torch.tensor(float(t[g]), device=model.device), selector.scale(layer, g))
                        for g in INPUT_GROUPS} for layer, t in enumerate(thresholds)]
         self.kept = {g: [0, 0] for g in INPUT_GROUPS}  # kept, total channels (achieved density, masked mode)

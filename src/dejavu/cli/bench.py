@@ -27,24 +27,27 @@ def run_decode(args):
              f"{where}; {loaded.name} {model.dtype}")
     if args.lossless:
         print(f"greedy decode, {setup}; draft: MLP density {args.mlp_density:g}, attention {args.attn_density:g}")
-        rows = decode.bench_lossless(model, prompt, args.max_new_tokens, lambda: sparse_decoder(model, args),
+        rows = decode.bench_lossless(model, prompt, args.max_new_tokens, lambda: sparse_decoder(model, args, loaded.tokenizer),
                               args.draft_tokens, args.rounds)
         print("\n" + decode.lossless_table(rows))
         return
     variants = {"dense": (None, False)}
     if args.sparse:
-        sparse_decoder(model, args)  # missing or wrong predictors stop here, before the timing
-        variants["sparse"] = (lambda: sparse_decoder(model, args), True)
+        sparse_decoder(model, args, loaded.tokenizer)  # missing or wrong predictors stop here, before the timing
+        variants["sparse"] = (lambda: sparse_decoder(model, args, loaded.tokenizer), True)
         if model.device.type == "cpu" and cpu_kernels.available():
-            variants["sparse, torch reference"] = (lambda: sparse_decoder(model, args), False)
+            variants["sparse, torch reference"] = (lambda: sparse_decoder(model, args, loaded.tokenizer), False)
     print(f"decode, {setup}")
     rates = decode.bench_decode(model, prompt, args.max_new_tokens, variants, args.rounds)
     print("\n" + decode.decode_table(decode.summarize(rates)))
     if args.sparse:
-        s = sparse_decoder(model, args)
+        s = sparse_decoder(model, args, loaded.tokenizer)
         decode.decode_rate(model, prompt, 8, s)
-        names = [type(sel).__name__ if sel is not None else "none (dense)" for sel in (s.mlp, s.head_sel)]
-        print(f"sparse: {achieved(s)} (selectors: {names[0]} for neurons, {names[1]} for heads)")
+        if s.input_side:
+            print(f"sparse: {achieved(s)}")
+        else:
+            names = [type(sel).__name__ if sel is not None else "none (dense)" for sel in (s.mlp, s.head_sel)]
+            print(f"sparse: {achieved(s)} (selectors: {names[0]} for neurons, {names[1]} for heads)")
 
 
 def need_gpu(what: str):

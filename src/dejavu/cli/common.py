@@ -92,11 +92,42 @@ def synthetic_ranks(spec: str) -> dict:
     return dict(mlp_rank=mlp, head_rank=head)
 
 
-def sparse_decoder(model, args):
-    """The gathered sparse decoder from --predictors and the densities; a part at density 1 runs
-    dense (no selection cost)."""
+INPUT_CALIBRATION_TOKENS = 2048
+_thresholds: dict = {}  # (model, score, density) -> calibrated input-side thresholds, made once per process
+
+
+def input_sparsity(model, tokenizer, density: float, score: str, gathered: bool):
+    """Input-side sparsity (sparse.InputSparsity) at `density` of the input channels, thresholds set
+    on 2048 calibration tokens (held-out-free Wikipedia; random ids for synthetic weights, which
+    are speed only). Gathered decode reads input channels as rows: the model is re-stored
+    input-major (Transformer.to_input_major) in place."""
+    import torch
+    from ..evaluate import text_stream
+    from ..selectors import InputSelector
+    from ..sparse import InputSparsity, calibrate_thresholds
+    if gathered:
+        model.to_input_major()
+    sel = InputSelector(model, score)
+    key = (id(model), score, density)
+    if key not in _thresholds:
+        n = min(INPUT_CALIBRATION_TOKENS, model.cfg.max_seq_len * 4)
+        if tokenizer is not None:
+            ids = text_stream(tokenizer, None, "calibration", n)
+        else:
+            ids = torch.randint(0, model.cfg.vocab_size, (n,), generator=torch.Generator().manual_seed(1))
+        rows = max(1, len(ids) // 512)
+        _thresholds[key] = calibrate_thresholds(model, sel, ids[:len(ids) // rows * rows].view(rows, -1), density)
+    return InputSparsity(model, sel, _thresholds[key], gathered, target=density)
+
+
+def sparse_decoder(model, args, tokenizer=None):
+    """The gathered sparse decoder: input-side sparsity with --input-density (tokenizer: for its
+    calibration text), else neurons and heads from --predictors and the densities; a part at
+    density 1 runs dense (no selection cost)."""
     from ..selectors import default_selectors
     from ..sparse import Gathered
+    if getattr(args, "input_density", None) is not None:
+        return input_sparsity(model, tokenizer, args.input_density, args.input_score, gathered=True)
     neurons, heads = default_selectors(model, load_predictors(model, args))
     return Gathered(model, mlp=None if args.mlp_density == 1 else neurons,
                     heads=None if args.attn_density == 1 else heads,
@@ -106,6 +137,9 @@ def sparse_decoder(model, args):
 def achieved(sparsity) -> str:
     """'MLP density 0.500, attention dense': what a sparse decoder computed (a part it did not
     select, e.g. at density 1, ran dense)."""
+    from ..sparse import InputSparsity
+    if isinstance(sparsity, InputSparsity):  # decode does not count channels (no host sync): say what was asked
+        return f"{sparsity.selector.name}, thresholds set for {sparsity.target:g} of the input channels"
     parts = []
     for name, kind in (("MLP", "mlp"), ("attention", "attn")):
         d = sparsity.density(kind)

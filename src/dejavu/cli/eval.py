@@ -22,7 +22,12 @@ def run(args):
     tok = need_tokenizer(loaded)
     model = loaded.model
     variants = {"dense": None}
-    if args.sparse:
+    if args.sparse and args.input_density is not None:
+        from .common import input_sparsity
+        masked = input_sparsity(model, tok, args.input_density, args.input_score, gathered=False)
+        variants[f"{masked.selector.name} ({args.input_density:g})"] = lambda: masked  # one object: it counts
+        print(MASKED_NOTE.replace("units", "input channels"))
+    elif args.sparse:
         from ..selectors import default_selectors
         from ..sparse import Masked
         neurons, heads = default_selectors(model, load_predictors(model, args))
@@ -56,8 +61,9 @@ def run(args):
         out.parent.mkdir(parents=True, exist_ok=True)
         out.write_text(table + "\n\n" + note + "\n")
         result = dict(model=loaded.name, source=loaded.source, tasks=tasks, limit=args.limit,
-                      predictors=str(predictors_folder(args)) if args.sparse else None,
+                      predictors=str(predictors_folder(args)) if args.sparse and args.input_density is None else None,
                       mlp_density=args.mlp_density, attn_density=args.attn_density,
+                      input_density=args.input_density, input_score=args.input_score if args.input_density else None,
                       heldout_tokens=len(held), rows=rows)
         out.with_suffix(".json").write_text(json.dumps(result, indent=1))
         print(f"wrote {out} and {out.with_suffix('.json')}")

@@ -55,7 +55,7 @@ def run(args):
 def decode_steps(loaded, ids, args, stats, pad_id: int = 0):
     """(the generator of new tokens, the sparse decoder or None, the guard or None) from the flags."""
     from ..generate import generate
-    sparsity = sparse_decoder(loaded.model, args) if args.sparse or args.lossless else None
+    sparsity = sparse_decoder(loaded.model, args, loaded.tokenizer) if args.sparse or args.lossless else None
     guard = guard_from_args(loaded.model, sparsity, args) if args.sparse and not args.lossless else None
     if args.lossless:
         from ..speculative import generate_lossless
@@ -107,7 +107,9 @@ def report(loaded, stats, sparsity, guard):
               f"per checked draft {s.alpha:.1%}), {s.rounds} rounds, mean draft length {s.mean_draft_length:.2f}]",
               file=sys.stderr)
     elif sparsity is not None:
-        if sparsity.density("mlp") is None and sparsity.density("attn") is None:
+        if sparsity.input_side:
+            print(f"[sparse decode: {achieved(sparsity)}; prefill ran dense]", file=sys.stderr)
+        elif sparsity.density("mlp") is None and sparsity.density("attn") is None:
             # the first new token ended the text (no decode step), or both densities are 1
             print("[sparse decode: no part ran sparse (no decode step, or both densities 1); prefill ran dense]",
                   file=sys.stderr)

@@ -16,7 +16,7 @@ from . import analyze, bench, calibrate, drift, eval, generate, info, perplexity
 from .common import DTYPES
 
 MLP_DENSITY, ATTN_DENSITY = 0.5, 0.67
-SPARSE_FLAGS = ("predictors", "mlp_density", "attn_density")
+SPARSE_FLAGS = ("predictors", "mlp_density", "attn_density", "input_density", "input_score")
 GUARD_SWITCHES = ("guard", "conservative")
 GUARD_TUNING = ("check_every", "min_agreement", "on_trip")
 
@@ -149,6 +149,13 @@ def add_sparse_args(p: argparse.ArgumentParser, what: str):
                           "'synthetic:MLP_RANK,HEAD_RANK': untrained predictors of the right shapes, for speed "
                           "work on presets)")
     add_density_args(p)
+    p.add_argument("--input-density", type=float, default=None, metavar="D",
+                   help="input-side sparsity instead of neurons and heads (no predictors): every projection reads "
+                        "only the input channels whose score passes a threshold, set per layer and projection so "
+                        "that a share D passes on 2048 calibration tokens (the better family for gated models "
+                        "below about 0.8 of the weights read: results/README.md)")
+    p.add_argument("--input-score", choices=("teal", "wina"), default="teal",
+                   help="input-side score: |x| (teal), or |x| times the weight column's norm (wina)")
 
 
 def add_density_args(p: argparse.ArgumentParser):
@@ -480,7 +487,7 @@ def check_args(args):
     for name in ("request_timeout", "read_timeout"):
         if not getattr(args, name, 1) > 0:
             raise DejavuError(f"--{name.replace('_', '-')} must be > 0 seconds, got {getattr(args, name)}")
-    for name in ("label_density", "target_recall", "mlp_density", "attn_density"):
+    for name in ("label_density", "target_recall", "mlp_density", "attn_density", "input_density"):
         v = getattr(args, name, None)
         if v is not None and not 0 < v <= 1:
             raise DejavuError(f"--{name.replace('_', '-')} must be in (0, 1], got {v}")
@@ -525,6 +532,12 @@ def check_combinations(args):
         refuse(args, GUARD_TUNING, args.guard or args.conservative, "tunes the guard; add --guard or --conservative")
     elif command == "eval":
         refuse(args, SPARSE_FLAGS, sparse, "the sparse rows only; add --sparse")
+    if getattr(args, "input_density", None) is not None:
+        refuse(args, ["predictors", "mlp_density", "attn_density"], False,
+               "neuron and head selection; --input-density selects input channels instead: give one family")
+        refuse(args, GUARD_SWITCHES, False, "the guard checks neuron and head selectors, not input-side sparsity")
+    else:
+        refuse(args, ["input_score"], False, "input-side sparsity only; add --input-density")
     if (sparse or lossless) and args.mlp_density == 1 and args.attn_density == 1:
         raise DejavuError("--mlp-density 1 and --attn-density 1 is dense decoding: lower one of them, or drop "
                           + ("--lossless" if lossless else "--sparse"))

@@ -16,7 +16,7 @@ def run(args):
     if args.sparse and loaded.model.device.type == "cuda" and args.sparse_max_batch > GPU_MAX_SPARSE_BATCH:
         raise DejavuError(f"--sparse-max-batch {args.sparse_max_batch}: the gathered GPU kernels take batches up "
                           f"to {GPU_MAX_SPARSE_BATCH}")
-    sparsity = sparse_decoder(loaded.model, args) if args.sparse else None  # bad predictors stop here
+    sparsity = sparse_decoder(loaded.model, args, loaded.tokenizer) if args.sparse else None  # bad predictors stop here
     guard = guard_from_args(loaded.model, sparsity, args) if sparsity is not None else None
     settings = Settings(api_key=args.api_key or os.environ.get("DEJAVU_API_KEY") or None,
                         request_timeout=args.request_timeout, max_tokens_limit=args.max_tokens_limit,
