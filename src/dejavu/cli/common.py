@@ -110,13 +110,13 @@ def input_sparsity(model, tokenizer, density: float, score: str, gathered: bool)
     sel = InputSelector(model, score)
     key = (id(model), score, density)
     if key not in _thresholds:
-        n = min(INPUT_CALIBRATION_TOKENS, model.cfg.max_seq_len * 4)
         if tokenizer is not None:
-            ids = text_stream(tokenizer, None, "calibration", n)
+            ids = text_stream(tokenizer, None, "calibration", INPUT_CALIBRATION_TOKENS)
         else:
-            ids = torch.randint(0, model.cfg.vocab_size, (n,), generator=torch.Generator().manual_seed(1))
-        rows = max(1, len(ids) // 512)
-        _thresholds[key] = calibrate_thresholds(model, sel, ids[:len(ids) // rows * rows].view(rows, -1), density)
+            ids = torch.randint(0, model.cfg.vocab_size, (INPUT_CALIBRATION_TOKENS,),
+                                generator=torch.Generator().manual_seed(1))
+        width = min(512, model.cfg.max_seq_len, len(ids))  # windows of the calibration text
+        _thresholds[key] = calibrate_thresholds(model, sel, ids[:len(ids) // width * width].view(-1, width), density)
     return InputSparsity(model, sel, _thresholds[key], gathered, target=density)
 
 
