@@ -49,6 +49,28 @@ def test_generate_on_cuda_gives_the_eager_tokens(model_and_preds, sparse, monkey
     assert got == want
 
 
+@pytest.mark.parametrize("batch", [1, 2])
+def test_generate_with_input_side_sparsity_on_cuda_gives_the_eager_tokens(batch, monkeypatch):
+    """Input-side sparsity in generate: the graph step (Triton input_gather at batch 1, the rule's
+    union at batch 2) gives the eager engine's tokens on an input-major model."""
+    from dejavu.selectors import InputSelector
+    from dejavu.sparse import InputSparsity, calibrate_thresholds
+    from test_model import random_pair
+    model = random_pair("llama-biases")[0].cuda().to_input_major()
+    sel = InputSelector(model, "teal")
+    thresholds = calibrate_thresholds(model, sel, torch.randint(0, 101, (2, 64), generator=torch.Generator()
+                                                                .manual_seed(5)).cuda(), 0.5)
+    make = lambda: InputSparsity(model, sel, thresholds, gathered=True)  # noqa: E731
+    prompts = [[5, 9, 2, 7, 1, 3], [4, 4]][:batch]
+    assert gen_module.graph_step_applies(model, batch, make(), None)
+    got = generate_ids(model, prompts, 30, sparsity=make())
+    with monkeypatch.context() as m:
+        eager(m)
+        want = generate_ids(model, prompts, 30, sparsity=make())
+    assert got == want
+    assert got != generate_ids(model, prompts, 30)  # sparsity really acted
+
+
 def test_stop_tokens_end_rows_on_cuda(model_and_preds, monkeypatch):
     model, _ = model_and_preds
     prompts = [[5, 9, 2, 7, 1, 3], [4, 4, 8]]

@@ -143,7 +143,7 @@ def generate_graph(model: Transformer, tokens: torch.Tensor, pad: torch.Tensor, 
     passes a row's stop token costs at most CHUNK - 1 wasted steps, never a wrong token."""
     from . import engine
     B, T = tokens.shape
-    if sparsity is not None and B == 1 and sparsity.side_stream is None:
+    if getattr(sparsity, "side_stream", False) is None and B == 1:
         sparsity.side_stream = torch.cuda.Stream()  # lookahead predictors beside the main stream
     dec = engine.GraphDecoder(model, B, T + max_new_tokens, sparsity, sampling=temperature > 0)
     dec.cache.set_padding(pad)
