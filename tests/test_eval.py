@@ -1,4 +1,6 @@
 """Zero-shot accuracy through lm-eval on the real default model (offline task data)."""
+import json
+
 import pytest
 import torch
 import torch.nn.functional as F
@@ -71,6 +73,14 @@ def test_run_eval_small(smollm2):
     assert set(r) == {"piqa", "copa", "winogrande"}
     for s in r.values():
         assert s["n"] == 8 and 0 <= s["acc"] <= 1 and 0 <= s["acc_stderr"] < 0.5
+        assert len(s["per_example"]) == 8 and sum(s["per_example"]) / 8 == pytest.approx(s["acc"])
+
+
+def test_paired_difference_by_hand():
+    from dejavu.lm_eval_adapter import paired_difference
+    mean, se = paired_difference([1, 0, 1, 1], [1, 1, 0, 0])  # differences 0, -1, 1, 1
+    assert mean == pytest.approx(0.25) and se == pytest.approx((0.9166666 / 4) ** 0.5, rel=1e-5)
+    assert paired_difference([1, 0, 1], [1, 0, 1]) == (0.0, 0.0)
 
 
 def test_unknown_task_is_a_clear_error(smollm2):
@@ -85,6 +95,17 @@ def test_eval_command(tmp_path, capsys):
     text = capsys.readouterr().out
     assert "| variant | rte (n=4) | held-out ppl |" in text and "| dense | " in text
     assert out.read_text().startswith("| variant") and out.with_suffix(".json").exists()
+
+
+def test_eval_command_with_input_side_sparsity(tmp_path, capsys):
+    out = tmp_path / "eval.md"
+    assert main(["eval", "--tasks", "rte,copa", "--limit", "6", "--sparse", "--input-density", "0.7",
+                 "--out", str(out)]) == 0
+    text = capsys.readouterr().out
+    assert "| input-side teal (0.7) | " in text and "Paired differences against dense" in text
+    result = json.loads(out.with_suffix(".json").read_text())
+    assert result["input_density"] == 0.7 and result["predictors"] is None
+    assert [r["variant"] for r in result["rows"]] == ["dense", "input-side teal (0.7)"]
 
 
 @pytest.mark.parametrize("argv,msg", [(["eval", "--tasks", "piqa,nope"], "unknown task 'nope'"),

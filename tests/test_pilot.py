@@ -31,7 +31,8 @@ TINY = dict(calib_tokens=4096, epochs=1, eval_tokens=256, window=128, tasks=["co
 def run(tmp_path_factory):
     """A tiny pilot from scratch (it calibrates its own predictors): its result and work folder."""
     work = tmp_path_factory.mktemp("pilot")
-    result = pilot.run_pilot(pilot.PilotSettings(work=str(work), points=[(0.5, 1.0), (0.5, 0.67)], **TINY))
+    result = pilot.run_pilot(pilot.PilotSettings(work=str(work), points=[(0.5, 1.0), (0.5, 0.67)], input_points=[0.7],
+                                                 **TINY))
     return result, work
 
 
@@ -74,8 +75,14 @@ def test_report_is_self_contained_and_consistent(run):
     assert f"${saved['cost']['recommended_per_million']:.3f}" in page
     assert saved["cpu"] in page and "dejavu pilot" in page  # what ran, on which hardware
     assert saved["speed"]["rounds"] == len(saved["baseline"]["decode_rounds"]) - 1  # a dense decode around each
-    for p in saved["points"]:  # measured, not made up: paired rates and a real guard check
-        assert p["decode_tokens_per_s"] > 0 and p["dense_tokens_per_s"] > 0 and p["guard"]["checked"] > 0
+    assert [p["label"] for p in saved["points"]] == ["MLP 0.5 / attn 1", "MLP 0.5 / attn 0.67", "input-side 0.7"]
+    for p in saved["points"]:  # measured, not made up: paired rates and a real guard check (neurons and heads)
+        assert p["decode_tokens_per_s"] > 0 and p["dense_tokens_per_s"] > 0
+        if p["family"] == "input":  # thresholds set on calibration text; the held-out text kept about 0.7
+            assert p["guard"] is None and len(p["thresholds"]) == 30
+            assert all(0.55 < d < 0.85 for d in p["achieved_input_density"].values())
+        else:
+            assert p["guard"]["checked"] > 0
         assert len(p["ratios"]) == saved["speed"]["rounds"]
         assert p["ratios"] == pytest.approx([a / b for a, b in zip(p["decode_rounds"], p["paired_dense_rounds"])])
         assert p["speedup"] == pytest.approx(statistics.median(p["ratios"]))
@@ -90,12 +97,12 @@ def test_report_is_self_contained_and_consistent(run):
 def test_resume_skips_finished_stages(run, tmp_path, monkeypatch):
     """A run interrupted in its second point keeps what it finished; the rerun measures only the rest."""
     settings = pilot.PilotSettings(work=str(tmp_path), points=[(0.5, 1.0), (0.4, 1.0)], max_ppl_increase=0.0,
-                                   predictors=run[0]["predictors"]["folder"], **TINY)
+                                   input_points=[], predictors=run[0]["predictors"]["folder"], **TINY)
     real_point, real_baseline = pilot.measure_quality, pilot.measure_baseline
     calls = []
 
     def interrupted(*a, **k):
-        calls.append(a[5])
+        calls.append(a[6])
         if len(calls) == 2:
             raise KeyboardInterrupt  # Ctrl-C in the middle of the second point
         return real_point(*a, **k)
@@ -108,7 +115,7 @@ def test_resume_skips_finished_stages(run, tmp_path, monkeypatch):
 
     calls.clear()
     monkeypatch.setattr(pilot, "measure_baseline", lambda *a, **k: pytest.fail("baseline measured again"))
-    monkeypatch.setattr(pilot, "measure_quality", lambda *a, **k: calls.append(a[5]) or real_point(*a, **k))
+    monkeypatch.setattr(pilot, "measure_quality", lambda *a, **k: calls.append(a[6]) or real_point(*a, **k))
     result = pilot.run_pilot(settings)
     assert calls == [(0.4, 1.0)]
     assert all((tmp_path / n).stat().st_mtime_ns == t for n, t in done.items())  # untouched
@@ -160,10 +167,17 @@ def test_use_it_runs_as_pasted(run, tmp_path):
     assert (args.mlp_density, args.attn_density) == (0.5, 0.67)
     args = parses_as_dejavu_command(dense["flags"])
     assert not args.sparse and not args.guard
-    if rec["name"] != "dense":
+    if rec["input_density"] is not None:
+        assert parses_as_dejavu_command(rec["flags"]).input_density == rec["input_density"]
+    elif rec["name"] != "dense":
         args = parses_as_dejavu_command(rec["flags"])
         assert (args.predictors, args.mlp_density, args.attn_density) == (folder, rec["mlp_density"],
                                                                           rec["attn_density"])
+
+    inputs = pilot.usage(dict(name="input-side 0.7", mlp_density=None, attn_density=None, input_density=0.7), result, s)
+    args = parses_as_dejavu_command(inputs["flags"])
+    assert args.sparse and args.input_density == 0.7 and args.input_score == "teal" and not args.guard
+    assert len(run_as_pasted(inputs["python"], tmp_path).strip()) > 0
 
     out = run_as_pasted(sparse["python"], tmp_path)
     assert re.search(r"guard: \d+ of \d+ steps checked", out) and "Predictors.load(" + repr(folder) in sparse["python"]

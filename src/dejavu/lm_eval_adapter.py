@@ -114,8 +114,9 @@ class DejavuLM(TemplateLM):
 
 def run_eval(model: Transformer, tokenizer, tasks: list[str], limit: int | None = None, sparsity_factory=None,
              batch_size: int = 16, progress: bool = True, bootstrap_iters: int = 1000) -> dict:
-    """Zero-shot tasks (dejavu.tasks.TASKS names) -> {task: {acc, acc_stderr, n, metrics}}.
-    `limit` takes the first N examples of each task."""
+    """Zero-shot tasks (dejavu.tasks.TASKS names) -> {task: {acc, acc_stderr, n, metrics, per_example}}.
+    `limit` takes the first N examples of each task; per_example: each example's acc, by doc id
+    (what paired differences between variants need)."""
     names = check_tasks(tasks)
     lm = DejavuLM(model, tokenizer, sparsity_factory, batch_size, progress=progress)
     manager = TaskManager(include_path=str(task_dir(names)), include_defaults=False)
@@ -128,15 +129,26 @@ def run_eval(model: Transformer, tokenizer, tasks: list[str], limit: int | None 
             mock.patch.object(datasets.config, "HF_HUB_OFFLINE", True), \
             mock.patch.object(datasets.config, "HF_DATASETS_OFFLINE", True):
         res = lm_eval.simple_evaluate(model=lm, tasks=[lm_eval_name(t) for t in names], task_manager=manager,
-                                      limit=limit, batch_size=batch_size, log_samples=False,
+                                      limit=limit, batch_size=batch_size, log_samples=True,
                                       bootstrap_iters=bootstrap_iters, verbosity="ERROR")
     out = {}
     for t in names:
         r = res["results"][lm_eval_name(t)]
         metrics = {k.split(",")[0]: v for k, v in r.items() if "," in k and isinstance(v, (int, float))}
+        per_example = {int(s["doc_id"]): float(s["acc"]) for s in res["samples"][lm_eval_name(t)]}
         out[t] = dict(acc=metrics["acc"], acc_stderr=metrics.get("acc_stderr"),
-                      n=int(res["n-samples"][lm_eval_name(t)]["effective"]), metrics=metrics)
+                      n=int(res["n-samples"][lm_eval_name(t)]["effective"]), metrics=metrics,
+                      per_example=[per_example[i] for i in sorted(per_example)])
     return out
+
+
+def paired_difference(variant: list[float], dense: list[float]) -> tuple[float, float]:
+    """Mean per-example accuracy difference (variant - dense) on the same examples, and its
+    standard error (the paired test: the examples' own difficulty cancels)."""
+    d = [a - b for a, b in zip(variant, dense, strict=True)]
+    mean = sum(d) / len(d)
+    var = sum((x - mean) ** 2 for x in d) / (len(d) - 1) if len(d) > 1 else 0.0
+    return mean, (var / len(d)) ** 0.5
 
 
 def markdown_table(rows: list[dict], tasks: list[str]) -> str:
@@ -150,4 +162,17 @@ def markdown_table(rows: list[dict], tasks: list[str]) -> str:
             cells.append(f"{s['acc']:.3f} ± {s['acc_stderr']:.3f}" if s["acc_stderr"] is not None else f"{s['acc']:.3f}")
         cells.append(f"{r['heldout_ppl']:.2f}")
         lines.append("| " + " | ".join(cells) + " |")
+    dense = next((r for r in rows if r["variant"] == "dense"), None)
+    if dense is None or len(rows) < 2:
+        return "\n".join(lines)
+    lines += ["", "Paired differences against dense (accuracy points, same examples; ± one standard error):", "",
+              "| variant | " + " | ".join(tasks) + " | mean of tasks |", "|" + "---|" * (len(tasks) + 2)]
+    for r in rows:
+        if r is dense:
+            continue
+        diffs = [paired_difference(r["tasks"][t]["per_example"], dense["tasks"][t]["per_example"]) for t in tasks]
+        mean = sum(m for m, _ in diffs) / len(diffs)
+        se = sum(s ** 2 for _, s in diffs) ** 0.5 / len(diffs)  # tasks are independent samples
+        lines.append(f"| {r['variant']} | " + " | ".join(f"{100 * m:+.1f} ± {100 * s:.1f}" for m, s in diffs)
+                     + f" | {100 * mean:+.1f} ± {100 * se:.1f} |")
     return "\n".join(lines)

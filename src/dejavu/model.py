@@ -362,15 +362,22 @@ class Transformer(nn.Module):
             raise ValueError("lazy K/V fill needs a window > 1, batch 1 and a multi-head model without RoPE (OPT)")
         return LazyKVCache(self.cfg, batch, n, self.device, self.dtype, lazy_window)
 
-    @torch.no_grad()
     def to_input_major(self):
         """Re-store wqkv and w_in transposed (input channel k contiguous), in place and one at a time
         (one weight's copy at most in flight): what input-side sparsity's decode reads. The logical
         shapes stay; dense paths read the transposed storage as it is."""
+        return self._store(input_major=True)
+
+    def to_output_major(self):
+        """Back to the layout neuron and head selection read (a neuron's or head's rows contiguous)."""
+        return self._store(input_major=False)
+
+    @torch.no_grad()
+    def _store(self, input_major: bool):
         for b in self.layers:
             for p in (b.attn.wqkv, b.mlp.w_in):
-                flat = p.data.flatten(0, -2) if p.dim() == 3 else p.data  # [N, K]
-                p.data = flat.t().contiguous().t().view(p.shape)
+                w = p.data.flatten(0, -2) if p.dim() == 3 else p.data  # [N, K], as stored
+                p.data = (w.t().contiguous().t() if input_major else w.contiguous()).view(p.shape)
         return self
 
     def positions(self, B: int, T: int, start_pos: int, cache: KVCache | None):

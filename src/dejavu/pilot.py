@@ -10,6 +10,9 @@ loses only the stage in progress):
                zero-shot accuracy (only where the perplexity is inside the budget: elsewhere it
                cannot change the decision; --thorough scores every point), and the guard's figures
                (top-1 agreement and KL against dense, selector recall) on generated text
+  point-input-D  one per input-side point (a share D of every projection's input channels, the
+               thresholds set on the calibration text): perplexity and zero-shot as above (the
+               guard checks neuron and head selectors: no guard figures)
   speed        decode tokens/s of dense and every point, interleaved in rounds in one process;
                each sparse decode is paired with the dense decodes around it, and rounds are
                added until the paired ratios of the points inside the quality budget agree
@@ -45,6 +48,8 @@ from .load import DEFAULT_MODEL
 
 # MLP density / attention density; 1.0 means that part runs dense
 POINTS = [(0.5, 1.0), (0.4, 1.0), (0.3, 1.0), (1.0, 0.67), (0.5, 0.67), (0.4, 0.67), (0.3, 0.67)]
+INPUT_POINTS = [0.8, 0.7, 0.6]  # input-side sparsity: share of every projection's input channels kept
+INPUT_CALIBRATION_TOKENS = 2048
 TASKS = ["copa", "piqa", "winogrande"]
 LAYER_POINT = (0.5, 0.67)  # densities at which the per-layer selector figures are measured
 MIN_SPEEDUP = 1.05         # a point must beat dense by more than round-to-round noise to be worth it
@@ -84,6 +89,8 @@ class PilotSettings:
     eval_tokens: int = 2048
     window: int = 512
     points: list = field(default_factory=lambda: list(POINTS))
+    input_points: list = field(default_factory=lambda: list(INPUT_POINTS))
+    input_score: str = "teal"          # input-side score: teal (|x|) or wina (|x| * column norm)
     tasks: list = field(default_factory=lambda: list(TASKS))
     limit: int = 40                    # zero-shot examples per task
     prompt_tokens: int = 128
@@ -111,16 +118,26 @@ class PilotSettings:
     def measurement_key(self, fingerprint: str) -> dict:
         """What a cached stage depends on: a change reruns the stages (report-only settings do not)."""
         keep = ("text", "predictors", "thorough", "calib_tokens", "epochs", "tune_tokens", "eval_tokens", "window",
-                "tasks", "limit", "prompt_tokens", "new_tokens", "rounds", "max_rounds", "device", "dtype")
+                "tasks", "limit", "prompt_tokens", "new_tokens", "rounds", "max_rounds", "device", "dtype",
+                "input_score")
         return dict(fingerprint=fingerprint, **{k: getattr(self, k) for k in keep})
 
 
+def all_points(s: "PilotSettings") -> list:
+    """Neuron/head points (MLP density, attention density), then input-side points ("input", D)."""
+    return list(s.points) + [("input", d) for d in s.input_points]
+
+
+def is_input(point) -> bool:
+    return point[0] == "input"
+
+
 def point_name(point) -> str:
-    return f"point-{point[0]:.2f}-{point[1]:.2f}"
+    return f"point-input-{point[1]:.2f}" if is_input(point) else f"point-{point[0]:.2f}-{point[1]:.2f}"
 
 
 def point_label(point) -> str:
-    return f"MLP {point[0]:g} / attn {point[1]:g}"
+    return f"input-side {point[1]:g}" if is_input(point) else f"MLP {point[0]:g} / attn {point[1]:g}"
 
 
 # ---------------------------------------------------------------- running the stages
@@ -177,16 +194,18 @@ def run_pilot(settings: PilotSettings, log=print) -> dict:
     layers = stage("layers", lambda: measure_layers(model, held, neurons, heads, s))
     # a cached point without zero-shot scores is stale once its perplexity is inside the budget
     scored_if_needed = lambda q: q["zero_shot"] is not None or not needs_zero_shot(q["ppl"], baseline["ppl"], s)
-    quality = [stage(point_name(p), lambda p=p: measure_quality(model, tok, held, neurons, heads, p,
+    points = all_points(s)
+    quality = [stage(point_name(p), lambda p=p: measure_quality(model, tok, held, calib, neurons, heads, p,
                                                                 baseline["ppl"], s), scored_if_needed)
-               for p in s.points]
-    speed = stage("speed", lambda: measure_speed(model, prompt, neurons, heads, s, candidates(quality, baseline, s)))
+               for p in points]
+    speed = stage("speed", lambda: measure_speed(model, prompt, neurons, heads, s, points, quality,
+                                                 candidates(points, quality, baseline, s)))
     bar.set_description("pilot: report")
     bar.close()
 
     baseline = dict(baseline, decode_tokens_per_s=statistics.median(speed["dense"]), decode_rounds=speed["dense"],
                     prefill_tokens_per_s=speed["prefill_tokens_per_s"], prompt_tokens=len(prompt))
-    points = [dict(q, **speed["points"][point_name(p)]) for p, q in zip(s.points, quality)]
+    points = [dict(q, **speed["points"][point_name(p)], label=point_label(p)) for p, q in zip(points, quality)]
     result = dict(model=loaded.name, source=loaded.source, hardware=hardware(model), cpu=cpu_info(),
                   command=command_line(settings), settings=asdict(s), text=describe_text(s, calib, held),
                   baseline=baseline, predictors=pred_info, layers=layers, points=points,
@@ -214,6 +233,10 @@ def check_settings(s: PilotSettings):
     s.max_rounds = max(s.max_rounds, s.rounds)  # --rounds above the mode's cap: exactly that many
     if not s.points:
         raise DejavuError("--points is empty: give operating points like 0.5/1,0.5/0.67")
+    for d in s.input_points:
+        check_density("input-side density", d)
+    if s.input_score not in ("teal", "wina"):
+        raise DejavuError(f"--input-score must be teal or wina, got {s.input_score!r}")
     for md, ad in s.points:
         check_density("MLP density", md)
         check_density("attention density", ad)
@@ -251,9 +274,11 @@ def stage_estimates(s: PilotSettings) -> dict[str, float]:
            "calibration": 0 if s.predictors else (s.calib_tokens / 16384 * 50 + s.calib_tokens / 16384 * 120 *
                                                   s.epochs / 6 + s.tune_tokens / 8192 * 145),
            "layers": 10 + s.eval_tokens / 2048 * 6,
-           "speed": (s.rounds + 0.5) * (len(s.points) + 1) * decode}
+           "speed": (s.rounds + 0.5) * (len(all_points(s)) + 1) * decode}
     for p in s.points:
         est[point_name(p)] = 1.3 * ppl + s.mode("guard_runs") * s.new_tokens * 0.12 + (3 * zs if p == s.points[0] else 0)
+    for p in all_points(s)[len(s.points):]:
+        est[point_name(p)] = 1.3 * ppl + 3 + zs
     return est
 
 
@@ -340,11 +365,30 @@ def needs_zero_shot(ppl: float, dense_ppl: float, s: PilotSettings) -> bool:
     return s.thorough or ppl / dense_ppl - 1 <= s.max_ppl_increase
 
 
-def measure_quality(model, tok, held, neurons, heads, point, dense_ppl: float, s: PilotSettings) -> dict:
+def input_thresholds(model, calib, density: float, s: PilotSettings) -> list[dict]:
+    """Input-side thresholds set on the first 2048 calibration tokens (windows of --window)."""
+    from .selectors import InputSelector
+    from .sparse import calibrate_thresholds
+    w = min(s.window, INPUT_CALIBRATION_TOKENS, len(calib))
+    ids = calib[:min(INPUT_CALIBRATION_TOKENS, len(calib)) // w * w].view(-1, w)
+    return calibrate_thresholds(model, InputSelector(model, s.input_score), ids, density)
+
+
+def measure_quality(model, tok, held, calib, neurons, heads, point, dense_ppl: float, s: PilotSettings) -> dict:
     from .evaluate import perplexity
     from .generate import generate_ids
     from .guard import Guard, GuardSettings
-    from .sparse import Masked
+    from .selectors import InputSelector, weights_read_fraction
+    from .sparse import INPUT_GROUPS, InputSparsity, Masked
+    if is_input(point):  # masked input-side sparsity (one object: it counts what every token kept)
+        thresholds = input_thresholds(model, calib, point[1], s)
+        masked = InputSparsity(model, InputSelector(model, s.input_score), thresholds, target=point[1])
+        ppl = perplexity(model, held, s.window, sparsity=masked, progress=s.progress, desc=point_label(point))
+        kept = {g: masked.density(g) for g in INPUT_GROUPS}
+        zs = zero_shot(model, tok, s, lambda: masked) if needs_zero_shot(ppl.ppl, dense_ppl, s) else None
+        return dict(family="input", input_density=point[1], mlp_density=None, attn_density=None, ppl=ppl.ppl,
+                    zero_shot=zs, guard=None, thresholds=thresholds, achieved_input_density=kept,
+                    weights_read_fraction=weights_read_fraction(model, input_density=kept))
     md, ad = point
     sel = selectors_at(neurons, heads, point)
     ppl = perplexity(model, held, s.window, sparsity=Masked(model, *sel), progress=s.progress,
@@ -356,15 +400,15 @@ def measure_quality(model, tok, held, neurons, heads, point, dense_ppl: float, s
         generate_ids(model, [held[start:start + s.prompt_tokens].tolist()], s.new_tokens, guard=guard)
     g = guard.metrics
     mlp = sel[0]
-    return dict(mlp_density=md, attn_density=ad,
+    return dict(family="neurons/heads", mlp_density=md, attn_density=ad,
                 mlp_bytes_fraction=mlp.mlp_bytes_fraction(md) if hasattr(mlp, "mlp_bytes_fraction") else md,
                 ppl=ppl.ppl, zero_shot=zs, guard=dict(generations=s.mode("guard_runs"), checked=g.checked, agreement=g.agreement_mean, kl=g.kl_mean,
                                                       mlp_recall=g.mlp_recall_mean, attn_recall=g.attn_recall_mean))
 
 
-def candidates(quality: list[dict], baseline: dict, s: PilotSettings) -> list[str]:
+def candidates(points: list, quality: list[dict], baseline: dict, s: PilotSettings) -> list[str]:
     """The points the decision may pick (inside the quality budget): the speed stage's rounds are for them."""
-    return [point_name((q["mlp_density"], q["attn_density"])) for q in quality
+    return [point_name(p) for p, q in zip(points, quality)
             if q["zero_shot"] is not None and within_budget(q["ppl"] / baseline["ppl"] - 1,
                                                             acc_drop(baseline, q["zero_shot"]), s)]
 
@@ -419,30 +463,46 @@ def paired_rounds(decode, names: list[str], rounds: int, max_rounds: int, max_sp
                                 ratios=[a / b for a, b in zip(sparse[n], paired[n])]) for n in names})
 
 
-def measure_speed(model, prompt, neurons, heads, s: PilotSettings, focus: list[str]) -> dict:
-    """Decode tokens/s of dense and every point (paired_rounds), the gathered sparse path (prefill dense)."""
-    from .sparse import Gathered
-    sel = {point_name(p): selectors_at(neurons, heads, p) for p in s.points}
+def measure_speed(model, prompt, neurons, heads, s: PilotSettings, points: list, quality: list[dict],
+                  focus: list[str]) -> dict:
+    """Decode tokens/s of dense and every point (paired_rounds), the gathered sparse path (prefill dense).
+    Neuron and head gathers read the output-major weights, input-side ones the input-major weights
+    (one copy): the model is re-stored before each decode that needs the other layout (outside the
+    timing); dense decodes in the output-major layout, as `dejavu generate` without --input-density."""
+    from .selectors import InputSelector
+    from .sparse import Gathered, InputSparsity
+    make = {}
+    for p, q in zip(points, quality):
+        if is_input(p):
+            inputs = InputSelector(model, s.input_score)
+            make[point_name(p)] = lambda q=q, inputs=inputs: InputSparsity(
+                model.to_input_major(), inputs, q["thresholds"], gathered=True, target=q["input_density"])
+        else:
+            make[point_name(p)] = lambda sel=selectors_at(neurons, heads, p): Gathered(model.to_output_major(), *sel)
     last, prefill = {}, []
 
     def decode(name, new_tokens=s.new_tokens):
         if name is None:
+            model.to_output_major()
             rate, pre = timed_decode(model, prompt, new_tokens)
             prefill.append(pre)
             return rate
-        last[name] = Gathered(model, *sel[name])
+        last[name] = make[name]()
         return timed_decode(model, prompt, new_tokens, last[name])[0]
 
-    for name in [None, *sel]:  # warm-up (first-use allocations and kernel compiles outside timing)
+    for name in [None, *make]:  # warm-up (first-use allocations and kernel compiles outside timing)
         decode(name, 4)
     prefill.clear()
-    res = paired_rounds(decode, list(sel), s.rounds, s.max_rounds, s.mode("max_spread"), focus,
+    res = paired_rounds(decode, list(make), s.rounds, s.max_rounds, s.mode("max_spread"), focus,
                         log=(lambda *_: None) if not s.progress else tqdm.write)
+    model.to_output_major()
     for name, p in res["points"].items():
         stats = spread(p["ratios"])
+        gathered = not last[name].input_side  # input-side decode counts nothing (its masked run did)
         p.update(speedup=stats["median"], speedup_spread=stats, decode_tokens_per_s=statistics.median(p["decode_rounds"]),
                  dense_tokens_per_s=statistics.median(p["paired_dense_rounds"]),
-                 achieved_mlp_density=last[name].density("mlp"), achieved_attn_density=last[name].density("attn"))
+                 achieved_mlp_density=last[name].density("mlp") if gathered else None,
+                 achieved_attn_density=last[name].density("attn") if gathered else None)
     res["prefill_tokens_per_s"] = statistics.median(prefill)
     return res
 
@@ -465,17 +525,18 @@ def within_budget(ppl_increase: float, drop: float | None, s: PilotSettings) -> 
 def decide(result: dict, s: PilotSettings) -> dict:
     """Rows (dense + points) with quality deltas, the Pareto front, the recommendation and costs."""
     b = result["baseline"]
-    rows = [dict(name="dense", mlp_density=1.0, attn_density=1.0, speedup=1.0, speedup_spread=None, ppl=b["ppl"],
+    rows = [dict(name="dense", family="dense", mlp_density=1.0, attn_density=1.0, input_density=None, speedup=1.0,
+                 speedup_spread=None, ppl=b["ppl"],
                  ppl_increase=0.0, mean_acc=b["zero_shot"]["mean_acc"], acc_drop=0.0,
                  decode_tokens_per_s=b["decode_tokens_per_s"], dense_tokens_per_s=b["decode_tokens_per_s"])]
     for p in result["points"]:
-        rows.append(dict(name=point_label((p["mlp_density"], p["attn_density"])),
-                         mlp_density=p["mlp_density"], attn_density=p["attn_density"], speedup=p["speedup"],
+        rows.append(dict(name=p["label"], family=p.get("family", "neurons/heads"), mlp_density=p["mlp_density"],
+                         attn_density=p["attn_density"], input_density=p.get("input_density"), speedup=p["speedup"],
                          speedup_spread=p["speedup_spread"], ppl=p["ppl"], ppl_increase=p["ppl"] / b["ppl"] - 1,
                          mean_acc=p["zero_shot"]["mean_acc"] if p["zero_shot"] else None,
                          acc_drop=acc_drop(b, p["zero_shot"]),
                          decode_tokens_per_s=p["decode_tokens_per_s"], dense_tokens_per_s=p["dense_tokens_per_s"],
-                         agreement=p["guard"]["agreement"], kl=p["guard"]["kl"]))
+                         agreement=(p["guard"] or {}).get("agreement"), kl=(p["guard"] or {}).get("kl")))
     for r in rows:
         r["within_budget"] = within_budget(r["ppl_increase"], r["acc_drop"], s)
         r["pareto"] = not any(o["speedup"] > r["speedup"] and o["ppl_increase"] <= r["ppl_increase"] or
@@ -501,7 +562,8 @@ def decide(result: dict, s: PilotSettings) -> dict:
                 dense_per_million=cost_per_million(dense_rate, s.price_per_hour),
                 recommended_per_million=cost_per_million(rec_rate, s.price_per_hour))
     return dict(rows=rows, recommendation=dict(name=best["name"], mlp_density=best["mlp_density"],
-                                                attn_density=best["attn_density"], speedup=best["speedup"],
+                                                attn_density=best["attn_density"],
+                                                input_density=best["input_density"], speedup=best["speedup"],
                                                 ppl_increase=best["ppl_increase"], acc_drop=best["acc_drop"],
                                                 why=why, **usage(best, result, s)),
                 cost=cost, budget=dict(max_ppl_increase=s.max_ppl_increase, max_accuracy_drop=s.max_accuracy_drop,
@@ -528,6 +590,17 @@ def usage(best: dict, result: dict, s: PilotSettings) -> dict:
     if best["name"] == "dense":
         return dict(flags=f"dejavu generate{flags} {prompt}", python="\n".join([
             *head, *load_lines, "ids = generate_ids(m.model, [prompt], 64, eos_id=m.stop_ids)", show]))
+    if best.get("input_density") is not None:
+        d, score = best["input_density"], s.input_score
+        return dict(
+            flags=f"dejavu generate{flags} --sparse --input-density {d:g} --input-score {score} {prompt}",
+            python="\n".join([
+                *head, "from dejavu.evaluate import text_stream", "from dejavu.selectors import InputSelector",
+                "from dejavu.sparse import InputSparsity, calibrate_thresholds", *load_lines,
+                f"sel = InputSelector(m.model.to_input_major(), {score!r})",
+                "calib = text_stream(m.tokenizer, None, 'calibration', 2048).view(4, 512)",
+                f"sparsity = InputSparsity(m.model, sel, calibrate_thresholds(m.model, sel, calib, {d:g}), gathered=True)",
+                "ids = generate_ids(m.model, [prompt], 64, sparsity=sparsity, eos_id=m.stop_ids)", show]))
     folder = result["predictors"]["folder"]
     md, ad = best["mlp_density"], best["attn_density"]
     return dict(
@@ -559,6 +632,8 @@ def command_line(s: PilotSettings) -> str:
         flag = "--" + k.replace("_", "-")
         if k == "points":
             v = ",".join(f"{m:g}/{a:g}" for m, a in v)
+        elif k == "input_points":
+            v = ",".join(f"{d:g}" for d in v)
         elif k == "tasks":
             v = ",".join(v)
         elif k == "text":
@@ -592,19 +667,26 @@ def plots(r: dict) -> dict[str, str]:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
     rows, b = r["rows"], r["baseline"]
-    attn_levels = sorted({row["attn_density"] for row in rows}, reverse=True)
+    units = [row for row in rows if row.get("family") != "input"]
+    attn_levels = sorted({row["attn_density"] for row in units}, reverse=True)
     out = {}
 
     def lines(ax, y, label_fmt, err=None):
-        for a in attn_levels:
-            pts = sorted((row["mlp_density"], y(row), row) for row in rows
-                         if row["attn_density"] == a and y(row) is not None)
+        groups = [(label_fmt.format(a), [(row["mlp_density"], row) for row in units if row["attn_density"] == a])
+                  for a in attn_levels]
+        groups.append(("input-side (x: input channels kept)",
+                       [(row["input_density"], row) for row in rows if row.get("family") == "input"]
+                       + [(1.0, rows[0])]))
+        for label, members in groups:
+            pts = sorted(((x, y(row), row) for x, row in members if y(row) is not None), key=lambda p: p[0])
+            if len(pts) < 2 and label.startswith("input-side"):
+                continue  # only dense: no input-side points run
             if err is None:
-                ax.plot([p[0] for p in pts], [p[1] for p in pts], marker="o", label=label_fmt.format(a))
+                ax.plot([p[0] for p in pts], [p[1] for p in pts], marker="o", label=label)
             else:  # asymmetric bars: the interquartile range of the paired rounds
                 ax.errorbar([p[0] for p in pts], [p[1] for p in pts], yerr=list(zip(*[err(p[2]) for p in pts])),
-                            marker="o", capsize=3, label=label_fmt.format(a))
-        ax.set_xlabel("MLP density (fraction of neurons computed)")
+                            marker="o", capsize=3, label=label)
+        ax.set_xlabel("density (MLP neurons computed; input-side: input channels kept)")
         ax.grid(alpha=0.3)
         ax.legend(fontsize=8)
 
@@ -749,8 +831,13 @@ def notes(r: dict) -> list[str]:
         + ("Every point is scored." if s["thorough"] else "Zero-shot accuracy is scored only at points whose "
            "perplexity is inside the budget ('-' elsewhere: it could not change the decision)."),
         f"Guard figures (top-1 agreement, KL(dense||sparse)): every decode step of "
-        f"{r['points'][0]['guard']['generations']} generation(s) of {s['new_tokens']} tokens also run "
-        "dense; a checked step keeps the dense step's K/V, as the run-time guard does.",
+        f"{next((p['guard']['generations'] for p in r['points'] if p['guard']), 0)} generation(s) of "
+        f"{s['new_tokens']} tokens also run dense; a checked step keeps the dense step's K/V, as the run-time guard "
+        "does (input-side points have none: the guard checks neuron and head selectors).",
+        f"Input-side points: in every projection of every layer a token's input channel counts where its score "
+        f"({s['input_score']}) passes a threshold set so that a share D passes on the first 2048 calibration "
+        "tokens; their speed is decoded on input-major weights (the neuron points' on output-major ones), the "
+        "C++ row gather on a CPU.",
         f"MLP neurons are selected gate-first for gated MLPs ({r['layers']['mlp_selector']}: reads all of W_gate, "
         "so it reads more of the MLP than its density), heads by the lookahead predictors.",
     ]

@@ -66,6 +66,11 @@ def density_list(text: str) -> list[float]:
     return ds
 
 
+def densities_or_none(text: str) -> list[float]:
+    """'0.8,0.7' -> [0.8, 0.7]; 'none' -> []."""
+    return [] if text.strip().lower() == "none" else density_list(text)
+
+
 def operating_point(text: str) -> tuple[float, float]:
     """'0.5/0.67' -> (0.5, 0.67): MLP density / attention density, each in (0, 1]."""
     try:
@@ -431,6 +436,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--points", type=operating_points, metavar="M/A,M/A,...",
                    default="0.5/1,0.4/1,0.3/1,1/0.67,0.5/0.67,0.4/0.67,0.3/0.67",
                    help="operating points, MLP density / attention density, 1 = that part dense")
+    p.add_argument("--input-points", type=densities_or_none, metavar="D,D,...", default="0.8,0.7,0.6",
+                   help="input-side points: share of every projection's input channels kept ('none': no "
+                        "input-side points)")
+    p.add_argument("--input-score", choices=("teal", "wina"), default="teal",
+                   help="input-side score: |x| (teal), or |x| times the weight column's norm (wina)")
     p.add_argument("--tasks", default="copa,piqa,winogrande", help="zero-shot tasks, comma-separated")
     p.add_argument("--limit", type=int, default=40, help="zero-shot examples per task (a quick, noisy figure; "
                                                          "the report gives its stderr)")
@@ -536,7 +546,7 @@ def check_combinations(args):
         refuse(args, ["predictors", "mlp_density", "attn_density"], False,
                "neuron and head selection; --input-density selects input channels instead: give one family")
         refuse(args, GUARD_SWITCHES, False, "the guard checks neuron and head selectors, not input-side sparsity")
-    else:
+    elif hasattr(args, "input_density"):
         refuse(args, ["input_score"], False, "input-side sparsity only; add --input-density")
     if (sparse or lossless) and args.mlp_density == 1 and args.attn_density == 1:
         raise DejavuError("--mlp-density 1 and --attn-density 1 is dense decoding: lower one of them, or drop "

@@ -16,7 +16,8 @@ def run(args):
     s = PilotSettings(model=args.model, device=device, dtype=dtype, text=args.text,
                       work=args.work, out=args.out, predictors=args.predictors, thorough=args.thorough,
                       calib_tokens=args.calib_tokens, tune_tokens=args.tune_tokens, eval_tokens=args.eval_tokens,
-                      points=args.points, tasks=args.tasks.split(","), limit=args.limit,
+                      points=args.points, input_points=args.input_points, input_score=args.input_score,
+                      tasks=args.tasks.split(","), limit=args.limit,
                       new_tokens=args.max_new_tokens, rounds=args.rounds, max_rounds=args.max_rounds,
                       price_per_hour=args.price_per_hour, max_ppl_increase=args.max_ppl_increase,
                       max_accuracy_drop=args.max_accuracy_drop)
