@@ -35,9 +35,12 @@ def run(args):
         def masked(mlp, hd):
             return lambda: Masked(model, mlp=mlp, heads=hd, mlp_density=args.mlp_density,
                                   attn_density=args.attn_density)
-        variants[f"MLP sparse ({args.mlp_density:g})"] = masked(neurons, None)
-        variants[f"attention sparse ({args.attn_density:g})"] = masked(None, heads)
-        variants[f"both ({args.mlp_density:g}, {args.attn_density:g})"] = masked(neurons, heads)
+        if args.mlp_density < 1:
+            variants[f"MLP sparse ({args.mlp_density:g})"] = masked(neurons, None)
+        if args.attn_density < 1:
+            variants[f"attention sparse ({args.attn_density:g})"] = masked(None, heads)
+        if args.mlp_density < 1 and args.attn_density < 1:  # a part at density 1 is dense: no duplicate rows
+            variants[f"both ({args.mlp_density:g}, {args.attn_density:g})"] = masked(neurons, heads)
         print(MASKED_NOTE)
     held = text_stream(tok, None, "heldout", 2048)
     rows = []
