@@ -35,6 +35,21 @@ def test_generate_prints_english(capsys):
     assert "decode" in out.err and "tokens/s" in out.err
 
 
+def test_streamed_completion_is_the_whole_decode(smollm2):
+    """The CLI streams through the incremental detokenizer: what it prints is the prompt and the
+    decode of the new tokens, once, with nothing lost at the end."""
+    import contextlib
+    import io
+    from dejavu.generate import generate_ids
+    loaded, _ = smollm2
+    prompt = "Naïve café owners in 日本"
+    ids = generate_ids(loaded.model, [loaded.tokenizer(prompt).input_ids], 20, eos_id=loaded.stop_ids)[0]
+    printed = io.StringIO()
+    with contextlib.redirect_stdout(printed), contextlib.redirect_stderr(io.StringIO()):
+        assert main(["generate", "--prompt", prompt, "--max-new-tokens", "20"]) == 0
+    assert printed.getvalue() == prompt + loaded.tokenizer.decode(ids, skip_special_tokens=True) + "\n"
+
+
 def test_generate_with_input_side_sparsity(capsys):
     """--input-density: no predictors, thresholds calibrated at start, the C++ row gather per token."""
     assert main(["generate", "--sparse", "--input-density", "0.7", "--input-score", "wina", "--prompt",

@@ -561,7 +561,7 @@ def test_chat_content_never_becomes_control_tokens(servers, tok):
 def test_streamed_text_is_detokenized_incrementally(tok):
     """The text grows by small windows of tokens (never the whole output again), equals the
     whole output's decode, and a character split across tokens comes out whole."""
-    from dejavu.serve.app import Detokenizer
+    from dejavu.detokenize import Detokenizer
     text = "naïve café 日本語 😀 and the end"
     ids = tok(text).input_ids
     windows = []

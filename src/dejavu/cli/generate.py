@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import sys
 
+from ..detokenize import Detokenizer
 from ..errors import DejavuError
 from .common import achieved, check_fits, guard_from_args, load_from_args, need_tokenizer, sparse_decoder
 
@@ -33,19 +34,21 @@ def run(args):
     stats = GenerationStats()
     steps, sparsity, guard = decode_steps(loaded, ids, args, stats, tok.pad_token_id or 0)
     outs: list[list[int]] = [[] for _ in prompts]
-    printed = ""
+    stream = Detokenizer(tok, frozenset(loaded.stop_ids))  # a single completion streams as it comes
+    if len(prompts) == 1 and not args.chat:
+        print(prompts[0], end="")
     for nxt in steps:
         for row, t in zip(outs, nxt.tolist()):
             if not row or row[-1] not in loaded.stop_ids:
                 row.append(t)
-        if len(prompts) == 1:  # stream a single completion as it comes
-            text = tok.decode(outs[0], skip_special_tokens=True)
-            if not args.chat and not printed:
-                print(prompts[0], end="")
-            print(text[len(printed):], end="", flush=True)
-            printed = text
+                if len(prompts) == 1:
+                    shown = len(stream.text)
+                    stream.add(t)
+                    print(stream.text[shown:], end="", flush=True)
     if len(prompts) == 1:
-        print()
+        shown = len(stream.text)
+        stream.flush()
+        print(stream.text[shown:])
     else:
         for p, row in zip(prompts, outs):
             print(f"--- {p}\n{p if not args.chat else ''}{tok.decode(row, skip_special_tokens=True)}\n")

@@ -26,6 +26,7 @@ from fastapi.responses import JSONResponse, PlainTextResponse, StreamingResponse
 from starlette.exceptions import HTTPException
 from starlette.routing import Match
 
+from ..detokenize import Detokenizer
 from ..errors import DejavuError
 from .metrics import Metrics
 from .protocol import (ApiError, ChatRequest, CompletionRequest, Sampling, error_body, prompt_of, unsupported,
@@ -131,33 +132,6 @@ def replay(body: bytes, receive):
 
 
 # ---------------------------------------------------------------- text in, text out
-
-class Detokenizer:
-    """Text of a growing token list, decoded a small window at a time (as vLLM and TGI do): decode
-    the tokens since `prefix` with and without the newest ones and keep the new suffix; text that
-    ends in U+FFFD (a character cut between tokens) waits for the next token."""
-
-    def __init__(self, tok, skip: frozenset[int]):
-        self.tok, self.skip = tok, skip
-        self.ids: list[int] = []
-        self.prefix = self.read = 0
-        self.text = ""
-
-    def decode(self, ids: list[int]) -> str:
-        return self.tok.decode(ids, skip_special_tokens=True)
-
-    def add(self, token: int):
-        if token not in self.skip:
-            self.ids.append(token)
-        self.flush(final=False)
-
-    def flush(self, final: bool = True):
-        """Takes in the text the tokens since `read` make; `final`: even a cut character."""
-        before, now = self.decode(self.ids[self.prefix:self.read]), self.decode(self.ids[self.prefix:])
-        if len(now) > len(before) and (final or not now.endswith("\ufffd")):
-            self.text += now[len(before):]
-            self.prefix, self.read = self.read, len(self.ids)
-
 
 class ChatTokenizer:
     """Chat messages -> prompt ids, where the template's text may hold control tokens and the
