@@ -8,8 +8,8 @@ import torch.nn.functional as F
 from dejavu import kernels
 from dejavu.errors import DejavuError
 from dejavu.selectors import GateSelector, InputSelector, OracleSelector, weights_read_fraction
-from dejavu.sparse import (INPUT_GROUPS, InputSparsity, Masked, calibrate_thresholds, input_channels,
-                           neuron_importance, neuron_norms)
+from dejavu.sparse import (INPUT_GROUPS, InputSparsity, Masked, allocate_input_densities, calibrate_thresholds,
+                           input_channels, input_group_params, neuron_importance, neuron_norms)
 from test_model import random_pair
 
 
@@ -201,3 +201,26 @@ def test_weights_read_fraction_on_a_tiny_config():
     gate = L * 96 * d * (1 + 0.75 + 0.5)   # all of W_gate, 1.5 k up rows, k down columns
     assert weights_read_fraction(model, GateSelector(model), None, 0.5) == pytest.approx(
         (gate + L * attn + small + head) / dense)
+
+
+def test_block_wise_greedy_reads_the_target_share_in_every_layer():
+    """allocate_input_densities: each layer ends at the target share of its projection weights
+    (within one step of the smallest group), groups may differ, and thresholds follow the result."""
+    model, _ = random_pair("llama-biases")
+    sel, calib = InputSelector(model, "wina"), tokens(48, 2, seed=7)
+    alloc = allocate_input_densities(model, sel, calib, 0.6, step=0.1)
+    params = input_group_params(model)
+    total = sum(params.values())
+    assert len(alloc) == model.cfg.n_layers
+    for d in alloc:
+        share = sum(d[g] * params[g] for g in INPUT_GROUPS) / total
+        assert 0.6 - 0.1 * max(params.values()) / total - 1e-9 <= share <= 0.6 + 1e-9
+        assert all(0 < d[g] <= 1 for g in INPUT_GROUPS)
+    thresholds = calibrate_thresholds(model, sel, calib, alloc)
+    sp = InputSparsity(model, sel, thresholds)
+    with torch.no_grad():
+        model(calib, sparsity=sp)
+    reads = sum(sp.density(g) * params[g] for g in INPUT_GROUPS) / total
+    assert reads == pytest.approx(0.6, abs=0.1)
+    with pytest.raises(DejavuError, match="layers"):
+        calibrate_thresholds(model, sel, calib, alloc[:1])

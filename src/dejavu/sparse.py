@@ -172,29 +172,103 @@ class InputSparsity(Sparsity):
 
 
 class _Thresholds(Sparsity):
-    """Dense forward that sets every projection group's threshold from its input scores."""
+    """Dense forward that sets each projection group's threshold for every density asked
+    (`densities[layer][group]`: a list) from its input scores, and keeps each layer's input."""
 
-    def __init__(self, selector, densities: dict[str, float], n_layers: int):
+    def __init__(self, selector, densities: list[dict[str, list[float]]]):
         self.selector, self.densities = selector, densities
-        self.thresholds = [{} for _ in range(n_layers)]
+        self.thresholds = [{g: {} for g in INPUT_GROUPS} for _ in densities]
+        self.layer_inputs: list[torch.Tensor] = []
+
+    def enter(self, layer, x):
+        self.layer_inputs.append(x)
 
     def inputs(self, layer, group, x):
         s = self.selector.input_scores(layer, group, x).flatten()
-        below = round((1 - self.densities[group]) * s.numel())  # channels that fail: the bar is the largest
-        self.thresholds[layer][group] = -1.0 if below == 0 else float(s.kthvalue(below).values)
+        for d in self.densities[layer][group]:
+            below = round((1 - d) * s.numel())  # channels that fail: the bar is the largest of them
+            self.thresholds[layer][group][d] = -1.0 if below == 0 else float(s.kthvalue(below).values)
         return x
+
+
+def per_layer_input_densities(density, n_layers: int) -> list[dict[str, float]]:
+    """One number, a dict group -> density, or a list of those per layer -> a dict per layer."""
+    ds = list(density) if isinstance(density, (list, tuple)) else [density] * n_layers
+    if len(ds) != n_layers:
+        raise DejavuError(f"input-side densities for {len(ds)} layers, the model has {n_layers}")
+    return [input_densities(d) for d in ds]
 
 
 @torch.no_grad()
 def calibrate_thresholds(model: Transformer, selector, tokens: torch.Tensor, density) -> list[dict[str, float]]:
     """Per layer and projection group, the score threshold that a share `density` of the input
-    channels of `tokens` [B, T] passes (one number, or a dict group -> density). Density 1: -1,
-    every channel passes."""
+    channels of `tokens` [B, T] passes (one number, a dict group -> density, or a list of those per
+    layer: allocate_input_densities). Density 1: -1, every channel passes."""
     if tokens.numel() == 0:
         raise DejavuError("calibrating input-side thresholds needs calibration tokens, got none")
-    sampler = _Thresholds(selector, input_densities(density), model.cfg.n_layers)
+    ds = per_layer_input_densities(density, model.cfg.n_layers)
+    sampler = _Thresholds(selector, [{g: [d[g]] for g in INPUT_GROUPS} for d in ds])
     model(tokens.to(model.device), sparsity=sampler)
-    return sampler.thresholds
+    return [{g: sampler.thresholds[layer][g][d[g]] for g in INPUT_GROUPS} for layer, d in enumerate(ds)]
+
+
+def input_group_params(model: Transformer) -> dict[str, int]:
+    """Weights each projection group holds in one layer."""
+    c = model.cfg
+    q, kv = c.n_heads * c.head_dim, c.n_kv_heads * c.head_dim
+    return dict(qkv=(q + 2 * kv) * c.d_model, o=q * c.d_model, gate_up=c.n_in * c.d_ff * c.d_model,
+                down=c.d_ff * c.d_model)
+
+
+@torch.no_grad()
+def allocate_input_densities(model: Transformer, selector, tokens: torch.Tensor, density: float,
+                             step: float = 0.05) -> list[dict[str, float]]:
+    """Per-layer, per-group input-side densities by TEAL's block-wise greedy: in every layer, start
+    dense and lower, one step at a time, the group whose step costs the least block-output error
+    (MSE against the dense block, on the layer's dense input) per weight it stops reading, until
+    the layer reads a share `density` of its projection weights. Every layer reads the same share."""
+    check_density("input density", density)
+    L = model.cfg.n_layers
+    grid = [round(1 - k * step, 6) for k in range(int(round(1 / step)))]  # 1, 1 - step, ..., step
+    sampler = _Thresholds(selector, [dict.fromkeys(INPUT_GROUPS, grid) for _ in range(L)])
+    tokens = tokens.to(model.device)
+    model(tokens, sparsity=sampler)
+    B, T = tokens.shape
+    pos = model.positions(B, T, 0, None)
+    rope, mask = model.rope(pos), model.attention_mask(T, 0, None)
+
+    def block_out(layer, x, sparsity=None):
+        after_attn, mlp = model.layers[layer](x, rope, mask, None, 0, sparsity, None)
+        return after_attn + mlp
+
+    params = input_group_params(model)
+    total = sum(params.values())
+    out = []
+    for layer in range(L):
+        x = sampler.layer_inputs[layer]
+        dense = block_out(layer, x).float()
+
+        def error(d):
+            bars = [dict.fromkeys(INPUT_GROUPS, -1.0) for _ in range(L)]
+            bars[layer] = {g: sampler.thresholds[layer][g][d[g]] for g in INPUT_GROUPS}
+            return (block_out(layer, x, InputSparsity(model, selector, bars)).float() - dense).pow(2).mean().item()
+
+        d, err = dict.fromkeys(INPUT_GROUPS, 1.0), 0.0
+        while sum((1 - d[g]) * params[g] for g in INPUT_GROUPS) / total < 1 - density - 1e-9:
+            best = None
+            for g in INPUT_GROUPS:
+                if d[g] - step < step / 2:
+                    continue
+                trial = dict(d, **{g: round(d[g] - step, 6)})
+                e = error(trial)
+                cost = (e - err) / (step * params[g])
+                if best is None or cost < best[0]:
+                    best = (cost, trial, e)
+            if best is None:
+                break
+            _, d, err = best
+        out.append(d)
+    return out
 
 
 class Selection(Sparsity):
