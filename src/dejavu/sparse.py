@@ -13,8 +13,8 @@ Input-side sparsity (TEAL / WINA) selects input channels instead of units: for e
 group of a layer a token's input channel counts where its score passes the group's threshold, and
 the rest are zeroed, which is what reading only those columns of the weights (rows of W^T)
 computes. Thresholds are calibrated per layer and group to a density on calibration text, as TEAL
-does: a fixed rule, so the decode step keeps static shapes and selection costs no kernel (the
-projection's load mask). Groups and their inputs:
+does: a fixed rule, so the decode step keeps static shapes and needs no top-k (on the GPU the
+projection packs the passing channels and reads their rows: kernels.linear). Groups and inputs:
   qkv      W_q, W_k, W_v together   the attention norm's output h             [d_model]
   o        W_o                      the attention output y, heads flattened   [heads*head_dim]
   gate_up  W_gate, W_up together    the MLP norm's output                     [d_model]
@@ -141,16 +141,17 @@ class InputSparsity(Sparsity):
     counts where its score (selectors.InputSelector: |x_k|, or |x_k| * ||W[:, k]||) exceeds the
     group's threshold (`thresholds[layer][group]`, from calibrate_thresholds). Masked (evaluation):
     each token's other channels are zeroed before the dense projection, and the share kept is
-    counted (`density`; `target`: the density the thresholds were set for). Gathered (decode): the projection applies the rule itself
-    (kernels.linear reads only the channels that pass for some row of the batch); the same result.
+    counted (`density`; `target`: the density the thresholds were set for). Gathered (decode):
+    the projection applies the rule itself (kernels.linear reads only the channels that pass for
+    some row of the batch); the same result.
     One family at a time: neurons and heads run dense here."""
+    input_side = True
 
     def __init__(self, model: Transformer, selector, thresholds: list[dict[str, float]], gathered: bool = False,
                  target: float | None = None):
         if len(thresholds) != model.cfg.n_layers:
             raise DejavuError(f"input-side thresholds for {len(thresholds)} layers, the model has {model.cfg.n_layers}")
         self.selector, self.gathered, self.thresholds, self.target = selector, gathered, thresholds, target
-        self.input_side = True
         self.rules = [{g: kernels.InputRule(torch.tensor(float(t[g]), device=model.device), selector.scale(layer, g))
                        for g in INPUT_GROUPS} for layer, t in enumerate(thresholds)]
         self.kept = {g: [0, 0] for g in INPUT_GROUPS}  # kept, total channels (achieved density, masked mode)
