@@ -20,7 +20,7 @@ import torch
 
 from .evaluate import perplexity
 from .model import Transformer
-from .selectors import (GateSelector, InputSelector, OracleSelector, PredictorSelector, StaticSelector,
+from .selectors import (GateSelector, InputSelector, OracleSelector, PredictorSelector,
                         default_selectors, weights_read_fraction)
 from .sparse import INPUT_GROUPS, InputSparsity, Masked, Recorder, calibrate_thresholds, head_contributions
 
@@ -113,14 +113,11 @@ def curves(model: Transformer, stream: torch.Tensor, sels: dict, mlp_densities, 
     return rows
 
 
-INPUT_CALIBRATION_TOKENS = 2048  # calibration text the input-side thresholds are set on
-
-
 def bytes_vs_ppl(model: Transformer, stream: torch.Tensor, sels: dict, rows: list[dict], dense_ppl: float,
                  input_densities, calibration: torch.Tensor, window=512, progress=True, log=print) -> list[dict]:
     """Perplexity against the weights read per token (selectors.weights_read_fraction): the
-    curves' rows (neurons, heads, both) and input-side teal and wina, thresholds calibrated on
-    `calibration` [B, T] to one density for every projection group; an input-side row's weights
+    curves' rows (neurons, heads, both) and input-side teal and wina, thresholds calibrated on the
+    `calibration` stream to one density for every projection group; an input-side row's weights
     read are from the densities the held-out text actually kept."""
     label = {"mlp": "neurons", "attn": "heads", "both": "neurons + heads"}
     names = {"gate": "gate-first"}  # the curves' short name for dejavu's gated-MLP default
@@ -137,7 +134,7 @@ def bytes_vs_ppl(model: Transformer, stream: torch.Tensor, sels: dict, rows: lis
         selector = InputSelector(model, score)
         for d in input_densities:
             t = time.perf_counter()
-            mask = InputSparsity(model, selector, calibrate_thresholds(model, selector, calibration, d))
+            mask = InputSparsity(model, selector, calibrate_thresholds(model, selector, calibration, d, window))
             ppl = perplexity(model, stream, window, sparsity=mask, progress=progress, desc=selector.name).ppl
             kept = {g: mask.density(g) for g in INPUT_GROUPS}
             out.append(dict(selector=selector.name, weights_read_fraction=weights_read_fraction(model, input_density=kept),

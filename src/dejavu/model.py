@@ -272,16 +272,17 @@ class MLP(nn.Module):
         self.w_out_t = nn.Parameter(torch.empty(cfg.d_ff, cfg.d_model))
         self.b_out = _maybe_bias(cfg.mlp_bias, cfg.d_model)
 
-    def activations(self, x, idx=None, rule=None):
-        """Per-neuron activation a: act(gate) * up, or act(fc1). Shape [..., d_ff], or
-        [..., len(idx)] for the neurons idx only (their rows of w_in are contiguous)."""
+    def up(self, x, idx=None, rule=None):
+        """The up side h [..., units * n_in] (a neuron's gate and up adjacent) of every neuron, or of
+        the neurons idx only (their rows of w_in are contiguous)."""
         w = self.w_in if idx is None else self.w_in[idx]
         b = self.b_in if idx is None or self.b_in is None else self.b_in[idx]
-        h = kernels.linear(x, w.flatten(0, 1), b.flatten() if b is not None else None, rule)
-        h = h.unflatten(-1, (w.shape[0], self.cfg.n_in))
-        if self.cfg.gated:
-            return self.act(h[..., 0]) * h[..., 1]
-        return self.act(h[..., 0])
+        return kernels.linear(x, w.flatten(0, 1), b.flatten() if b is not None else None, rule)
+
+    def activations(self, x, idx=None, rule=None):
+        """Per-neuron activation a: act(gate) * up, or act(fc1). Shape [..., d_ff], or
+        [..., len(idx)] for the neurons idx only."""
+        return kernels.mlp_activation(self.up(x, idx, rule).unflatten(-1, (-1, self.cfg.n_in)), self.cfg.act)
 
     def project_out(self, a, rule=None):
         return kernels.linear(a, self.w_out_t.t(), self.b_out, rule)
@@ -294,9 +295,8 @@ class MLP(nn.Module):
             x = sparsity.inputs(layer, "gate_up", x)
         up_rule, down_rule = input_rule(sparsity, layer, "gate_up"), input_rule(sparsity, layer, "down")
         if sparsity is None or down_rule is not None:  # nobody looks at the activations: fused into the down side
-            h = kernels.linear(x, self.w_in.flatten(0, 1), self.b_in.flatten() if self.b_in is not None else None,
-                               up_rule)
-            return kernels.mlp_down(h, self.w_out_t, self.b_out, self.cfg.act, self.cfg.gated, down_rule)
+            return kernels.mlp_down(self.up(x, rule=up_rule), self.w_out_t, self.b_out, self.cfg.act, self.cfg.gated,
+                                    down_rule)
         a = self.activations(x, rule=up_rule)
         if sparsity is not None:
             a = sparsity.inputs(layer, "down", sparsity.neurons(layer, x, a))

@@ -49,7 +49,6 @@ from .load import DEFAULT_MODEL
 # MLP density / attention density; 1.0 means that part runs dense
 POINTS = [(0.5, 1.0), (0.4, 1.0), (0.3, 1.0), (1.0, 0.67), (0.5, 0.67), (0.4, 0.67), (0.3, 0.67)]
 INPUT_POINTS = [0.8, 0.7, 0.6]  # input-side sparsity: share of every projection's input channels kept
-INPUT_CALIBRATION_TOKENS = 2048
 TASKS = ["copa", "piqa", "winogrande"]
 LAYER_POINT = (0.5, 0.67)  # densities at which the per-layer selector figures are measured
 MIN_SPEEDUP = 1.05         # a point must beat dense by more than round-to-round noise to be worth it
@@ -365,24 +364,16 @@ def needs_zero_shot(ppl: float, dense_ppl: float, s: PilotSettings) -> bool:
     return s.thorough or ppl / dense_ppl - 1 <= s.max_ppl_increase
 
 
-def input_thresholds(model, calib, density: float, s: PilotSettings) -> list[dict]:
-    """Input-side thresholds set on the first 2048 calibration tokens (windows of --window)."""
-    from .selectors import InputSelector
-    from .sparse import calibrate_thresholds
-    w = min(s.window, INPUT_CALIBRATION_TOKENS, len(calib))
-    ids = calib[:min(INPUT_CALIBRATION_TOKENS, len(calib)) // w * w].view(-1, w)
-    return calibrate_thresholds(model, InputSelector(model, s.input_score), ids, density)
-
-
 def measure_quality(model, tok, held, calib, neurons, heads, point, dense_ppl: float, s: PilotSettings) -> dict:
     from .evaluate import perplexity
     from .generate import generate_ids
     from .guard import Guard, GuardSettings
     from .selectors import InputSelector, weights_read_fraction
-    from .sparse import INPUT_GROUPS, InputSparsity, Masked
+    from .sparse import INPUT_GROUPS, InputSparsity, Masked, calibrate_thresholds
     if is_input(point):  # masked input-side sparsity (one object: it counts what every token kept)
-        thresholds = input_thresholds(model, calib, point[1], s)
-        masked = InputSparsity(model, InputSelector(model, s.input_score), thresholds, target=point[1])
+        selector = InputSelector(model, s.input_score)
+        thresholds = calibrate_thresholds(model, selector, calib, point[1], s.window)  # its first 2048 tokens
+        masked = InputSparsity(model, selector, thresholds, target=point[1])
         ppl = perplexity(model, held, s.window, sparsity=masked, progress=s.progress, desc=point_label(point))
         kept = {g: masked.density(g) for g in INPUT_GROUPS}
         zs = zero_shot(model, tok, s, lambda: masked) if needs_zero_shot(ppl.ppl, dense_ppl, s) else None

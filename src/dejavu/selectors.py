@@ -23,8 +23,8 @@ from .errors import DejavuError
 from .kernels import cpu
 from .model import Transformer
 from .predictor import Predictors, head_input_layer
-from .sparse import (INPUT_GROUPS, Selection, head_importance, input_densities, neuron_importance, neuron_norms,
-                     topk_mask, units_for)
+from .sparse import (Selection, head_importance, input_densities, input_group_params, neuron_importance,
+                     neuron_norms, topk_mask, units_for)
 
 
 class OracleSelector:
@@ -231,9 +231,8 @@ def weights_read_fraction(model: Transformer, neurons=None, heads=None, mlp_dens
     if input_density is not None:
         if neurons is not None or heads is not None:
             raise DejavuError("input-side sparsity with neuron or head selection together is not built")
-        ds = input_densities(input_density)
-        attn = (q_rows + kv_rows) * d * ds["qkv"] + q_rows * d * ds["o"]
-        mlp = cfg.d_ff * cfg.n_in * d * ds["gate_up"] + cfg.d_ff * d * ds["down"]
+        ds, params = input_densities(input_density), input_group_params(model)
+        attn, mlp = (sum(params[g] * ds[g] for g in groups) for groups in (("qkv", "o"), ("gate_up", "down")))
     if neurons is not None and mlp_density is not None:
         frac = neurons.mlp_bytes_fraction(mlp_density) if hasattr(neurons, "mlp_bytes_fraction") else mlp_density
         mlp = mlp_full * frac

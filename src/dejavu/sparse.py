@@ -120,12 +120,6 @@ class Sparsity:
 INPUT_GROUPS = ("qkv", "o", "gate_up", "down")
 
 
-def input_channels(model: Transformer) -> dict[str, int]:
-    """Input channels of each projection group."""
-    cfg = model.cfg
-    return dict(qkv=cfg.d_model, o=cfg.n_heads * cfg.head_dim, gate_up=cfg.d_model, down=cfg.d_ff)
-
-
 def input_densities(density) -> dict[str, float]:
     """One density for every projection group, or a dict group -> density (every group given)."""
     ds = dict.fromkeys(INPUT_GROUPS, density) if isinstance(density, (int, float)) else dict(density)
@@ -174,15 +168,17 @@ class InputSparsity(Sparsity):
 
 class _Thresholds(Sparsity):
     """Dense forward that sets each projection group's threshold for every density asked
-    (`densities[layer][group]`: a list) from its input scores, and keeps each layer's input."""
+    (`densities[layer][group]`: a list) from its input scores; with `keep_inputs`, keeps each
+    layer's input (the residual entering it) too."""
 
-    def __init__(self, selector, densities: list[dict[str, list[float]]]):
-        self.selector, self.densities = selector, densities
+    def __init__(self, selector, densities: list[dict[str, list[float]]], keep_inputs: bool = False):
+        self.selector, self.densities, self.keep_inputs = selector, densities, keep_inputs
         self.thresholds = [{g: {} for g in INPUT_GROUPS} for _ in densities]
         self.layer_inputs: list[torch.Tensor] = []
 
     def enter(self, layer, x):
-        self.layer_inputs.append(x)
+        if self.keep_inputs:
+            self.layer_inputs.append(x)
 
     def inputs(self, layer, group, x):
         s = self.selector.input_scores(layer, group, x).flatten()
@@ -200,13 +196,22 @@ def per_layer_input_densities(density, n_layers: int) -> list[dict[str, float]]:
     return [input_densities(d) for d in ds]
 
 
+INPUT_CALIBRATION_TOKENS = 2048  # of a calibration stream, what input-side thresholds are set on
+
+
 @torch.no_grad()
-def calibrate_thresholds(model: Transformer, selector, tokens: torch.Tensor, density) -> list[dict[str, float]]:
+def calibrate_thresholds(model: Transformer, selector, tokens: torch.Tensor, density,
+                         window: int = 512) -> list[dict[str, float]]:
     """Per layer and projection group, the score threshold that a share `density` of the input
-    channels of `tokens` [B, T] passes (one number, a dict group -> density, or a list of those per
-    layer: allocate_input_densities). Density 1: -1, every channel passes."""
+    channels of `tokens` passes (one number, a dict group -> density, or a list of those per layer:
+    allocate_input_densities). tokens: a batch [B, T], or a stream whose first 2048 tokens are cut
+    into windows of `window` (at most the model's context). Density 1: -1, every channel passes."""
     if tokens.numel() == 0:
         raise DejavuError("calibrating input-side thresholds needs calibration tokens, got none")
+    if tokens.dim() == 1:
+        tokens = tokens[:INPUT_CALIBRATION_TOKENS]
+        w = min(window, model.cfg.max_seq_len, len(tokens))
+        tokens = tokens[:len(tokens) // w * w].view(-1, w)
     ds = per_layer_input_densities(density, model.cfg.n_layers)
     sampler = _Thresholds(selector, [{g: [d[g]] for g in INPUT_GROUPS} for d in ds])
     model(tokens.to(model.device), sparsity=sampler)
@@ -231,7 +236,7 @@ def allocate_input_densities(model: Transformer, selector, tokens: torch.Tensor,
     check_density("input density", density)
     L = model.cfg.n_layers
     grid = [round(1 - k * step, 6) for k in range(int(round(1 / step)))]  # 1, 1 - step, ..., step
-    sampler = _Thresholds(selector, [dict.fromkeys(INPUT_GROUPS, grid) for _ in range(L)])
+    sampler = _Thresholds(selector, [dict.fromkeys(INPUT_GROUPS, grid) for _ in range(L)], keep_inputs=True)
     tokens = tokens.to(model.device)
     model(tokens, sparsity=sampler)
     B, T = tokens.shape

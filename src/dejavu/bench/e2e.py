@@ -227,14 +227,19 @@ def bench_e2e(shape: str, prompts: list[int], gen: int, points: list[tuple[float
                 weights_gb=weights_gb, rows=rows)
 
 
+@torch.no_grad()
+def eager_steps(model, prompt: torch.Tensor, steps: int, sparsity):
+    """Dense prefill, then `steps` greedy eager decode steps with `sparsity` (which counts what it kept)."""
+    cache = model.new_cache(prompt.shape[0], prompt.shape[1] + steps + 1)
+    nxt = model(prompt, cache, 0)[:, -1:].argmax(-1)
+    for i in range(steps):
+        nxt = model(nxt, cache, prompt.shape[1] + i, sparsity)[:, -1:].argmax(-1)
+
+
 def union_density(model, sparsity, prompt: torch.Tensor, steps: int = 8) -> tuple[float, float]:
     """MLP and attention density of the union of a batch's selections, measured over a few eager
     decode steps (what union_cap then fixes for the graph)."""
-    cache = model.new_cache(prompt.shape[0], prompt.shape[1] + steps + 1)
-    with torch.no_grad():
-        nxt = model(prompt, cache, 0)[:, -1:].argmax(-1)
-        for i in range(steps):
-            nxt = model(nxt, cache, prompt.shape[1] + i, sparsity)[:, -1:].argmax(-1)
+    eager_steps(model, prompt, steps, sparsity)
     return sparsity.density("mlp"), sparsity.density("attn")
 
 

@@ -16,7 +16,7 @@ from pathlib import Path
 import torch
 
 from ..errors import DejavuError
-from .e2e import step_bytes
+from .e2e import eager_steps, step_bytes
 from .kernels import copy_bandwidth
 
 GATE_POINT = (0.5, 0.67)  # gate-first and predictor rows: MLP density, attention density
@@ -74,7 +74,7 @@ def bench_gated(shape: str, sparsities: list[float], prompt_len: int = 128, gen:
         for s in sparsities:
             thresholds = calibrate_thresholds(model, sel, prompt, 1 - s)
             masked = InputSparsity(model, sel, thresholds)
-            _eager_decode(model, prompt, 8, masked)  # what share the decode steps keep
+            eager_steps(model, prompt, 8, masked)  # what share the decode steps keep
             kept = {g: masked.density(g) for g in INPUT_GROUPS}
             ms = timed(InputSparsity(model, sel, thresholds, gathered=True))
             add("input", f"input-side {score}", s, ms, weights_read_fraction(model, input_density=kept),
@@ -86,14 +86,6 @@ def bench_gated(shape: str, sparsities: list[float], prompt_len: int = 128, gen:
     del model, loaded
     torch.cuda.empty_cache()
     return rows
-
-
-@torch.no_grad()
-def _eager_decode(model, prompt, steps, sparsity):
-    cache = model.new_cache(1, prompt.shape[1] + steps + 1)
-    nxt = model(prompt, cache, 0)[:, -1:].argmax(-1)
-    for i in range(steps):
-        nxt = model(nxt, cache, prompt.shape[1] + i, sparsity)[:, -1:].argmax(-1)
 
 
 def gated_markdown(rows: list[dict], command: str) -> str:

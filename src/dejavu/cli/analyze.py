@@ -18,6 +18,7 @@ def run(args):
     from ..evaluate import perplexity
     from ..predictor import HEAD_DENSITIES, Predictors
     from ..selectors import StaticSelector
+    from ..sparse import INPUT_CALIBRATION_TOKENS
     loaded = load_from_args(args)
     tok = need_tokenizer(loaded)
     model = loaded.model
@@ -61,8 +62,7 @@ def run(args):
     print(analyze.summary_table(result))
     print(f"wrote {out}/analysis.json, analysis.md, perplexity_vs_density.png, layers.png "
           f"({result['seconds']:.0f} s)")
-    calibration = text_stream(tok, None, "calibration", analyze.INPUT_CALIBRATION_TOKENS)
-    calibration = calibration[:len(calibration) // window * window].view(-1, window)  # the input-side thresholds
+    calibration = text_stream(tok, None, "calibration", INPUT_CALIBRATION_TOKENS)  # the input-side thresholds
     bytes_rows = analyze.bytes_vs_ppl(model, held, sels, rows, dense, args.input_densities, calibration, window)
     analyze.save_bytes(dict(command="dejavu " + " ".join(sys.argv[1:]), model=loaded.name,
                             eval_tokens=result["eval_tokens"], dense_ppl=dense,

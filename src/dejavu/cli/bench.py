@@ -25,23 +25,25 @@ def run_decode(args):
     where = torch.cuda.get_device_name(model.device) if model.device.type == "cuda" else decode.cpu_info()
     setup = (f"batch 1, prompt {len(prompt)} tokens, {args.max_new_tokens} new tokens, {args.rounds} rounds; "
              f"{where}; {loaded.name} {model.dtype}")
+    def make_sparse():
+        return sparse_decoder(model, args, loaded.tokenizer)
+
     if args.lossless:
         print(f"greedy decode, {setup}; draft: MLP density {args.mlp_density:g}, attention {args.attn_density:g}")
-        rows = decode.bench_lossless(model, prompt, args.max_new_tokens, lambda: sparse_decoder(model, args, loaded.tokenizer),
-                              args.draft_tokens, args.rounds)
+        rows = decode.bench_lossless(model, prompt, args.max_new_tokens, make_sparse, args.draft_tokens, args.rounds)
         print("\n" + decode.lossless_table(rows))
         return
     variants = {"dense": (None, False)}
     if args.sparse:
-        sparse_decoder(model, args, loaded.tokenizer)  # missing or wrong predictors stop here, before the timing
-        variants["sparse"] = (lambda: sparse_decoder(model, args, loaded.tokenizer), True)
+        make_sparse()  # missing or wrong predictors stop here, before the timing
+        variants["sparse"] = (make_sparse, True)
         if model.device.type == "cpu" and cpu_kernels.available():
-            variants["sparse, torch reference"] = (lambda: sparse_decoder(model, args, loaded.tokenizer), False)
+            variants["sparse, torch reference"] = (make_sparse, False)
     print(f"decode, {setup}")
     rates = decode.bench_decode(model, prompt, args.max_new_tokens, variants, args.rounds)
     print("\n" + decode.decode_table(decode.summarize(rates)))
     if args.sparse:
-        s = sparse_decoder(model, args, loaded.tokenizer)
+        s = make_sparse()
         decode.decode_rate(model, prompt, 8, s)
         if s.input_side:
             print(f"sparse: {achieved(s)}")

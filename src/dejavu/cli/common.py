@@ -92,7 +92,6 @@ def synthetic_ranks(spec: str) -> dict:
     return dict(mlp_rank=mlp, head_rank=head)
 
 
-INPUT_CALIBRATION_TOKENS = 2048
 _thresholds: dict = {}  # (model, score, density) -> calibrated input-side thresholds, made once per process
 
 
@@ -104,7 +103,7 @@ def input_sparsity(model, tokenizer, density: float, score: str, gathered: bool)
     import torch
     from ..evaluate import text_stream
     from ..selectors import InputSelector
-    from ..sparse import InputSparsity, calibrate_thresholds
+    from ..sparse import INPUT_CALIBRATION_TOKENS, InputSparsity, calibrate_thresholds
     if gathered:
         model.to_input_major()
     sel = InputSelector(model, score)
@@ -115,8 +114,7 @@ def input_sparsity(model, tokenizer, density: float, score: str, gathered: bool)
         else:
             ids = torch.randint(0, model.cfg.vocab_size, (INPUT_CALIBRATION_TOKENS,),
                                 generator=torch.Generator().manual_seed(1))
-        width = min(512, model.cfg.max_seq_len, len(ids))  # windows of the calibration text
-        _thresholds[key] = calibrate_thresholds(model, sel, ids[:len(ids) // width * width].view(-1, width), density)
+        _thresholds[key] = calibrate_thresholds(model, sel, ids, density)
     return InputSparsity(model, sel, _thresholds[key], gathered, target=density)
 
 

@@ -12,7 +12,7 @@ import torch.nn.functional as F
 
 from ..errors import DejavuError
 from . import cpu
-from .reference import ACTIVATIONS, lazy_fill, lazy_units, rope_cache_reference, unit_rows
+from .reference import ACTIVATIONS, lazy_fill, lazy_units, mlp_activation, rope_cache_reference, unit_rows
 
 
 @functools.cache
@@ -45,17 +45,17 @@ def linear(x: torch.Tensor, w: torch.Tensor, bias: torch.Tensor | None = None,
     """x [..., K] @ w[N, K].T + bias, the dense projection of every path; with `rule`, input-side
     sparsity as decode runs it: only the input channels that pass for some row of x (a batch
     shares the union) are read. One token on CUDA with an input-major weight: Triton's
-    input_gather (the passing channels packed, then only their rows read); one token on the CPU gathers the passing rows (C++); anything else computes the same in torch."""
-    K, rows = x.shape[-1], x.numel() // x.shape[-1]
-    w_t = w.t()
+    input_gather (the passing channels packed, then only their rows read); one token on the CPU
+    gathers the passing rows (C++); anything else computes the same in torch."""
     if rule is None:
         return F.linear(x, w, bias)
-    if x.is_cuda and rows == 1 and is_input_major(w) and _triton() is not None:
-        return _triton()[0].input_gather(x, w_t, rule.scale, rule.threshold, bias)
+    K = x.shape[-1]
+    if x.is_cuda and x.numel() == K and is_input_major(w) and _triton() is not None:
+        return _triton()[0].input_gather(x, w.t(), rule.scale, rule.threshold, bias)
     keep = rule.keep(x).reshape(-1, K).any(0)
     if is_input_major(w) and cpu.usable(x):
         idx = keep.nonzero().squeeze(-1)
-        out = cpu.gather_axpy(x.reshape(-1, K)[:, idx].contiguous(), w_t, idx).view(*x.shape[:-1], w.shape[0])
+        out = cpu.gather_axpy(x.reshape(-1, K)[:, idx].contiguous(), w.t(), idx).view(*x.shape[:-1], w.shape[0])
         return out + bias if bias is not None else out
     return F.linear(x * keep.to(x.dtype), w, bias)
 
@@ -70,9 +70,7 @@ def mlp_down(h: torch.Tensor, w_out_t: torch.Tensor, b_out: torch.Tensor | None,
         if rule is not None and h.numel() == h.shape[-1]:
             return tg.input_gather(h, w_out_t, rule.scale, rule.threshold, b_out, act, gated)
         return linear(tg.mlp_act(h, act, gated), w_out_t.t(), b_out, rule)
-    h = h.unflatten(-1, (-1, 2 if gated else 1))
-    a = ACTIVATIONS[act](h[..., 0]) * h[..., 1] if gated else ACTIVATIONS[act](h[..., 0])
-    return linear(a, w_out_t.t(), b_out, rule)
+    return linear(mlp_activation(h.unflatten(-1, (-1, 2 if gated else 1)), act), w_out_t.t(), b_out, rule)
 
 
 def require_output_major(w: torch.Tensor):
@@ -127,9 +125,7 @@ def gather_act(x: torch.Tensor, w_in: torch.Tensor, b_in: torch.Tensor | None, i
     n_in = w_in.shape[1]
     rows = (idx[:, None] * n_in + torch.arange(n_in, device=idx.device)).flatten()
     h = gather_matvec(x, w_in.flatten(0, 1), rows).unflatten(-1, (len(idx), n_in))
-    h = h + b_in[idx] if b_in is not None else h
-    a = ACTIVATIONS[act](h[..., 0])
-    return a * h[..., 1] if n_in == 2 else a
+    return mlp_activation(h + b_in[idx] if b_in is not None else h, act)
 
 
 def decode_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, head_idx: torch.Tensor,

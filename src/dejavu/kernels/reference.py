@@ -9,6 +9,13 @@ import torch.nn.functional as F
 ACTIVATIONS = {"silu": F.silu, "gelu_tanh": lambda h: F.gelu(h, approximate="tanh"), "relu": F.relu}
 
 
+def mlp_activation(h: torch.Tensor, act: str) -> torch.Tensor:
+    """h [..., units, n_in], a unit's gate and up side by side (n_in 2) or its fc1 (n_in 1) -> the
+    activations [..., units]: act(gate) * up, or act(fc1)."""
+    a = ACTIVATIONS[act](h[..., 0])
+    return a * h[..., 1] if h.shape[-1] == 2 else a
+
+
 def unit_rows(idx: torch.Tensor, unit: int) -> torch.Tensor:
     """The weight rows of units idx, each `unit` rows long (a head: head_dim rows)."""
     return (idx[:, None] * unit + torch.arange(unit, device=idx.device)).flatten() if unit > 1 else idx

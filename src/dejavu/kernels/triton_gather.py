@@ -356,26 +356,6 @@ def _gather_act_op(x: torch.Tensor, w_in: torch.Tensor, b_in: torch.Tensor | Non
     return out
 
 
-@triton_op("dejavu::gather_axpy", mutates_args=())
-def _gather_axpy_op(a: torch.Tensor, w: torch.Tensor, bias: torch.Tensor | None, idx: torch.Tensor, unit: int,
-                    block_m: int, block_n: int, num_warps: int, num_stages: int, programs_per_sm: int) -> torch.Tensor:
-    a = a.contiguous()
-    (B, M), N = a.shape, w.shape[1]
-    col_blocks = triton.cdiv(N, block_n)
-    splits, rows_per_split = _splits(M, col_blocks, block_m, programs_per_sm, a)
-    partial = torch.empty(splits, B, N, device=a.device, dtype=torch.float32)  # graph pool under CUDA graphs
-    # this call's own counters, zeroed: calls overlapping on other streams, graphs or threads each
-    # count their own splits (under a CUDA graph: the graph's own buffer, zeroed at every replay)
-    counts = torch.zeros(col_blocks, device=a.device, dtype=torch.int32)
-    out = torch.empty(B, N, device=a.device, dtype=a.dtype)
-    launcher(_gather_axpy_kernel)[(col_blocks, splits)](
-        a, w, idx, counts, bias if bias is not None else partial, partial, counts, out, B, M, N, splits,
-        rows_per_split, a.stride(0), w.stride(0), partial.stride(0), partial.stride(1), out.stride(0), UNIT=unit,
-        HAS_N=False, HAS_BIAS=bias is not None, BLOCK_B=_block_b(B), BLOCK_M=block_m, BLOCK_N=block_n, PRECISION=_precision(a),
-        num_warps=num_warps, num_stages=num_stages)
-    return out
-
-
 def _splits(M: int, col_blocks: int, block_m: int, programs_per_sm: int, t: torch.Tensor) -> tuple[int, int]:
     """Split-K: (splits, rows per split) so that about programs_per_sm programs run per SM."""
     splits = max(1, min(triton.cdiv(M, block_m), triton.cdiv(programs_per_sm * sm_count(t), col_blocks)))
@@ -383,29 +363,46 @@ def _splits(M: int, col_blocks: int, block_m: int, programs_per_sm: int, t: torc
     return triton.cdiv(M, rows_per_split), rows_per_split
 
 
+def _launch_axpy(a, w, idx, n, bias, unit, splits, rows_per_split, block_m, block_n, num_warps, num_stages):
+    """gather_axpy's kernel over `splits` splits of `rows_per_split` entries of a and idx (with n:
+    only the first n[s] of split s count) -> out [B, N] in a's dtype."""
+    (B, M), N = a.shape, w.shape[1]
+    col_blocks = triton.cdiv(N, block_n)
+    partial = torch.empty(splits, B, N, device=a.device, dtype=torch.float32)  # graph pool under CUDA graphs
+    # this call's own counters, zeroed: calls overlapping on other streams, graphs or threads each
+    # count their own splits (under a CUDA graph: the graph's own buffer, zeroed at every replay)
+    counts = torch.zeros(col_blocks, device=a.device, dtype=torch.int32)
+    out = torch.empty(B, N, device=a.device, dtype=a.dtype)
+    launcher(_gather_axpy_kernel)[(col_blocks, splits)](
+        a, w, idx, n if n is not None else counts, bias if bias is not None else partial, partial, counts, out, B, M,
+        N, splits, rows_per_split, a.stride(0), w.stride(0), partial.stride(0), partial.stride(1), out.stride(0),
+        UNIT=unit, HAS_N=n is not None, HAS_BIAS=bias is not None, BLOCK_B=_block_b(B), BLOCK_M=block_m,
+        BLOCK_N=block_n, PRECISION=_precision(a), num_warps=num_warps, num_stages=num_stages)
+    return out
+
+
+@triton_op("dejavu::gather_axpy", mutates_args=())
+def _gather_axpy_op(a: torch.Tensor, w: torch.Tensor, bias: torch.Tensor | None, idx: torch.Tensor, unit: int,
+                    block_m: int, block_n: int, num_warps: int, num_stages: int, programs_per_sm: int) -> torch.Tensor:
+    a = a.contiguous()
+    splits, rows_per_split = _splits(a.shape[1], triton.cdiv(w.shape[1], block_n), block_m, programs_per_sm, a)
+    return _launch_axpy(a, w, idx, None, bias, unit, splits, rows_per_split, block_m, block_n, num_warps, num_stages)
+
+
 @triton_op("dejavu::input_gather", mutates_args=())
 def _input_gather_op(x: torch.Tensor, w_t: torch.Tensor, bias: torch.Tensor | None, scale: torch.Tensor | None,
                      threshold: torch.Tensor, act: str, gated: bool, block_m: int, block_n: int, num_warps: int,
                      num_stages: int, programs_per_sm: int) -> torch.Tensor:
     x = x.contiguous()
-    K, N = w_t.shape
-    col_blocks = triton.cdiv(N, block_n)
-    splits, seg = _splits(K, col_blocks, block_m, programs_per_sm, x)
+    K = w_t.shape[0]
+    splits, seg = _splits(K, triton.cdiv(w_t.shape[1], block_n), block_m, programs_per_sm, x)
     values = torch.empty(1, K, device=x.device, dtype=x.dtype)  # graph pool under CUDA graphs
     idx = torch.empty(K, device=x.device, dtype=torch.int32)
     n = torch.empty(splits, device=x.device, dtype=torch.int32)
     launcher(_compact_kernel)[(splits,)](x, scale if scale is not None else x, threshold, values, idx, n, K, seg,
                                          HAS_SCALE=scale is not None, ACT=act, GATED=gated,
                                          BLOCK=min(4096, triton.next_power_of_2(seg)), num_warps=4)
-    partial = torch.empty(splits, 1, N, device=x.device, dtype=torch.float32)
-    counts = torch.zeros(col_blocks, device=x.device, dtype=torch.int32)  # this call's own (gather_axpy)
-    out = torch.empty(1, N, device=x.device, dtype=x.dtype)
-    launcher(_gather_axpy_kernel)[(col_blocks, splits)](
-        values, w_t, idx, n, bias if bias is not None else partial, partial, counts, out, 1, K, N, splits, seg,
-        values.stride(0), w_t.stride(0), partial.stride(0), partial.stride(1), out.stride(0), UNIT=1, HAS_N=True,
-        HAS_BIAS=bias is not None, BLOCK_B=16, BLOCK_M=block_m, BLOCK_N=block_n, PRECISION=_precision(x),
-        num_warps=num_warps, num_stages=num_stages)
-    return out
+    return _launch_axpy(values, w_t, idx, n, bias, 1, splits, seg, block_m, block_n, num_warps, num_stages)
 
 
 def input_gather(x: torch.Tensor, w_t: torch.Tensor, scale: torch.Tensor | None, threshold: torch.Tensor,
