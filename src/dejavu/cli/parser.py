@@ -159,6 +159,10 @@ def add_sparse_args(p: argparse.ArgumentParser, what: str):
                         "only the input channels whose score passes a threshold, set per layer and projection so "
                         "that a share D passes on 2048 calibration tokens (the better family for gated models "
                         "below about 0.8 of the weights read: results/README.md)")
+    add_input_score_arg(p)
+
+
+def add_input_score_arg(p: argparse.ArgumentParser):
     p.add_argument("--input-score", choices=("teal", "wina"), default="teal",
                    help="input-side score: |x| (teal), or |x| times the weight column's norm (wina)")
 
@@ -439,8 +443,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--input-points", type=densities_or_none, metavar="D,D,...", default="0.8,0.7,0.6",
                    help="input-side points: share of every projection's input channels kept ('none': no "
                         "input-side points)")
-    p.add_argument("--input-score", choices=("teal", "wina"), default="teal",
-                   help="input-side score: |x| (teal), or |x| times the weight column's norm (wina)")
+    add_input_score_arg(p)
     p.add_argument("--tasks", default="copa,piqa,winogrande", help="zero-shot tasks, comma-separated")
     p.add_argument("--limit", type=int, default=40, help="zero-shot examples per task (a quick, noisy figure; "
                                                          "the report gives its stderr)")
