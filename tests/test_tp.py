@@ -6,6 +6,7 @@ and decodes both side by side: prefill, then greedy steps over the KV cache. Spa
 sharded engine's gathered decode (each rank its own top-k/N) against masked execution of the
 whole model with the same rule (Selection shards=N)."""
 import copy
+import faulthandler
 import os
 import socket
 
@@ -44,7 +45,10 @@ def side_by_side(ref, sharded, ref_sparsity, tp_sparsity, steps=6):
 
 
 def worker(rank, port, name, device, results):
-    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank), WORLD_SIZE=str(WORLD))
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank), WORLD_SIZE=str(WORLD),
+                      LOCAL_RANK=str(rank), LOCAL_WORLD_SIZE=str(WORLD),
+                      TORCH_SYMM_MEM_DISABLE_MULTICAST="1", NCCL_NVLS_ENABLE="0")
+    faulthandler.dump_traceback_later(100, exit=True)  # a hung collective fails the test, with its stack
     torch.set_num_threads(1)
     if device == "cuda":
         torch.cuda.set_device(rank)
@@ -56,7 +60,7 @@ def worker(rank, port, name, device, results):
         sharded = tp.shard(copy.deepcopy(ref), rank, WORLD)
         dense = side_by_side(ref, sharded, None, None)
         preds = random_predictors(ref, seed=1)
-        own = tp.shard_predictors(preds, rank, WORLD)
+        own = preds.shard(rank, WORLD)
         masked = Masked(ref, PredictorSelector(preds), PredictorSelector(preds), 0.5, 0.5, union=True, shards=WORLD)
         gathered = Gathered(sharded, PredictorSelector(own), PredictorSelector(own), 0.5, 0.5)
         sparse = side_by_side(ref, sharded, masked, gathered)
@@ -68,6 +72,63 @@ def worker(rank, port, name, device, results):
         results[rank] = (dense, sparse, graph_equal)
     finally:
         dist.destroy_process_group()
+
+
+def all_reduce_worker(rank, port, results):
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank), WORLD_SIZE=str(WORLD),
+                      LOCAL_RANK=str(rank), LOCAL_WORLD_SIZE=str(WORLD),
+                      TORCH_SYMM_MEM_DISABLE_MULTICAST="1", NCCL_NVLS_ENABLE="0")
+    faulthandler.dump_traceback_later(100, exit=True)  # a hung collective fails the test, with its stack
+    torch.cuda.set_device(rank)
+    dist.init_process_group("nccl", rank=rank, world_size=WORLD)
+    try:
+        gen = torch.Generator(device="cuda").manual_seed(rank)
+        cases = [((1, 9216), torch.bfloat16), ((3, 7168), torch.float16), ((5, 333), torch.float32),
+                 ((64, 12288), torch.bfloat16)]  # the last is past the one-shot buffer: NCCL
+        wrong = []
+        for shape, dtype in cases:
+            xs = [torch.randn(shape, device="cuda", generator=gen).to(dtype) for _ in range(3)]
+            want = [x.clone() for x in xs]
+            for w in want:
+                dist.all_reduce(w)
+            eager = [tp.all_reduce(x.clone()) for x in xs]
+            buf = xs[0].clone()  # three calls in one graph, replayed on each input in turn
+            g = torch.cuda.CUDAGraph()
+            with torch.cuda.graph(g):
+                for _ in range(3):
+                    tp.all_reduce(buf)
+            graphed = []
+            for x in xs:
+                buf.copy_(x)
+                g.replay()
+                graphed.append(buf.clone())
+            nccl_thrice = [x.clone() for x in xs]
+            for x in nccl_thrice:
+                for _ in range(3):
+                    dist.all_reduce(x)
+            for i in range(3):
+                if not torch.equal(eager[i], want[i]) or not torch.equal(graphed[i], nccl_thrice[i]):
+                    wrong.append((shape, str(dtype), i))
+        results[rank] = (wrong, tp._one_shot is not None)
+        del g  # a live graph holding a captured NCCL call can hang destroy_process_group
+        torch.cuda.synchronize()
+        dist.barrier()
+    finally:
+        dist.destroy_process_group()
+
+
+@pytest.mark.gpu
+def test_one_shot_all_reduce_equals_nccl():
+    """Our decode all-reduce (eager and replayed in a graph, several calls in flight one after
+    another) gives NCCL's bits; a tensor past its buffer goes to NCCL."""
+    if torch.cuda.device_count() < WORLD:
+        pytest.skip(f"needs {WORLD} GPUs")
+    results = mp.Manager().dict()
+    mp.spawn(all_reduce_worker, args=(free_port(), results), nprocs=WORLD, join=True)
+    for rank in range(WORLD):
+        wrong, built = results[rank]
+        assert built, f"rank {rank}: the one-shot all-reduce was never built"
+        assert not wrong, f"rank {rank}: differs from NCCL at {wrong}"
 
 
 def free_port():
@@ -125,3 +186,74 @@ def test_gate_first_candidates_are_per_shard():
     scores = GateSelector(model, refine=1.5).neuron_scores(0, [x], x, k=k, shards=shards)
     per_shard_candidates = (scores.unflatten(-1, (shards, -1)) >= 0).sum(-1)
     assert (per_shard_candidates >= k).all(), per_shard_candidates
+
+
+def test_predictors_from_disk_load_as_each_ranks_slice(tmp_path):
+    """Predictors saved for the whole model load onto a shard (checked against the whole model's
+    fingerprint) as that rank's slice, the same as sharding them in memory; other predictors are refused."""
+    from dejavu.collect import model_fingerprint
+    from dejavu.predictor import PREDICTOR_VERSION, Predictors
+    from test_model import random_pair
+    model, _ = random_pair("llama-gqa")
+    preds = random_predictors(model, seed=1)
+    preds.static_neuron = [torch.rand(model.cfg.d_ff) for _ in model.layers]
+    preds.static_head = [torch.rand(model.cfg.n_heads) for _ in model.layers]
+    preds.meta.update(version=PREDICTOR_VERSION, fingerprint=model_fingerprint(model))
+    preds.save(tmp_path / "p")
+    for rank in range(WORLD):
+        shard = tp.shard(copy.deepcopy(model), rank, WORLD)
+        got, want = Predictors.load(tmp_path / "p", shard), preds.shard(rank, WORLD)
+        for a, b in zip(got.mlp + got.heads, want.mlp + want.heads):
+            assert all(torch.equal(x, y) for x, y in zip(a.state_dict().values(), b.state_dict().values()))
+        assert all(torch.equal(x, y) for x, y in zip(got.static_neuron, want.static_neuron))
+        assert got.meta["tp"] == [rank, WORLD]
+    other, _ = random_pair("opt-relu")
+    with pytest.raises(DejavuError, match="made for another model"):
+        Predictors.load(tmp_path / "p", tp.shard(other, 0, WORLD))
+
+
+def test_generate_runs_sharded_under_torchrun(tmp_path):
+    """`torchrun --nproc-per-node 2 -m dejavu generate --tp 2` (gloo on the CPU here, NCCL on GPUs)
+    prints what one process prints, once; without torchrun, --tp 2 is a clear error."""
+    import subprocess
+    import sys
+    from test_serve import tiny_llama
+    folder = tiny_llama(tmp_path / "tiny")
+    args = ["generate", "--model", folder, "--device", "cpu", "--prompt", "The city of Paris", "--max-new-tokens", "8"]
+    env = dict(os.environ, OMP_NUM_THREADS="1")
+    one = subprocess.run([sys.executable, "-m", "dejavu", *args], capture_output=True, text=True, env=env)
+    assert one.returncode == 0, one.stderr
+    two = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", "2",
+                          f"--master-port={free_port()}", "-m", "dejavu", *args, "--tp", "2"],
+                         capture_output=True, text=True, env=env, timeout=300)
+    assert two.returncode == 0, two.stderr[-3000:]
+    assert two.stdout == one.stdout
+    alone = subprocess.run([sys.executable, "-m", "dejavu", *args, "--tp", "2"], capture_output=True, text=True)
+    assert alone.returncode == 2 and "torchrun --nproc-per-node 2" in alone.stderr
+
+
+@pytest.mark.parametrize("family", ["llama", "opt"])
+def test_a_checkpoint_loads_layer_by_layer_into_the_same_shard(tmp_path, family):
+    """load(tp=(rank, N)) on a safetensors folder reads one layer at a time (load_shard) and gives
+    the shard that loading the whole model and cutting it gives, with the whole model's fingerprint."""
+    from transformers import AutoModelForCausalLM, LlamaConfig, OPTConfig
+
+    from dejavu.collect import model_fingerprint
+    from dejavu.load import from_hf_model, load_shard, config_from_hf
+    torch.manual_seed(0)
+    cfg = (LlamaConfig(vocab_size=97, hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
+                       num_key_value_heads=2, max_position_embeddings=64, tie_word_embeddings=False)
+           if family == "llama" else
+           OPTConfig(vocab_size=97, hidden_size=32, ffn_dim=64, num_hidden_layers=2, num_attention_heads=4,
+                     max_position_embeddings=64, word_embed_proj_dim=32))
+    AutoModelForCausalLM.from_config(cfg).save_pretrained(tmp_path)
+    hf = AutoModelForCausalLM.from_pretrained(tmp_path)
+    whole = from_hf_model(hf, torch.float32)
+    for rank in range(WORLD):
+        want = tp.shard(copy.deepcopy(whole), rank, WORLD)
+        got = load_shard(tmp_path, config_from_hf(hf.config, None), torch.float32, "cpu", rank, WORLD)
+        assert got.cfg == want.cfg and got.tp == (rank, WORLD)
+        assert got.unsharded_fingerprint == model_fingerprint(whole)
+        a, b = got.state_dict(), want.state_dict()
+        assert a.keys() == b.keys()
+        assert all(torch.equal(a[k], b[k]) for k in a), [k for k in a if not torch.equal(a[k], b[k])]

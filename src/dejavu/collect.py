@@ -30,13 +30,18 @@ from .sparse import Recorder
 RECORD_VERSION = 1
 
 
-def model_fingerprint(model: Transformer) -> str:
-    """Config plus a sample of every layer's weights: the same model gives the same print."""
-    h = hashlib.sha256(json.dumps(model.cfg.to_dict(), sort_keys=True).encode())
+def fingerprint_sample(block) -> bytes:
     with torch.no_grad():
-        for b in model.layers:
-            for w in (b.attn.wq, b.mlp.w_in, b.mlp.w_out_t):
-                h.update(w.flatten()[:256].float().cpu().numpy().tobytes())
+        return b"".join(w.flatten()[:256].float().cpu().numpy().tobytes()
+                        for w in (block.attn.wq, block.mlp.w_in, block.mlp.w_out_t))
+
+
+def model_fingerprint(model: Transformer, samples: list[bytes] | None = None) -> str:
+    """Config plus a sample of every layer's weights: the same model gives the same print.
+    `samples`: fingerprint_sample of each layer, taken earlier (a shard loaded layer by layer)."""
+    h = hashlib.sha256(json.dumps(model.cfg.to_dict(), sort_keys=True).encode())
+    for s in samples if samples is not None else map(fingerprint_sample, model.layers):
+        h.update(s)
     return h.hexdigest()[:16]
 
 

@@ -140,54 +140,112 @@ def rope_frequencies(hf, head_dim: int):
 
 # ---------------------------------------------------------------- weights
 
-def weights_from_hf(sd: dict[str, torch.Tensor], cfg: ModelConfig) -> dict[str, torch.Tensor]:
-    """A transformers state dict -> our parameter names and layouts (model.py docstring)."""
-    out = {}
+def _hf_names(cfg: ModelConfig) -> tuple[str, dict]:
     if cfg.family == "opt":
         pre = "model.decoder."
-        out["tok_emb.weight"] = sd[pre + "embed_tokens.weight"]
-        out["pos_emb.weight"] = sd[pre + "embed_positions.weight"][2:2 + cfg.max_seq_len]  # OPT's offset of 2
-        names = dict(attn_norm="self_attn_layer_norm", mlp_norm="final_layer_norm", q="self_attn.q_proj",
-                     k="self_attn.k_proj", v="self_attn.v_proj", o="self_attn.out_proj", final=pre + "final_layer_norm")
-    else:
-        pre = "model."
-        out["tok_emb.weight"] = sd[pre + "embed_tokens.weight"]
-        names = dict(attn_norm="input_layernorm", mlp_norm="post_attention_layernorm", q="self_attn.q_proj",
-                     k="self_attn.k_proj", v="self_attn.v_proj", o="self_attn.o_proj", final=pre + "norm")
-    norm_shift = 1.0 if cfg.family == "gemma" else 0.0  # Gemma's RMSNorm multiplies by (1 + w)
+        return pre, dict(attn_norm="self_attn_layer_norm", mlp_norm="final_layer_norm", q="self_attn.q_proj",
+                         k="self_attn.k_proj", v="self_attn.v_proj", o="self_attn.out_proj", final=pre + "final_layer_norm")
+    return "model.", dict(attn_norm="input_layernorm", mlp_norm="post_attention_layernorm", q="self_attn.q_proj",
+                          k="self_attn.k_proj", v="self_attn.v_proj", o="self_attn.o_proj", final="model.norm")
 
-    def norm(dst, src):
-        out[dst + ".weight"] = sd[src + ".weight"] + norm_shift
-        if cfg.norm == "layer":
-            out[dst + ".bias"] = sd[src + ".bias"]
 
+def _norm(sd, cfg: ModelConfig, out: dict, dst: str, src: str):
+    out[dst + ".weight"] = sd[src + ".weight"] + (1.0 if cfg.family == "gemma" else 0.0)  # Gemma: x * (1 + w)
+    if cfg.norm == "layer":
+        out[dst + ".bias"] = sd[src + ".bias"]
+
+
+def weights_from_hf(sd, cfg: ModelConfig) -> dict[str, torch.Tensor]:
+    """A transformers state dict (or any name -> tensor lookup) -> our parameter names and layouts
+    (model.py docstring)."""
+    out = outer_weights_from_hf(sd, cfg)
     for i in range(cfg.n_layers):
-        src, dst = f"{pre}layers.{i}.", f"layers.{i}."
-        norm(dst + "attn_norm", src + names["attn_norm"])
-        norm(dst + "mlp_norm", src + names["mlp_norm"])
-        out[dst + "attn.wqkv"] = torch.cat([sd[f"{src}{names[x]}.weight"] for x in "qkv"])
-        if cfg.qkv_bias:
-            out[dst + "attn.bqkv"] = torch.cat([sd[f"{src}{names[x]}.bias"] for x in "qkv"])
-        out[dst + "attn.wo_t"] = sd[src + names["o"] + ".weight"].t().contiguous()
-        if cfg.o_bias:
-            out[dst + "attn.bo"] = sd[src + names["o"] + ".bias"]
-        if cfg.gated:
-            gate, up = sd[src + "mlp.gate_proj.weight"], sd[src + "mlp.up_proj.weight"]
-            out[dst + "mlp.w_in"] = torch.stack((gate, up), dim=1)
-            out[dst + "mlp.w_out_t"] = sd[src + "mlp.down_proj.weight"].t().contiguous()
-            if cfg.mlp_bias:
-                out[dst + "mlp.b_in"] = torch.stack((sd[src + "mlp.gate_proj.bias"], sd[src + "mlp.up_proj.bias"]), 1)
-                out[dst + "mlp.b_out"] = sd[src + "mlp.down_proj.bias"]
-        else:
-            out[dst + "mlp.w_in"] = sd[src + "fc1.weight"][:, None, :]
-            out[dst + "mlp.w_out_t"] = sd[src + "fc2.weight"].t().contiguous()
-            if cfg.mlp_bias:
-                out[dst + "mlp.b_in"] = sd[src + "fc1.bias"][:, None]
-                out[dst + "mlp.b_out"] = sd[src + "fc2.bias"]
-    norm("norm", names["final"])
+        out.update(layer_weights_from_hf(sd, cfg, i))
+    return out
+
+
+def outer_weights_from_hf(sd, cfg: ModelConfig) -> dict[str, torch.Tensor]:
+    """The embeddings, the final norm and the LM head."""
+    pre, names = _hf_names(cfg)
+    out = {"tok_emb.weight": sd[pre + "embed_tokens.weight"]}
+    if cfg.family == "opt":
+        out["pos_emb.weight"] = sd[pre + "embed_positions.weight"][2:2 + cfg.max_seq_len]  # OPT's offset of 2
+    _norm(sd, cfg, out, "norm", names["final"])
     if not cfg.tie_embeddings:
         out["lm_head"] = sd["lm_head.weight"]
     return out
+
+
+def layer_weights_from_hf(sd, cfg: ModelConfig, i: int) -> dict[str, torch.Tensor]:
+    pre, names = _hf_names(cfg)
+    src, dst, out = f"{pre}layers.{i}.", f"layers.{i}.", {}
+    _norm(sd, cfg, out, dst + "attn_norm", src + names["attn_norm"])
+    _norm(sd, cfg, out, dst + "mlp_norm", src + names["mlp_norm"])
+    out[dst + "attn.wqkv"] = torch.cat([sd[f"{src}{names[x]}.weight"] for x in "qkv"])
+    if cfg.qkv_bias:
+        out[dst + "attn.bqkv"] = torch.cat([sd[f"{src}{names[x]}.bias"] for x in "qkv"])
+    out[dst + "attn.wo_t"] = sd[src + names["o"] + ".weight"].t().contiguous()
+    if cfg.o_bias:
+        out[dst + "attn.bo"] = sd[src + names["o"] + ".bias"]
+    if cfg.gated:
+        gate, up = sd[src + "mlp.gate_proj.weight"], sd[src + "mlp.up_proj.weight"]
+        out[dst + "mlp.w_in"] = torch.stack((gate, up), dim=1)
+        out[dst + "mlp.w_out_t"] = sd[src + "mlp.down_proj.weight"].t().contiguous()
+        if cfg.mlp_bias:
+            out[dst + "mlp.b_in"] = torch.stack((sd[src + "mlp.gate_proj.bias"], sd[src + "mlp.up_proj.bias"]), 1)
+            out[dst + "mlp.b_out"] = sd[src + "mlp.down_proj.bias"]
+    else:
+        out[dst + "mlp.w_in"] = sd[src + "fc1.weight"][:, None, :]
+        out[dst + "mlp.w_out_t"] = sd[src + "fc2.weight"].t().contiguous()
+        if cfg.mlp_bias:
+            out[dst + "mlp.b_in"] = sd[src + "fc1.bias"][:, None]
+            out[dst + "mlp.b_out"] = sd[src + "fc2.bias"]
+    return out
+
+
+class Checkpoint:
+    """A folder's safetensors files as a name -> tensor lookup that reads one tensor per access
+    (memory-mapped): a tensor-parallel rank loads layer by layer and never holds the whole model."""
+
+    def __init__(self, folder: Path):
+        from safetensors import safe_open
+        self.where = {}
+        for f in sorted(folder.glob("*.safetensors")):
+            with safe_open(f, framework="pt") as st:
+                self.where.update(dict.fromkeys(st.keys(), f))
+
+    def __getitem__(self, name: str) -> torch.Tensor:
+        from safetensors import safe_open
+        if name not in self.where and name.removeprefix("model.") in self.where:  # older OPT files: "decoder.*"
+            name = name.removeprefix("model.")
+        with safe_open(self.where[name], framework="pt") as st:
+            return st.get_tensor(name)
+
+
+def load_shard(folder: Path, cfg: ModelConfig, dtype: torch.dtype, device: str, rank: int, world: int) -> Transformer:
+    """This rank's shard of a safetensors checkpoint, one layer at a time: each layer is read whole,
+    cut to this rank's heads and neurons (tp.shard_block) and moved to `device` before the next."""
+    from . import tp
+    from .collect import fingerprint_sample, model_fingerprint
+    tp.check_divisible(cfg, world)
+    ckpt = Checkpoint(folder)
+    with torch.device("meta"):
+        model = Transformer(cfg)
+    samples = []
+    try:
+        for i, block in enumerate(model.layers):
+            full = layer_weights_from_hf(ckpt, cfg, i)
+            block.load_state_dict({k.removeprefix(f"layers.{i}."): v for k, v in full.items()}, strict=True, assign=True)
+            samples.append(fingerprint_sample(block))
+            tp.shard_block(block, rank, world)
+            block.to(device=device, dtype=dtype)
+        model.load_state_dict(outer_weights_from_hf(ckpt, cfg), strict=False, assign=True)
+    except (KeyError, RuntimeError) as e:
+        raise DejavuError(f"cannot read the weights in {folder} layer by layer ({type(e).__name__}: {str(e)[:200]}): "
+                          "the checkpoint is incomplete or not a transformers checkpoint of this architecture") from None
+    model.rope_inv_freq = torch.tensor(cfg.rope_inv_freq, dtype=torch.float32)  # as from_hf_model
+    model.to(device=device, dtype=dtype)  # the embeddings, final norm and LM head (replicated)
+    return tp.mark_sharded(model, rank, world, model_fingerprint(model, samples)).eval()
 
 
 def from_hf_model(hf_model, dtype=None, device="cpu", max_seq_len: int | None = None) -> Transformer:
@@ -285,13 +343,23 @@ def load(name: str = DEFAULT_MODEL, dtype: torch.dtype | None = None, device: st
                           "Fix: restore the file or point --model at an intact folder.") from None
     if layers is not None:
         raise DejavuError("--layers applies to shape presets (synthetic weights) only")
-    config_from_hf(hf_cfg, max_seq_len)  # unsupported architectures fail here, before reading weights
+    cfg = config_from_hf(hf_cfg, max_seq_len)  # unsupported architectures fail here, before reading weights
+    fix = (f"delete {folder} and rerun to convert again" if folder.is_relative_to(cache_root())
+           else "restore the files or re-download the model")
     try:
-        hf = AutoModelForCausalLM.from_pretrained(folder, dtype=dtype or torch.float32, local_files_only=True)
         tok = AutoTokenizer.from_pretrained(folder, local_files_only=True)
+        if tp[1] > 1 and any(folder.glob("*.safetensors")):  # layer by layer: a rank never holds the whole model
+            from transformers import GenerationConfig
+            model = load_shard(folder, cfg, dtype or torch.float32, device, *tp)
+            try:
+                generation = GenerationConfig.from_pretrained(folder, local_files_only=True)
+            except OSError:  # no generation_config.json: the tokenizer's EOS only
+                generation = None
+            return Loaded(model, tok, source, name, time.perf_counter() - t0, stop_ids(tok, generation))
+        hf = AutoModelForCausalLM.from_pretrained(folder, dtype=dtype or torch.float32, local_files_only=True)
+    except DejavuError:
+        raise
     except Exception as e:
-        fix = (f"delete {folder} and rerun to convert again" if folder.is_relative_to(cache_root())
-               else "restore the files or re-download the model")
         raise DejavuError(f"cannot load the weights in {folder} ({type(e).__name__}: {str(e)[:300]}). "
                           f"The files look corrupt or incomplete. Fix: {fix}.") from None
     model = tensor_parallel.shard(from_hf_model(hf, dtype, "cpu", max_seq_len), *tp).to(device)  # a shard, not all

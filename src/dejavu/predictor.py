@@ -310,6 +310,21 @@ class Predictors:
         self.mlp, self.heads, self.meta = mlp, heads, meta
         self.static_neuron, self.static_head = static_neuron, static_head
 
+    def shard(self, rank: int, world: int) -> "Predictors":
+        """This tensor-parallel rank's slice of every predictor's output (its own neurons and heads),
+        a copy; the shared low-rank input projection stays whole. The metadata's config becomes the
+        shard's, so costs compare with the shard's block."""
+        import copy
+        from .tp import _rows
+        preds = copy.deepcopy(self)
+        for p in preds.mlp + preds.heads:
+            p.up.weight, p.up.bias = _rows(p.up.weight, rank, world), _rows(p.up.bias, rank, world)
+        sn = None if preds.static_neuron is None else [s.chunk(world)[rank] for s in preds.static_neuron]
+        sh = None if preds.static_head is None else [s.chunk(world)[rank] for s in preds.static_head]
+        g = preds.meta["config"]
+        local = dict(g, n_heads=g["n_heads"] // world, n_kv_heads=g["n_kv_heads"] // world, d_ff=g["d_ff"] // world)
+        return Predictors(preds.mlp, preds.heads, sn, sh, dict(preds.meta, config=local, tp=[rank, world]))
+
     def save(self, folder: Path):
         folder = Path(folder)
         folder.mkdir(parents=True, exist_ok=True)
@@ -338,7 +353,8 @@ class Predictors:
             raise DejavuError(f"predictors in {folder} have format version {meta.get('version')}, this dejavu "
                               f"reads {PREDICTOR_VERSION}; run `dejavu calibrate` again")
         cfg = model.cfg
-        if meta.get("fingerprint") != model_fingerprint(model):
+        rank, world = getattr(model, "tp", (0, 1))  # a tensor-parallel shard: load whole, keep this rank's slice
+        if meta.get("fingerprint") != (model_fingerprint(model) if world == 1 else model.unsharded_fingerprint):
             other = meta.get("config", {})
             raise DejavuError(
                 f"the predictors in {folder} were made for another model ({other.get('family')}, "
@@ -347,9 +363,9 @@ class Predictors:
         mlp, heads, sn, sh = [], [], [], []
         try:
             for i in range(cfg.n_layers):
-                m = LowRank(cfg.d_model, meta["mlp_rank"], cfg.d_ff, hidden_relu=False)
+                m = LowRank(cfg.d_model, meta["mlp_rank"], cfg.d_ff * world, hidden_relu=False)
                 m.load_state_dict({k: tensors[f"mlp.{i}.{k}"] for k in m.state_dict()})
-                h = LowRank(cfg.d_model, meta["head_rank"], cfg.n_heads, hidden_relu=True)
+                h = LowRank(cfg.d_model, meta["head_rank"], cfg.n_heads * world, hidden_relu=True)
                 h.load_state_dict({k: tensors[f"head.{i}.{k}"] for k in h.state_dict()})
                 mlp.append(m.eval().to(model.device))
                 heads.append(h.eval().to(model.device))
@@ -358,6 +374,8 @@ class Predictors:
         except (KeyError, RuntimeError) as e:
             raise DejavuError(f"the predictors in {folder} do not fit this model's shapes ({str(e)[:200]}); "
                               "run `dejavu calibrate` again") from None
+        if world > 1:
+            return cls(mlp, heads, sn, sh, meta).shard(rank, world)
         return cls(mlp, heads, sn, sh, meta)
 
     def allocation(self, part: str, mean_density: float) -> list[float]:

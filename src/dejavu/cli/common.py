@@ -2,6 +2,8 @@
 and the sparse decoder from --predictors and the densities, the guard from its flags."""
 from __future__ import annotations
 
+import os
+import sys
 from pathlib import Path
 
 import torch
@@ -35,7 +37,22 @@ def load_from_args(args):
     device = device_from_args(args)
     low_precision = device != "cpu" or args.model in PRESETS  # presets are for GPU speed work
     dtype = DTYPES[args.dtype] if args.dtype else (torch.bfloat16 if low_precision else torch.float32)
-    return load(args.model, dtype=dtype, device=device)
+    world = getattr(args, "tp", 1)
+    rank = tensor_parallel_rank(world, device)
+    return load(args.model, dtype=dtype, device=device, tp=(rank, world))
+
+
+def tensor_parallel_rank(world: int, device: str) -> int:
+    """--tp N: join torchrun's N processes (one GPU each) -> this rank. Ranks other than 0 print
+    nothing: every rank runs the same steps, rank 0 speaks for them."""
+    from .. import tp
+    if world == 1:
+        tp.init(1)  # refuses a torchrun launch without --tp
+        return 0
+    rank = tp.init(world)  # one GPU per rank (NCCL); on the CPU, gloo: slow, for tests
+    if rank:
+        sys.stdout = sys.stderr = open(os.devnull, "w")
+    return rank
 
 
 def need_tokenizer(loaded):

@@ -13,6 +13,10 @@ DEFAULT_PROMPT = "The history of the city of Paris"
 def run(args):
     from ..generate import GenerationStats
     loaded = load_from_args(args)
+    if args.tp > 1 and args.temperature > 0 and args.seed is None:
+        import random
+        from ..tp import same_on_every_rank
+        args.seed = same_on_every_rank(random.randrange(2 ** 62))  # the ranks must sample alike
     if args.prompt_tokens is not None:
         return run_prompt_tokens(loaded, args)
     tok = need_tokenizer(loaded)

@@ -143,6 +143,12 @@ def add_model_args(p: argparse.ArgumentParser):
                    help="weight dtype (default: float32 on cpu, bfloat16 on cuda and for presets)")
 
 
+def add_tp_arg(p: argparse.ArgumentParser, command: str):
+    p.add_argument("--tp", type=int, default=1, metavar="N",
+                   help=f"tensor parallelism over N GPUs (each holds 1/N of every layer); launch with "
+                        f"`torchrun --nproc-per-node N -m dejavu {command} --tp N`")
+
+
 def add_predictors_arg(p: argparse.ArgumentParser, help: str):
     p.add_argument("--predictors", metavar="DIR", default=None,
                    help=f"{help} (default: runs/<model>/predictors, where `dejavu calibrate` writes)")
@@ -222,6 +228,7 @@ def build_parser() -> argparse.ArgumentParser:
                    help="with --lossless: draft K tokens per round (default: adapt K to the measured acceptance "
                         "rate and step costs)")
     add_guard_args(p, "run-time guard (with --sparse)", "the request", "; prints the figures")
+    add_tp_arg(p, "generate")
     p.set_defaults(func=generate.run)
 
     p = sub.add_parser("info", help="model shape and bytes per part",
@@ -291,9 +298,7 @@ def build_parser() -> argparse.ArgumentParser:
     b.add_argument("--no-hf", action="store_true", help="skip the transformers rows")
     b.add_argument("--batches", type=kernel_batches, default="1,8,32",
                    help="a throughput row, dense and sparse, for each batch size above 1 (up to 32)")
-    b.add_argument("--tp", type=int, default=1, metavar="N",
-                   help="tensor parallelism over N GPUs; launch with `torchrun --nproc-per-node N -m dejavu "
-                        "bench e2e --tp N`")
+    add_tp_arg(b, "bench e2e")
     b.add_argument("--layers", type=int, metavar="N",
                    help="time the shape's first N layers only (a model too large for the GPUs): the table adds a "
                         "full-depth estimate, labelled as one (default: all layers)")
