@@ -366,3 +366,31 @@ def test_impossible_densities_on_the_command_line(argv, capsys):
     rc, _, err = run(argv, capsys)
     assert rc == 2
     assert "(0, 1]" in err
+
+
+@pytest.mark.parametrize("family", ["qwen3", "phi3"])
+def test_newer_families_run_through_calibrate_analyze_and_sparse_generate(family, tmp_path, capsys):
+    """A tiny random Qwen3 (per-head q/k norms) and Phi-3 (fused qkv and gate_up tensors) folder,
+    SmolLM2's tokenizer: calibrate, analyze with its predictors, generate with them and input-side."""
+    from transformers import AutoTokenizer, Phi3Config, Qwen3Config
+    from transformers import AutoModelForCausalLM
+    from dejavu.load import smollm2_folder
+    tok = AutoTokenizer.from_pretrained(smollm2_folder(), local_files_only=True)
+    torch.manual_seed(0)
+    shape = dict(vocab_size=len(tok), hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+                 num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=256,
+                 bos_token_id=tok.bos_token_id, eos_token_id=tok.eos_token_id, pad_token_id=0)
+    cfg = Qwen3Config(head_dim=24, **shape) if family == "qwen3" else Phi3Config(**shape)
+    folder, preds = tmp_path / family, tmp_path / "predictors"
+    AutoModelForCausalLM.from_config(cfg).save_pretrained(folder)
+    tok.save_pretrained(folder)
+    model = ["--model", str(folder)]
+    assert main(["calibrate", *model, "--tokens", "4096", "--epochs", "1", "--tune-tokens", "512",
+                 "--predictors", str(preds)]) == 0
+    assert main(["analyze", *model, "--predictors", str(preds), "--out", str(tmp_path / "analysis"), "--tokens", "256",
+                 "--mlp-densities", "0.5", "--attn-densities", "0.5", "--input-densities", "0.5"]) == 0
+    capsys.readouterr()
+    for sparse in (["--predictors", str(preds), "--mlp-density", "0.5", "--attn-density", "0.5"],
+                   ["--input-density", "0.5"]):
+        assert main(["generate", *model, "--sparse", *sparse, "--prompt", "The city", "--max-new-tokens", "4"]) == 0
+        assert "[sparse decode:" in capsys.readouterr().err

@@ -25,7 +25,7 @@ def graph_greedy(model, prompt, n, sparsity=None):
     return dec.decode(n)[0], dec.logits
 
 
-@pytest.mark.parametrize("name", ["llama-gqa", "opt-relu", "llama-biases"])
+@pytest.mark.parametrize("name", ["llama-gqa", "opt-relu", "llama-biases", "qwen3-qk-norm", "phi3-fused"])
 @pytest.mark.parametrize("sparse", [False, True])
 def test_graph_step_gives_the_eager_tokens(name, sparse, tmp_path):
     """Same weights, same selections: the whole-step graph (device positions, whole-cache
@@ -56,7 +56,7 @@ def test_graph_step_gives_the_eager_tokens(name, sparse, tmp_path):
         assert not torch.allclose(got_logits, eager_greedy(model, prompt, 40)[1])  # sparsity really acted
 
 
-@pytest.mark.parametrize("name", ["llama-biases", "qwen2-qkv-bias", "opt-relu"])
+@pytest.mark.parametrize("name", ["llama-biases", "qwen2-qkv-bias", "opt-relu", "qwen3-qk-norm"])
 def test_input_side_graph_step_gives_the_eager_masked_tokens(name):
     """Input-side sparsity on an input-major model: the graph step (the Triton projection reading
     only the passing rows) gives the tokens and logits of the eager masked step; the dense graph of

@@ -1,7 +1,8 @@
 """Our engine against transformers, the KV cache against no cache, batching against single prompts."""
 import pytest
 import torch
-from transformers import GemmaConfig, LlamaConfig, MistralConfig, OPTConfig, Qwen2Config, AutoModelForCausalLM
+from transformers import (AutoModelForCausalLM, GemmaConfig, LlamaConfig, MistralConfig, OPTConfig, Phi3Config,
+                          Qwen2Config, Qwen3Config)
 
 from conftest import rel_err
 from dejavu.errors import DejavuError
@@ -25,6 +26,14 @@ RANDOM_CONFIGS = {
                                         **SMALL),  # q/k/v/o and MLP biases, as Llama configs may ask
     "mistral": lambda: MistralConfig(intermediate_size=96, num_key_value_heads=2, **SMALL),
     "gemma-geglu": lambda: GemmaConfig(intermediate_size=96, num_key_value_heads=1, head_dim=16, **SMALL),
+    "qwen3-qk-norm": lambda: Qwen3Config(intermediate_size=96, num_key_value_heads=2, head_dim=24, **SMALL),
+    "phi3-fused": lambda: Phi3Config(intermediate_size=96, num_key_value_heads=2, pad_token_id=0, bos_token_id=1,
+                                     eos_token_id=2, **SMALL),
+    "phi3-longrope": lambda: Phi3Config(intermediate_size=96, num_key_value_heads=2, pad_token_id=0, bos_token_id=1,
+                                        eos_token_id=2, original_max_position_embeddings=64, rope_parameters=dict(
+                                            rope_type="longrope", rope_theta=10000.0, short_factor=[1.0 + i / 8 for i in range(8)],
+                                            long_factor=[2.0 + i for i in range(8)], original_max_position_embeddings=64),
+                                        **SMALL),
     "opt-relu": lambda: OPTConfig(hidden_size=64, num_hidden_layers=3, num_attention_heads=4, ffn_dim=96,
                                   vocab_size=101, max_position_embeddings=128, word_embed_proj_dim=64),
 }
@@ -63,7 +72,7 @@ def test_smollm2_greedy_generation_matches_transformers(smollm2):
     assert ours == ref
 
 
-@pytest.mark.parametrize("name", ["llama-gqa", "opt-relu", "gemma-geglu", "llama-biases"])
+@pytest.mark.parametrize("name", ["llama-gqa", "opt-relu", "gemma-geglu", "llama-biases", "qwen3-qk-norm", "phi3-fused"])
 def test_cached_decode_equals_full_forward(name):
     """Prefill + one-token decode steps over the KV cache give the logits of one full forward."""
     model, _ = random_pair(name)

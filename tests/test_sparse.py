@@ -17,7 +17,8 @@ def tokens(n=64, b=2, seed=0, vocab=101):
     return torch.randint(0, vocab, (b, n), generator=torch.Generator().manual_seed(seed))
 
 
-@pytest.mark.parametrize("name", ["llama-gqa", "opt-relu", "gemma-geglu", "llama-biases", "qwen2-qkv-bias"])
+@pytest.mark.parametrize("name", ["llama-gqa", "opt-relu", "gemma-geglu", "llama-biases", "qwen2-qkv-bias",
+                                  "qwen3-qk-norm", "phi3-fused"])
 def test_masked_at_full_density_equals_dense(name):
     model, _ = random_pair(name)
     x = tokens()
@@ -238,7 +239,9 @@ def decode_side_by_side(model, gathered, masked, prompt, length, atol):
                                                  ("llama-gqa", 1, "gate, torch path"),
                                                  ("llama-biases", 1, "predicted"), ("qwen2-qkv-bias", 2, "predicted"),
                                                  ("llama-biases", 2, "gate"), ("llama-biases", 1, "gate"),
-                                                 ("llama-biases", 1, "gate, torch path")])
+                                                 ("llama-biases", 1, "gate, torch path"),
+                                                 ("qwen3-qk-norm", 2, "predicted"), ("qwen3-qk-norm", 1, "gate"),
+                                                 ("phi3-fused", 1, "predicted")])
 def test_gathered_equals_masked_over_a_generation(name, batch, selector, tmp_path, monkeypatch):
     """The fast path computes what was evaluated: same selection -> same logits, step after step
     over the KV cache (batch > 1: both use the batch's union of sets)."""

@@ -54,7 +54,7 @@ def record(model: Transformer, stream: torch.Tensor, out: Path, window: int = 51
            batch: int = 4, progress: bool = True, same_layer: bool = False) -> dict:
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
-    window = min(window, shard_tokens)
+    window = min(window, shard_tokens, model.cfg.max_seq_len)  # a short-context model records shorter windows
     shard_tokens = shard_tokens // window * window
     n_shards = len(stream) // shard_tokens
     if n_shards == 0:

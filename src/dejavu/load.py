@@ -21,7 +21,7 @@ from .model import ModelConfig, Transformer, init_synthetic_
 
 DEFAULT_MODEL = "smollm2-135m"
 SMOLLM2_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
-SUPPORTED = ("llama", "mistral", "qwen2", "gemma", "opt")
+SUPPORTED = ("llama", "mistral", "qwen2", "qwen3", "phi3", "gemma", "opt")
 
 # Shapes of public models, for speed work on synthetic weights (HF config fields).
 PRESETS: dict[str, tuple[str, dict]] = {
@@ -83,7 +83,7 @@ def config_from_hf(hf, max_seq_len: int | None = None) -> ModelConfig:
     mt = getattr(hf, "model_type", None)
     if mt not in SUPPORTED:
         raise DejavuError(f"unsupported architecture '{mt}' ({type(hf).__name__}). dejavu supports "
-                          f"{', '.join(SUPPORTED)} checkpoints (Llama-style, Gemma 1 and OPT).")
+                          f"{', '.join(SUPPORTED)} checkpoints (Llama-style, Qwen2/3, Phi-3, Gemma 1 and OPT).")
     d, nh = hf.hidden_size, hf.num_attention_heads
     common = dict(vocab_size=hf.vocab_size, n_layers=hf.num_hidden_layers, d_model=d, n_heads=nh,
                   tie_embeddings=bool(getattr(hf, "tie_word_embeddings", True)))
@@ -109,9 +109,15 @@ def config_from_hf(hf, max_seq_len: int | None = None) -> ModelConfig:
         act, embed_scale = getattr(hf, "hidden_act", "silu"), 1.0
         if act != "silu":
             raise DejavuError(f"unsupported MLP activation '{act}' for {mt} (only SwiGLU/silu)")
-    window = getattr(hf, "sliding_window", None) if getattr(hf, "use_sliding_window", mt == "mistral") else None
+    window = getattr(hf, "sliding_window", None) if getattr(hf, "use_sliding_window", mt in ("mistral", "phi3")) else None
     if window:  # exact within the window; longer contexts would need sliding-window attention
         ctx = min(ctx, window)
+    params = getattr(hf, "rope_parameters", None) or {}
+    if params.get("partial_rotary_factor", 1.0) != 1.0:
+        raise DejavuError(f"unsupported: RoPE on part of each head (partial_rotary_factor "
+                          f"{params['partial_rotary_factor']}, as in Phi-4-mini); dejavu rotates whole heads")
+    if params.get("rope_type") == "longrope":  # its short factors hold up to the original context
+        ctx = min(ctx, params.get("original_max_position_embeddings") or hf.original_max_position_embeddings)
     inv_freq, rope_scale = rope_frequencies(hf, head_dim)
     attn_bias = bool(getattr(hf, "attention_bias", False))
     return ModelConfig(family="gemma" if mt == "gemma" else "llama", n_kv_heads=hf.num_key_value_heads,
@@ -119,7 +125,7 @@ def config_from_hf(hf, max_seq_len: int | None = None) -> ModelConfig:
                        norm="rms", norm_eps=hf.rms_norm_eps, act=act, gated=True, positions="rope",
                        rope_inv_freq=tuple(inv_freq.tolist()), rope_scale=rope_scale, embed_scale=embed_scale,
                        qkv_bias=attn_bias or mt == "qwen2", o_bias=attn_bias,
-                       mlp_bias=bool(getattr(hf, "mlp_bias", False)), **common)
+                       mlp_bias=bool(getattr(hf, "mlp_bias", False)), qk_norm=mt == "qwen3", **common)
 
 
 def rope_frequencies(hf, head_dim: int):
@@ -181,14 +187,19 @@ def layer_weights_from_hf(sd, cfg: ModelConfig, i: int) -> dict[str, torch.Tenso
     src, dst, out = f"{pre}layers.{i}.", f"layers.{i}.", {}
     _norm(sd, cfg, out, dst + "attn_norm", src + names["attn_norm"])
     _norm(sd, cfg, out, dst + "mlp_norm", src + names["mlp_norm"])
-    out[dst + "attn.wqkv"] = torch.cat([sd[f"{src}{names[x]}.weight"] for x in "qkv"])
+    if cfg.qk_norm:
+        out[dst + "attn.q_norm.weight"] = sd[src + "self_attn.q_norm.weight"]
+        out[dst + "attn.k_norm.weight"] = sd[src + "self_attn.k_norm.weight"]
+    fused = src + "self_attn.qkv_proj.weight"  # Phi-3 stores Q, K, V (and gate, up) as one tensor
+    out[dst + "attn.wqkv"] = sd[fused] if fused in sd else torch.cat([sd[f"{src}{names[x]}.weight"] for x in "qkv"])
     if cfg.qkv_bias:
         out[dst + "attn.bqkv"] = torch.cat([sd[f"{src}{names[x]}.bias"] for x in "qkv"])
     out[dst + "attn.wo_t"] = sd[src + names["o"] + ".weight"].t().contiguous()
     if cfg.o_bias:
         out[dst + "attn.bo"] = sd[src + names["o"] + ".bias"]
     if cfg.gated:
-        gate, up = sd[src + "mlp.gate_proj.weight"], sd[src + "mlp.up_proj.weight"]
+        fused = src + "mlp.gate_up_proj.weight"
+        gate, up = (sd[fused].chunk(2) if fused in sd else (sd[src + "mlp.gate_proj.weight"], sd[src + "mlp.up_proj.weight"]))
         out[dst + "mlp.w_in"] = torch.stack((gate, up), dim=1)
         out[dst + "mlp.w_out_t"] = sd[src + "mlp.down_proj.weight"].t().contiguous()
         if cfg.mlp_bias:
@@ -214,9 +225,12 @@ class Checkpoint:
             with safe_open(f, framework="pt") as st:
                 self.where.update(dict.fromkeys(st.keys(), f))
 
+    def __contains__(self, name: str) -> bool:
+        return name in self.where or name.removeprefix("model.") in self.where  # older OPT files: "decoder.*"
+
     def __getitem__(self, name: str) -> torch.Tensor:
         from safetensors import safe_open
-        if name not in self.where and name.removeprefix("model.") in self.where:  # older OPT files: "decoder.*"
+        if name not in self.where:
             name = name.removeprefix("model.")
         with safe_open(self.where[name], framework="pt") as st:
             return st.get_tensor(name)

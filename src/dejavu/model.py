@@ -53,6 +53,7 @@ class ModelConfig:
     o_bias: bool = False
     mlp_bias: bool = False
     tie_embeddings: bool = True
+    qk_norm: bool = False    # RMS norm over each head's query and key before RoPE (Qwen3)
 
     @property
     def n_in(self) -> int:
@@ -69,11 +70,11 @@ class ModelConfig:
 
 
 class Norm(nn.Module):
-    def __init__(self, cfg: ModelConfig):
+    def __init__(self, cfg: ModelConfig, size: int | None = None):
         super().__init__()
         self.eps = cfg.norm_eps
-        self.weight = nn.Parameter(torch.ones(cfg.d_model))
-        self.bias = nn.Parameter(torch.zeros(cfg.d_model)) if cfg.norm == "layer" else None
+        self.weight = nn.Parameter(torch.ones(size or cfg.d_model))
+        self.bias = nn.Parameter(torch.zeros(size or cfg.d_model)) if cfg.norm == "layer" else None
 
     def forward(self, x):
         if (fused := self._triton(x)) is not None:
@@ -201,6 +202,8 @@ class Attention(nn.Module):
         self.wo_t = nn.Parameter(torch.empty(q_dim, cfg.d_model))
         self.bqkv = _maybe_bias(cfg.qkv_bias, q_dim + 2 * kv_dim)
         self.bo = _maybe_bias(cfg.o_bias, cfg.d_model)
+        self.q_norm = Norm(cfg, cfg.head_dim) if cfg.qk_norm else None
+        self.k_norm = Norm(cfg, cfg.head_dim) if cfg.qk_norm else None
 
     def _part(self, t, i):
         return None if t is None else t.split(self.parts)[i]
@@ -228,8 +231,11 @@ class Attention(nn.Module):
             q, k, v = cache.qkv(self, layer, pos, x, heads)
         elif heads is None and cache is not None and x.shape[1] == 1:  # a decode token: RoPE and cache write fused
             B, H = x.shape[0], self.cfg.n_heads
-            q = kernels.rope_cache(kernels.linear(x, self.wqkv, self.bqkv, rule).flatten(1), rope, pos,
-                                   cache.kv[:, layer], H)
+            qkv = kernels.linear(x, self.wqkv, self.bqkv, rule).flatten(1)
+            if self.q_norm is not None:
+                q, k, v = qkv.split(self.parts, -1)
+                qkv = torch.cat((self.head_norm(self.q_norm, q), self.head_norm(self.k_norm, k), v), -1)
+            q = kernels.rope_cache(qkv, rope, pos, cache.kv[:, layer], H)
             q, (k, v) = q.view(B, 1, H, -1).transpose(1, 2), cache.keys(layer, pos)
         else:
             q, k, v = self.qkv(x, heads, rule)
@@ -253,7 +259,13 @@ class Attention(nn.Module):
             q_dim = self.parts[0]
             q = kernels.gather_matvec(x, self.wqkv, heads, self.bqkv, unit=self.cfg.head_dim)
             k, v = F.linear(x, self.wqkv[q_dim:], None if self.bqkv is None else self.bqkv[q_dim:]).chunk(2, -1)
+        if self.q_norm is not None:  # per head: a head's norm needs only its own rows (head sparsity holds)
+            q, k = self.head_norm(self.q_norm, q), self.head_norm(self.k_norm, k)
         return [t.reshape(B, T, -1, self.cfg.head_dim).transpose(1, 2) for t in (q, k, v)]
+
+    def head_norm(self, norm: Norm, t: torch.Tensor) -> torch.Tensor:
+        """t [..., heads * head_dim] -> each head's slice normed over head_dim."""
+        return norm(t.unflatten(-1, (-1, self.cfg.head_dim))).flatten(-2)
 
     def project_out(self, y, idx=None, rule=None):
         """Through W_o: all heads, or the heads idx only (each a head_dim-row slice of wo_t)."""
