@@ -34,6 +34,11 @@ RANDOM_CONFIGS = {
                                             rope_type="longrope", rope_theta=10000.0, short_factor=[1.0 + i / 8 for i in range(8)],
                                             long_factor=[2.0 + i for i in range(8)], original_max_position_embeddings=64),
                                         **SMALL),
+    "mistral-window": lambda: MistralConfig(intermediate_size=96, num_key_value_heads=2, sliding_window=16, **SMALL),
+    "qwen2-window-layers": lambda: Qwen2Config(intermediate_size=96, num_key_value_heads=2, use_sliding_window=True,
+                                               sliding_window=16, max_window_layers=1, **SMALL),
+    "phi3-window": lambda: Phi3Config(intermediate_size=96, num_key_value_heads=2, pad_token_id=0, bos_token_id=1,
+                                      eos_token_id=2, sliding_window=16, **SMALL),
     "opt-relu": lambda: OPTConfig(hidden_size=64, num_hidden_layers=3, num_attention_heads=4, ffn_dim=96,
                                   vocab_size=101, max_position_embeddings=128, word_embed_proj_dim=64),
 }
@@ -72,7 +77,8 @@ def test_smollm2_greedy_generation_matches_transformers(smollm2):
     assert ours == ref
 
 
-@pytest.mark.parametrize("name", ["llama-gqa", "opt-relu", "gemma-geglu", "llama-biases", "qwen3-qk-norm", "phi3-fused"])
+@pytest.mark.parametrize("name", ["llama-gqa", "opt-relu", "gemma-geglu", "llama-biases", "qwen3-qk-norm", "phi3-fused",
+                                  "mistral-window", "qwen2-window-layers"])
 def test_cached_decode_equals_full_forward(name):
     """Prefill + one-token decode steps over the KV cache give the logits of one full forward."""
     model, _ = random_pair(name)

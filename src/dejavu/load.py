@@ -109,9 +109,7 @@ def config_from_hf(hf, max_seq_len: int | None = None) -> ModelConfig:
         act, embed_scale = getattr(hf, "hidden_act", "silu"), 1.0
         if act != "silu":
             raise DejavuError(f"unsupported MLP activation '{act}' for {mt} (only SwiGLU/silu)")
-    window = getattr(hf, "sliding_window", None) if getattr(hf, "use_sliding_window", mt in ("mistral", "phi3")) else None
-    if window:  # exact within the window; longer contexts would need sliding-window attention
-        ctx = min(ctx, window)
+    windows = sliding_windows(hf, mt)
     params = getattr(hf, "rope_parameters", None) or {}
     if params.get("partial_rotary_factor", 1.0) != 1.0:
         raise DejavuError(f"unsupported: RoPE on part of each head (partial_rotary_factor "
@@ -125,7 +123,18 @@ def config_from_hf(hf, max_seq_len: int | None = None) -> ModelConfig:
                        norm="rms", norm_eps=hf.rms_norm_eps, act=act, gated=True, positions="rope",
                        rope_inv_freq=tuple(inv_freq.tolist()), rope_scale=rope_scale, embed_scale=embed_scale,
                        qkv_bias=attn_bias or mt == "qwen2", o_bias=attn_bias,
-                       mlp_bias=bool(getattr(hf, "mlp_bias", False)), qk_norm=mt == "qwen3", **common)
+                       mlp_bias=bool(getattr(hf, "mlp_bias", False)), qk_norm=mt == "qwen3", windows=windows,
+                       **common)
+
+
+def sliding_windows(hf, mt: str) -> tuple[int, ...]:
+    """Per layer, the keys a query sees (0: all), from `sliding_window` and, where the config
+    has them, `layer_types` (Qwen's first max_window_layers layers see all); () where none applies."""
+    window = getattr(hf, "sliding_window", None) if getattr(hf, "use_sliding_window", mt in ("mistral", "phi3")) else None
+    if not window or window >= hf.max_position_embeddings:
+        return ()
+    types = getattr(hf, "layer_types", None) or ["sliding_attention"] * hf.num_hidden_layers
+    return tuple(window if t == "sliding_attention" else 0 for t in types)
 
 
 def rope_frequencies(hf, head_dim: int):

@@ -54,6 +54,7 @@ class ModelConfig:
     mlp_bias: bool = False
     tie_embeddings: bool = True
     qk_norm: bool = False    # RMS norm over each head's query and key before RoPE (Qwen3)
+    windows: tuple[int, ...] = ()  # per layer: a query sees only the last W keys (0: all); () none
 
     @property
     def n_in(self) -> int:
@@ -66,6 +67,7 @@ class ModelConfig:
     def from_dict(cls, d: dict) -> "ModelConfig":
         d = dict(d)
         d["rope_inv_freq"] = tuple(d.get("rope_inv_freq", ()))
+        d["windows"] = tuple(d.get("windows", ()))
         return cls(**d)
 
 
@@ -398,21 +400,32 @@ class Transformer(nn.Module):
             pos = (pos - cache.pad[:, None]).clamp(min=0)
         return pos
 
-    def attention_mask(self, T: int, start_pos, cache: KVCache | None) -> kernels.AttentionMask:
-        """Causal, minus padding slots (a slot always sees itself, so padding rows stay finite):
-        boolean [B, 1, T, keys]; with a device start_pos (static shapes), over the whole cache and
-        with what the decode kernel reads."""
+    def attention_mask(self, T: int, start_pos, cache: KVCache | None, window: int = 0) -> kernels.AttentionMask:
+        """Causal, minus padding slots (a slot always sees itself, so padding rows stay finite), and
+        with a window W only the last W keys: boolean [B, 1, T, keys]; with a device start_pos
+        (static shapes), over the whole cache and with what the decode kernel reads (the window
+        folded into the valid keys: one token's keys are the same for every query)."""
         if cache is None:
-            return kernels.AttentionMask(torch.ones(T, T, dtype=torch.bool, device=self.device).tril()[None, None])
+            slot = torch.arange(T, device=self.device)
+            seen = slot[None, :] <= slot[:, None]
+            if window:
+                seen &= slot[:, None] - slot[None, :] < window
+            return kernels.AttentionMask(seen[None, None])
         static = isinstance(start_pos, torch.Tensor)  # keys: the whole cache (static shapes)
         end = cache.max_seq_len if static else start_pos + T
         slot_q = (start_pos + torch.arange(T, device=self.device))[:, None]
         slot_k = torch.arange(end, device=self.device)[None, :]
         causal = slot_k <= slot_q
+        if window:
+            causal &= slot_q - slot_k < window
         mask = causal[None] & (cache.key_valid[:, None, :end] | (slot_k == slot_q)[None])
         if not static:
             return kernels.AttentionMask(mask[:, None])
-        return kernels.AttentionMask(mask[:, None], start_pos + T, cache.key_valid)
+        valid = cache.key_valid if not window else cache.key_valid & (slot_k > start_pos + T - 1 - window)
+        return kernels.AttentionMask(mask[:, None], start_pos + T, valid)
+
+    def window(self, layer: int) -> int:
+        return self.cfg.windows[layer] if self.cfg.windows else 0
 
     def rope(self, pos):
         if self.cfg.positions != "rope":
@@ -450,12 +463,13 @@ class Transformer(nn.Module):
             raise ValueError(f"sequence of {T} tokens exceeds the model's context of {self.cfg.max_seq_len}")
         positions = self.positions(B, T, start_pos, cache)
         x = self.embed(tokens, positions)
-        rope, mask = self.rope(positions), self.attention_mask(T, start_pos, cache)
+        rope = self.rope(positions)
+        masks = {w: self.attention_mask(T, start_pos, cache, w) for w in {0, *self.cfg.windows}}
         # the tokens' cache slots, for the blocks: the first (an int), or all T as a device tensor
         pos = start_pos + torch.arange(T, device=self.device) if isinstance(start_pos, torch.Tensor) else start_pos
         mlp_out = None
-        for block in self.layers:
-            x, mlp_out = block(x, rope, mask, cache, pos, sparsity, mlp_out)
+        for i, block in enumerate(self.layers):
+            x, mlp_out = block(x, rope, masks[self.window(i)], cache, pos, sparsity, mlp_out)
         return self.logits(x, mlp_out)
 
 
