@@ -94,7 +94,8 @@ def decode_logits(model, prompt, steps, sparsity):
     return torch.stack(out, 1)
 
 
-@pytest.mark.parametrize("name", ["llama-biases", "qwen2-qkv-bias", "gemma-geglu", "opt-relu", "qwen3-qk-norm"])
+@pytest.mark.parametrize("name", ["llama-biases", "qwen2-qkv-bias", "gemma-geglu", "opt-relu", "qwen3-qk-norm",
+                                  "gemma3-local-global"])
 def test_gathered_decode_equals_masked(name):
     """One token at a time: the projection applying the rule itself (kernels.linear: the C++ row
     gather on an input-major model, torch on the output-major one) gives the masked logits."""

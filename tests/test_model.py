@@ -1,7 +1,7 @@
 """Our engine against transformers, the KV cache against no cache, batching against single prompts."""
 import pytest
 import torch
-from transformers import (AutoModelForCausalLM, GemmaConfig, LlamaConfig, MistralConfig, OPTConfig, Phi3Config,
+from transformers import (AutoModelForCausalLM, Gemma3TextConfig, GemmaConfig, LlamaConfig, MistralConfig, OPTConfig, Phi3Config,
                           Qwen2Config, Qwen3Config)
 
 from conftest import rel_err
@@ -39,6 +39,10 @@ RANDOM_CONFIGS = {
                                                sliding_window=16, max_window_layers=1, **SMALL),
     "phi3-window": lambda: Phi3Config(intermediate_size=96, num_key_value_heads=2, pad_token_id=0, bos_token_id=1,
                                       eos_token_id=2, sliding_window=16, **SMALL),
+    "gemma3-local-global": lambda: Gemma3TextConfig(intermediate_size=96, num_key_value_heads=2, head_dim=16,
+                                                    sliding_window=16, query_pre_attn_scalar=24,
+                                                    layer_types=["sliding_attention", "full_attention", "sliding_attention"],
+                                                    **SMALL),
     "opt-relu": lambda: OPTConfig(hidden_size=64, num_hidden_layers=3, num_attention_heads=4, ffn_dim=96,
                                   vocab_size=101, max_position_embeddings=128, word_embed_proj_dim=64),
 }
@@ -78,7 +82,7 @@ def test_smollm2_greedy_generation_matches_transformers(smollm2):
 
 
 @pytest.mark.parametrize("name", ["llama-gqa", "opt-relu", "gemma-geglu", "llama-biases", "qwen3-qk-norm", "phi3-fused",
-                                  "mistral-window", "qwen2-window-layers"])
+                                  "mistral-window", "qwen2-window-layers", "gemma3-local-global"])
 def test_cached_decode_equals_full_forward(name):
     """Prefill + one-token decode steps over the KV cache give the logits of one full forward."""
     model, _ = random_pair(name)

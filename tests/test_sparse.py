@@ -18,7 +18,7 @@ def tokens(n=64, b=2, seed=0, vocab=101):
 
 
 @pytest.mark.parametrize("name", ["llama-gqa", "opt-relu", "gemma-geglu", "llama-biases", "qwen2-qkv-bias",
-                                  "qwen3-qk-norm", "phi3-fused"])
+                                  "qwen3-qk-norm", "phi3-fused", "gemma3-local-global"])
 def test_masked_at_full_density_equals_dense(name):
     model, _ = random_pair(name)
     x = tokens()
@@ -241,7 +241,8 @@ def decode_side_by_side(model, gathered, masked, prompt, length, atol):
                                                  ("llama-biases", 2, "gate"), ("llama-biases", 1, "gate"),
                                                  ("llama-biases", 1, "gate, torch path"),
                                                  ("qwen3-qk-norm", 2, "predicted"), ("qwen3-qk-norm", 1, "gate"),
-                                                 ("phi3-fused", 1, "predicted"), ("mistral-window", 2, "predicted")])
+                                                 ("phi3-fused", 1, "predicted"), ("mistral-window", 2, "predicted"),
+                                                 ("gemma3-local-global", 1, "predicted"), ("gemma3-local-global", 2, "gate")])
 def test_gathered_equals_masked_over_a_generation(name, batch, selector, tmp_path, monkeypatch):
     """The fast path computes what was evaluated: same selection -> same logits, step after step
     over the KV cache (batch > 1: both use the batch's union of sets)."""

@@ -24,7 +24,8 @@ def decode(model, prompt, n, sparsity=None, static=False, lazy_window=0):
     return torch.stack(out, 1)
 
 
-@pytest.mark.parametrize("name", ["llama-gqa", "opt-relu", "llama-biases", "mistral-window", "qwen2-window-layers"])
+@pytest.mark.parametrize("name", ["llama-gqa", "opt-relu", "llama-biases", "mistral-window", "qwen2-window-layers",
+                                  "gemma3-local-global"])
 def test_device_position_step_equals_eager_step(name):
     model, _ = random_pair(name)
     prompt = tokens(n=7, b=1, seed=2)

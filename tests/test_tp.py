@@ -138,7 +138,7 @@ def free_port():
 
 
 @pytest.mark.parametrize("device", ["cpu", pytest.param("cuda", marks=pytest.mark.gpu)])
-@pytest.mark.parametrize("name", ["llama-gqa", "opt-relu", "llama-biases", "qwen3-qk-norm"])
+@pytest.mark.parametrize("name", ["llama-gqa", "opt-relu", "llama-biases", "qwen3-qk-norm", "gemma3-local-global"])
 def test_two_ranks_match_one(name, device):
     """CPU: gloo. GPU (2 cards): NCCL, the Triton kernels on each rank's shard."""
     if device == "cuda" and torch.cuda.device_count() < WORLD:

@@ -21,7 +21,7 @@ from .model import ModelConfig, Transformer, init_synthetic_
 
 DEFAULT_MODEL = "smollm2-135m"
 SMOLLM2_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
-SUPPORTED = ("llama", "mistral", "qwen2", "qwen3", "phi3", "gemma", "opt")
+SUPPORTED = ("llama", "mistral", "qwen2", "qwen3", "phi3", "gemma", "gemma3_text", "opt")
 
 # Shapes of public models, for speed work on synthetic weights (HF config fields).
 PRESETS: dict[str, tuple[str, dict]] = {
@@ -81,9 +81,15 @@ def hf_config_for_preset(name: str, layers: int | None = None):
 def config_from_hf(hf, max_seq_len: int | None = None) -> ModelConfig:
     """HF config -> ModelConfig, or a DejavuError naming what is unsupported."""
     mt = getattr(hf, "model_type", None)
+    if mt == "gemma2":
+        raise DejavuError("unsupported architecture 'gemma2': its attention logit soft-capping is not built yet "
+                          "(Gemma 3 text models, gemma3_text, are supported)")
+    if mt == "gemma3":
+        raise DejavuError("unsupported architecture 'gemma3' (the image-text model): dejavu runs text-only Gemma 3 "
+                          "checkpoints (model_type gemma3_text, e.g. gemma-3-1b)")
     if mt not in SUPPORTED:
         raise DejavuError(f"unsupported architecture '{mt}' ({type(hf).__name__}). dejavu supports "
-                          f"{', '.join(SUPPORTED)} checkpoints (Llama-style, Qwen2/3, Phi-3, Gemma 1 and OPT).")
+                          f"{', '.join(SUPPORTED)} checkpoints (Llama-style, Qwen2/3, Phi-3, Gemma 1 and 3, OPT).")
     d, nh = hf.hidden_size, hf.num_attention_heads
     common = dict(vocab_size=hf.vocab_size, n_layers=hf.num_hidden_layers, d_model=d, n_heads=nh,
                   tie_embeddings=bool(getattr(hf, "tie_word_embeddings", True)))
@@ -101,7 +107,8 @@ def config_from_hf(hf, max_seq_len: int | None = None) -> ModelConfig:
                            mlp_bias=bias, **common)
 
     head_dim = getattr(hf, "head_dim", None) or d // nh
-    if mt == "gemma":
+    gemma = mt in ("gemma", "gemma3_text")
+    if gemma:
         act, embed_scale = "gelu_tanh", float(d) ** 0.5
         if getattr(hf, "hidden_activation", None) not in (None, "gelu_pytorch_tanh"):
             raise DejavuError(f"unsupported Gemma activation '{hf.hidden_activation}'")
@@ -116,30 +123,44 @@ def config_from_hf(hf, max_seq_len: int | None = None) -> ModelConfig:
                           f"{params['partial_rotary_factor']}, as in Phi-4-mini); dejavu rotates whole heads")
     if params.get("rope_type") == "longrope":  # its short factors hold up to the original context
         ctx = min(ctx, params.get("original_max_position_embeddings") or hf.original_max_position_embeddings)
-    inv_freq, rope_scale = rope_frequencies(hf, head_dim)
+    gemma3 = mt == "gemma3_text"
+    if gemma3 and (getattr(hf, "attn_logit_softcapping", None) or getattr(hf, "final_logit_softcapping", None)):
+        raise DejavuError("unsupported: this Gemma 3 config soft-caps logits (not built yet)")
+    inv_freq, rope_scale = rope_frequencies(hf, head_dim, "full_attention" if gemma3 else None)
+    local = ()
+    if gemma3:  # the sliding layers' own RoPE (base rope_local_base_freq)
+        local_freq, local_scale = rope_frequencies(hf, head_dim, "sliding_attention")
+        if local_scale != rope_scale:
+            raise DejavuError("unsupported: Gemma 3 RoPE with a different attention scaling on local layers")
+        local = tuple(local_freq.tolist())
     attn_bias = bool(getattr(hf, "attention_bias", False))
-    return ModelConfig(family="gemma" if mt == "gemma" else "llama", n_kv_heads=hf.num_key_value_heads,
+    return ModelConfig(family="gemma" if gemma else "llama", n_kv_heads=hf.num_key_value_heads,
                        head_dim=head_dim, d_ff=hf.intermediate_size, max_seq_len=min(ctx, max_seq_len or ctx),
                        norm="rms", norm_eps=hf.rms_norm_eps, act=act, gated=True, positions="rope",
                        rope_inv_freq=tuple(inv_freq.tolist()), rope_scale=rope_scale, embed_scale=embed_scale,
                        qkv_bias=attn_bias or mt == "qwen2", o_bias=attn_bias,
-                       mlp_bias=bool(getattr(hf, "mlp_bias", False)), qk_norm=mt == "qwen3", windows=windows,
-                       **common)
+                       mlp_bias=bool(getattr(hf, "mlp_bias", False)), qk_norm=mt in ("qwen3", "gemma3_text"),
+                       windows=windows, post_norms=gemma3, rope_local_inv_freq=local,
+                       attn_scale=hf.query_pre_attn_scalar ** -0.5 if gemma3 else 0.0, **common)
 
 
 def sliding_windows(hf, mt: str) -> tuple[int, ...]:
     """Per layer, the keys a query sees (0: all), from `sliding_window` and, where the config
     has them, `layer_types` (Qwen's first max_window_layers layers see all); () where none applies."""
-    window = getattr(hf, "sliding_window", None) if getattr(hf, "use_sliding_window", mt in ("mistral", "phi3")) else None
+    window = getattr(hf, "sliding_window", None) \
+        if getattr(hf, "use_sliding_window", mt in ("mistral", "phi3", "gemma3_text")) else None
     if not window or window >= hf.max_position_embeddings:
         return ()
     types = getattr(hf, "layer_types", None) or ["sliding_attention"] * hf.num_hidden_layers
     return tuple(window if t == "sliding_attention" else 0 for t in types)
 
 
-def rope_frequencies(hf, head_dim: int):
-    """RoPE inverse frequencies; scaled variants (llama3, yarn, ...) come from transformers."""
+def rope_frequencies(hf, head_dim: int, layer_type: str | None = None):
+    """RoPE inverse frequencies; scaled variants (llama3, yarn, ...) come from transformers.
+    `layer_type`: configs with RoPE per layer type (Gemma 3: full_attention, sliding_attention)."""
     params = getattr(hf, "rope_parameters", None) or {}
+    if layer_type is not None:
+        params = params.get(layer_type) or {}
     rope_type = params.get("rope_type", "default")
     if rope_type == "default":
         base = params.get("rope_theta", getattr(hf, "rope_theta", 10000.0))
@@ -149,7 +170,7 @@ def rope_frequencies(hf, head_dim: int):
     from transformers.modeling_rope_utils import ROPE_INIT_FUNCTIONS
     if rope_type not in ROPE_INIT_FUNCTIONS:
         raise DejavuError(f"unsupported RoPE type '{rope_type}'")
-    inv_freq, scale = ROPE_INIT_FUNCTIONS[rope_type](hf, None)
+    inv_freq, scale = ROPE_INIT_FUNCTIONS[rope_type](hf, None, **({"layer_type": layer_type} if layer_type else {}))
     return inv_freq.float(), float(scale)
 
 
@@ -195,10 +216,15 @@ def layer_weights_from_hf(sd, cfg: ModelConfig, i: int) -> dict[str, torch.Tenso
     pre, names = _hf_names(cfg)
     src, dst, out = f"{pre}layers.{i}.", f"layers.{i}.", {}
     _norm(sd, cfg, out, dst + "attn_norm", src + names["attn_norm"])
-    _norm(sd, cfg, out, dst + "mlp_norm", src + names["mlp_norm"])
+    if cfg.post_norms:  # Gemma 2/3: post_attention_layernorm is on the attention output
+        _norm(sd, cfg, out, dst + "post_attn_norm", src + "post_attention_layernorm")
+        _norm(sd, cfg, out, dst + "mlp_norm", src + "pre_feedforward_layernorm")
+        _norm(sd, cfg, out, dst + "post_mlp_norm", src + "post_feedforward_layernorm")
+    else:
+        _norm(sd, cfg, out, dst + "mlp_norm", src + names["mlp_norm"])
     if cfg.qk_norm:
-        out[dst + "attn.q_norm.weight"] = sd[src + "self_attn.q_norm.weight"]
-        out[dst + "attn.k_norm.weight"] = sd[src + "self_attn.k_norm.weight"]
+        _norm(sd, cfg, out, dst + "attn.q_norm", src + "self_attn.q_norm")
+        _norm(sd, cfg, out, dst + "attn.k_norm", src + "self_attn.k_norm")
     fused = src + "self_attn.qkv_proj.weight"  # Phi-3 stores Q, K, V (and gate, up) as one tensor
     out[dst + "attn.wqkv"] = sd[fused] if fused in sd else torch.cat([sd[f"{src}{names[x]}.weight"] for x in "qkv"])
     if cfg.qkv_bias:
@@ -266,7 +292,7 @@ def load_shard(folder: Path, cfg: ModelConfig, dtype: torch.dtype, device: str, 
     except (KeyError, RuntimeError) as e:
         raise DejavuError(f"cannot read the weights in {folder} layer by layer ({type(e).__name__}: {str(e)[:200]}): "
                           "the checkpoint is incomplete or not a transformers checkpoint of this architecture") from None
-    model.rope_inv_freq = torch.tensor(cfg.rope_inv_freq, dtype=torch.float32)  # as from_hf_model
+    model.set_rope()
     model.to(device=device, dtype=dtype)  # the embeddings, final norm and LM head (replicated)
     return tp.mark_sharded(model, rank, world, model_fingerprint(model, samples)).eval()
 
@@ -278,7 +304,7 @@ def from_hf_model(hf_model, dtype=None, device="cpu", max_seq_len: int | None = 
         model = Transformer(cfg)
     weights = weights_from_hf(hf_model.state_dict(), cfg)
     model.load_state_dict(weights, strict=True, assign=True)
-    model.rope_inv_freq = torch.tensor(cfg.rope_inv_freq, dtype=torch.float32)
+    model.set_rope()
     return model.to(device=device, dtype=dtype or next(iter(weights.values())).dtype).eval()
 
 
@@ -347,7 +373,7 @@ def load(name: str = DEFAULT_MODEL, dtype: torch.dtype | None = None, device: st
         with torch.device("meta"):
             model = Transformer(cfg).to(dtype or torch.bfloat16)  # cast on meta: no fp32 copy on the device
         model = tensor_parallel.shard(model, *tp).to_empty(device=device)
-        model.rope_inv_freq = torch.tensor(cfg.rope_inv_freq, dtype=torch.float32, device=device)
+        model.set_rope(device)
         if model.device.type != "meta":  # `dejavu info` on a preset allocates nothing
             init_synthetic_(model, seed)
         shard = f", tensor-parallel shard {tp[0]} of {tp[1]}" if tp[1] > 1 else ""

@@ -55,6 +55,9 @@ class ModelConfig:
     tie_embeddings: bool = True
     qk_norm: bool = False    # RMS norm over each head's query and key before RoPE (Qwen3)
     windows: tuple[int, ...] = ()  # per layer: a query sees only the last W keys (0: all); () none
+    post_norms: bool = False  # Gemma 2/3: a norm on the attention output and on the MLP output too
+    attn_scale: float = 0.0   # the attention logits' scale (0: head_dim ** -0.5)
+    rope_local_inv_freq: tuple[float, ...] = ()  # RoPE of the windowed layers where it differs (Gemma 3)
 
     @property
     def n_in(self) -> int:
@@ -68,6 +71,7 @@ class ModelConfig:
         d = dict(d)
         d["rope_inv_freq"] = tuple(d.get("rope_inv_freq", ()))
         d["windows"] = tuple(d.get("windows", ()))
+        d["rope_local_inv_freq"] = tuple(d.get("rope_local_inv_freq", ()))
         return cls(**d)
 
 
@@ -245,7 +249,7 @@ class Attention(nn.Module):
                 q, k = apply_rope(q, rope), apply_rope(k, rope)
             if cache is not None:
                 k, v = cache.update(layer, pos, k, v)
-        y = kernels.attention(q, k, v, mask, heads, self.cfg.n_heads)  # [B, T, heads, head_dim]
+        y = kernels.attention(q, k, v, mask, heads, self.cfg.n_heads, self.cfg.attn_scale or None)  # [B, T, m, hd]
         if sparsity is not None:
             y = sparsity.inputs(layer, "o", sparsity.heads(layer, x, y).flatten(2))
         return self.project_out(y.flatten(2), heads, input_rule(sparsity, layer, "o"))
@@ -325,6 +329,8 @@ class Block(nn.Module):
         self.attn = Attention(cfg)
         self.mlp_norm = Norm(cfg)
         self.mlp = MLP(cfg)
+        self.post_attn_norm = Norm(cfg) if cfg.post_norms else None
+        self.post_mlp_norm = Norm(cfg) if cfg.post_norms else None
 
     def forward(self, x, rope, mask, cache, pos, sparsity=None, mlp_out=None):
         """x + mlp_out (the previous block's MLP output) is the residual entering this block: each
@@ -333,8 +339,10 @@ class Block(nn.Module):
         x, h = self.attn_norm.add(x, mlp_out)
         if sparsity is not None:
             sparsity.enter(self.layer, x)
-        x, h = self.mlp_norm.add(x, self.attn(h, rope, mask, cache, self.layer, pos, sparsity))
-        return x, self.mlp(h, self.layer, sparsity)
+        y = self.attn(h, rope, mask, cache, self.layer, pos, sparsity)
+        x, h = self.mlp_norm.add(x, y if self.post_attn_norm is None else self.post_attn_norm(y))
+        y = self.mlp(h, self.layer, sparsity)
+        return x, y if self.post_mlp_norm is None else self.post_mlp_norm(y)
 
 
 def apply_rope(x, rope):
@@ -354,6 +362,13 @@ class Transformer(nn.Module):
         self.lm_head = None if cfg.tie_embeddings else nn.Parameter(torch.empty(cfg.vocab_size, cfg.d_model))
         self.register_buffer("rope_inv_freq", torch.tensor(cfg.rope_inv_freq, dtype=torch.float32),
                              persistent=False)
+        self.register_buffer("rope_local_inv_freq", torch.tensor(cfg.rope_local_inv_freq, dtype=torch.float32),
+                             persistent=False)
+
+    def set_rope(self, device=None):
+        """The RoPE tables from the config (after building on the meta device)."""
+        self.rope_inv_freq = torch.tensor(self.cfg.rope_inv_freq, dtype=torch.float32, device=device)
+        self.rope_local_inv_freq = torch.tensor(self.cfg.rope_local_inv_freq, dtype=torch.float32, device=device)
 
     @property
     def device(self):
@@ -427,10 +442,12 @@ class Transformer(nn.Module):
     def window(self, layer: int) -> int:
         return self.cfg.windows[layer] if self.cfg.windows else 0
 
-    def rope(self, pos):
+    def rope(self, pos, window: int = 0):
+        """(cos, sin) at positions pos; a windowed layer's own RoPE where the model has one."""
         if self.cfg.positions != "rope":
             return None
-        freqs = pos[..., None].float() * self.rope_inv_freq
+        inv_freq = self.rope_local_inv_freq if window and self.cfg.rope_local_inv_freq else self.rope_inv_freq
+        freqs = pos[..., None].float() * inv_freq
         emb = torch.cat((freqs, freqs), dim=-1)[:, None]
         scale = self.cfg.rope_scale
         return (emb.cos() * scale).to(self.dtype), (emb.sin() * scale).to(self.dtype)
@@ -463,13 +480,16 @@ class Transformer(nn.Module):
             raise ValueError(f"sequence of {T} tokens exceeds the model's context of {self.cfg.max_seq_len}")
         positions = self.positions(B, T, start_pos, cache)
         x = self.embed(tokens, positions)
-        rope = self.rope(positions)
-        masks = {w: self.attention_mask(T, start_pos, cache, w) for w in {0, *self.cfg.windows}}
+        windows = {0, *self.cfg.windows}
+        masks = {w: self.attention_mask(T, start_pos, cache, w) for w in windows}
+        ropes = {w: self.rope(positions, w) for w in windows} if self.cfg.rope_local_inv_freq else \
+            dict.fromkeys(windows, self.rope(positions))
         # the tokens' cache slots, for the blocks: the first (an int), or all T as a device tensor
         pos = start_pos + torch.arange(T, device=self.device) if isinstance(start_pos, torch.Tensor) else start_pos
         mlp_out = None
         for i, block in enumerate(self.layers):
-            x, mlp_out = block(x, rope, masks[self.window(i)], cache, pos, sparsity, mlp_out)
+            w = self.window(i)
+            x, mlp_out = block(x, ropes[w], masks[w], cache, pos, sparsity, mlp_out)
         return self.logits(x, mlp_out)
 
 

@@ -166,7 +166,7 @@ class AttentionMask(NamedTuple):
 
 
 def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: AttentionMask,
-              heads: torch.Tensor | None = None, n_heads: int | None = None) -> torch.Tensor:
+              heads: torch.Tensor | None = None, n_heads: int | None = None, scale: float | None = None) -> torch.Tensor:
     """q [B, m, T, hd] of the query heads `heads` (None: all m heads), k, v [B, kv_heads, keys, hd]
     -> [B, T, m, hd]. One token over the whole cache on CUDA: the decode kernel, which reads only
     the selected heads' K/V groups; else SDPA, each selected head over its own K/V group."""
@@ -174,11 +174,12 @@ def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: Attention
     n_heads = n_heads or m
     if mask.length is not None and T == 1 and q.is_cuda:
         idx = heads if heads is not None else _all_heads(n_heads, q.device)
-        return decode_attention(q[:, :, 0], k, v, idx, n_heads, mask.length, mask.key_valid, hd ** -0.5)[:, None]
+        return decode_attention(q[:, :, 0], k, v, idx, n_heads, mask.length, mask.key_valid, scale or hd ** -0.5)[:, None]
     if heads is not None:
         group = heads // (n_heads // k.shape[1])
         k, v = k[:, group], v[:, group]
-    y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask.dense, enable_gqa=heads is None and m != k.shape[1])
+    y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask.dense, enable_gqa=heads is None and m != k.shape[1],
+                                       scale=scale)
     return y.transpose(1, 2)
 
 
