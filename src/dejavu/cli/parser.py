@@ -136,8 +136,9 @@ def kernel_shapes(text: str) -> list[str]:
 
 def add_model_args(p: argparse.ArgumentParser):
     p.add_argument("--model", default=DEFAULT_MODEL,
-                   help=f"'{DEFAULT_MODEL}' (packaged), a local Hugging Face folder, a hub id already in the "
-                        f"local cache, or a shape preset with synthetic weights: {', '.join(PRESETS)}")
+                   help=f"'{DEFAULT_MODEL}' (packaged), a local Hugging Face folder, a .gguf file (converted once "
+                        f"into the cache), a hub id already in the local cache, or a shape preset with synthetic "
+                        f"weights: {', '.join(PRESETS)}")
     p.add_argument("--device", default="auto", help="cpu, cuda, cuda:N or auto (cuda when present)")
     p.add_argument("--dtype", choices=DTYPES, default=None,
                    help="weight dtype (default: float32 on cpu, bfloat16 on cuda and for presets)")
