@@ -368,12 +368,12 @@ def test_impossible_densities_on_the_command_line(argv, capsys):
     assert "(0, 1]" in err
 
 
-@pytest.mark.parametrize("family", ["qwen3", "phi3", "gemma3"])
+@pytest.mark.parametrize("family", ["qwen3", "phi3", "gemma2", "gemma3"])
 def test_newer_families_run_through_calibrate_analyze_and_sparse_generate(family, tmp_path, capsys):
     """A tiny random Qwen3 (per-head q/k norms), Phi-3 (fused qkv and gate_up tensors) and Gemma 3
     (local and global layers, post norms) folder,
     SmolLM2's tokenizer: calibrate, analyze with its predictors, generate with them and input-side."""
-    from transformers import AutoTokenizer, Gemma3TextConfig, Phi3Config, Qwen3Config
+    from transformers import AutoTokenizer, Gemma2Config, Gemma3TextConfig, Phi3Config, Qwen3Config
     from transformers import AutoModelForCausalLM
     from dejavu.load import smollm2_folder
     tok = AutoTokenizer.from_pretrained(smollm2_folder(), local_files_only=True)
@@ -382,6 +382,7 @@ def test_newer_families_run_through_calibrate_analyze_and_sparse_generate(family
                  num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=256,
                  bos_token_id=tok.bos_token_id, eos_token_id=tok.eos_token_id, pad_token_id=0)
     cfg = {"qwen3": lambda: Qwen3Config(head_dim=24, **shape), "phi3": lambda: Phi3Config(**shape),
+           "gemma2": lambda: Gemma2Config(head_dim=16, sliding_window=32, **shape),
            "gemma3": lambda: Gemma3TextConfig(head_dim=16, sliding_window=32, **shape)}[family]()
     folder, preds = tmp_path / family, tmp_path / "predictors"
     AutoModelForCausalLM.from_config(cfg).save_pretrained(folder)

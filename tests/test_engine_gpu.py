@@ -26,7 +26,7 @@ def graph_greedy(model, prompt, n, sparsity=None):
 
 
 @pytest.mark.parametrize("name", ["llama-gqa", "opt-relu", "llama-biases", "qwen3-qk-norm", "phi3-fused",
-                                  "mistral-window", "gemma3-local-global"])
+                                  "mistral-window", "gemma3-local-global", "gemma2-softcap"])
 @pytest.mark.parametrize("sparse", [False, True])
 def test_graph_step_gives_the_eager_tokens(name, sparse, tmp_path):
     """Same weights, same selections: the whole-step graph (device positions, whole-cache

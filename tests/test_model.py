@@ -1,7 +1,7 @@
 """Our engine against transformers, the KV cache against no cache, batching against single prompts."""
 import pytest
 import torch
-from transformers import (AutoModelForCausalLM, Gemma3TextConfig, GemmaConfig, LlamaConfig, MistralConfig, OPTConfig, Phi3Config,
+from transformers import (AutoModelForCausalLM, Gemma2Config, Gemma3TextConfig, GemmaConfig, LlamaConfig, MistralConfig, OPTConfig, Phi3Config,
                           Qwen2Config, Qwen3Config)
 
 from conftest import rel_err
@@ -43,6 +43,9 @@ RANDOM_CONFIGS = {
                                                     sliding_window=16, query_pre_attn_scalar=24,
                                                     layer_types=["sliding_attention", "full_attention", "sliding_attention"],
                                                     **SMALL),
+    "gemma2-softcap": lambda: Gemma2Config(intermediate_size=96, num_key_value_heads=2, head_dim=16, sliding_window=16,
+                                           query_pre_attn_scalar=24, attn_logit_softcapping=2.0,
+                                           final_logit_softcapping=3.0, **SMALL),
     "opt-relu": lambda: OPTConfig(hidden_size=64, num_hidden_layers=3, num_attention_heads=4, ffn_dim=96,
                                   vocab_size=101, max_position_embeddings=128, word_embed_proj_dim=64),
 }
@@ -82,7 +85,7 @@ def test_smollm2_greedy_generation_matches_transformers(smollm2):
 
 
 @pytest.mark.parametrize("name", ["llama-gqa", "opt-relu", "gemma-geglu", "llama-biases", "qwen3-qk-norm", "phi3-fused",
-                                  "mistral-window", "qwen2-window-layers", "gemma3-local-global"])
+                                  "mistral-window", "qwen2-window-layers", "gemma3-local-global", "gemma2-softcap"])
 def test_cached_decode_equals_full_forward(name):
     """Prefill + one-token decode steps over the KV cache give the logits of one full forward."""
     model, _ = random_pair(name)

@@ -242,7 +242,8 @@ def decode_side_by_side(model, gathered, masked, prompt, length, atol):
                                                  ("llama-biases", 1, "gate, torch path"),
                                                  ("qwen3-qk-norm", 2, "predicted"), ("qwen3-qk-norm", 1, "gate"),
                                                  ("phi3-fused", 1, "predicted"), ("mistral-window", 2, "predicted"),
-                                                 ("gemma3-local-global", 1, "predicted"), ("gemma3-local-global", 2, "gate")])
+                                                 ("gemma3-local-global", 1, "predicted"), ("gemma3-local-global", 2, "gate"),
+                                                 ("gemma2-softcap", 2, "predicted")])
 def test_gathered_equals_masked_over_a_generation(name, batch, selector, tmp_path, monkeypatch):
     """The fast path computes what was evaluated: same selection -> same logits, step after step
     over the KV cache (batch > 1: both use the batch's union of sets)."""

@@ -25,7 +25,7 @@ def decode(model, prompt, n, sparsity=None, static=False, lazy_window=0):
 
 
 @pytest.mark.parametrize("name", ["llama-gqa", "opt-relu", "llama-biases", "mistral-window", "qwen2-window-layers",
-                                  "gemma3-local-global"])
+                                  "gemma3-local-global", "gemma2-softcap"])
 def test_device_position_step_equals_eager_step(name):
     model, _ = random_pair(name)
     prompt = tokens(n=7, b=1, seed=2)

@@ -21,7 +21,7 @@ from .model import ModelConfig, Transformer, init_synthetic_
 
 DEFAULT_MODEL = "smollm2-135m"
 SMOLLM2_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
-SUPPORTED = ("llama", "mistral", "qwen2", "qwen3", "phi3", "gemma", "gemma3_text", "opt")
+SUPPORTED = ("llama", "mistral", "qwen2", "qwen3", "phi3", "gemma", "gemma2", "gemma3_text", "opt")
 
 # Shapes of public models, for speed work on synthetic weights (HF config fields).
 PRESETS: dict[str, tuple[str, dict]] = {
@@ -81,15 +81,12 @@ def hf_config_for_preset(name: str, layers: int | None = None):
 def config_from_hf(hf, max_seq_len: int | None = None) -> ModelConfig:
     """HF config -> ModelConfig, or a DejavuError naming what is unsupported."""
     mt = getattr(hf, "model_type", None)
-    if mt == "gemma2":
-        raise DejavuError("unsupported architecture 'gemma2': its attention logit soft-capping is not built yet "
-                          "(Gemma 3 text models, gemma3_text, are supported)")
     if mt == "gemma3":
         raise DejavuError("unsupported architecture 'gemma3' (the image-text model): dejavu runs text-only Gemma 3 "
                           "checkpoints (model_type gemma3_text, e.g. gemma-3-1b)")
     if mt not in SUPPORTED:
         raise DejavuError(f"unsupported architecture '{mt}' ({type(hf).__name__}). dejavu supports "
-                          f"{', '.join(SUPPORTED)} checkpoints (Llama-style, Qwen2/3, Phi-3, Gemma 1 and 3, OPT).")
+                          f"{', '.join(SUPPORTED)} checkpoints (Llama-style, Qwen2/3, Phi-3, Gemma 1/2/3, OPT).")
     d, nh = hf.hidden_size, hf.num_attention_heads
     common = dict(vocab_size=hf.vocab_size, n_layers=hf.num_hidden_layers, d_model=d, n_heads=nh,
                   tie_embeddings=bool(getattr(hf, "tie_word_embeddings", True)))
@@ -107,7 +104,7 @@ def config_from_hf(hf, max_seq_len: int | None = None) -> ModelConfig:
                            mlp_bias=bias, **common)
 
     head_dim = getattr(hf, "head_dim", None) or d // nh
-    gemma = mt in ("gemma", "gemma3_text")
+    gemma = mt in ("gemma", "gemma2", "gemma3_text")
     if gemma:
         act, embed_scale = "gelu_tanh", float(d) ** 0.5
         if getattr(hf, "hidden_activation", None) not in (None, "gelu_pytorch_tanh"):
@@ -123,9 +120,7 @@ def config_from_hf(hf, max_seq_len: int | None = None) -> ModelConfig:
                           f"{params['partial_rotary_factor']}, as in Phi-4-mini); dejavu rotates whole heads")
     if params.get("rope_type") == "longrope":  # its short factors hold up to the original context
         ctx = min(ctx, params.get("original_max_position_embeddings") or hf.original_max_position_embeddings)
-    gemma3 = mt == "gemma3_text"
-    if gemma3 and (getattr(hf, "attn_logit_softcapping", None) or getattr(hf, "final_logit_softcapping", None)):
-        raise DejavuError("unsupported: this Gemma 3 config soft-caps logits (not built yet)")
+    gemma3, post_norms = mt == "gemma3_text", mt in ("gemma2", "gemma3_text")
     inv_freq, rope_scale = rope_frequencies(hf, head_dim, "full_attention" if gemma3 else None)
     local = ()
     if gemma3:  # the sliding layers' own RoPE (base rope_local_base_freq)
@@ -140,15 +135,17 @@ def config_from_hf(hf, max_seq_len: int | None = None) -> ModelConfig:
                        rope_inv_freq=tuple(inv_freq.tolist()), rope_scale=rope_scale, embed_scale=embed_scale,
                        qkv_bias=attn_bias or mt == "qwen2", o_bias=attn_bias,
                        mlp_bias=bool(getattr(hf, "mlp_bias", False)), qk_norm=mt in ("qwen3", "gemma3_text"),
-                       windows=windows, post_norms=gemma3, rope_local_inv_freq=local,
-                       attn_scale=hf.query_pre_attn_scalar ** -0.5 if gemma3 else 0.0, **common)
+                       windows=windows, post_norms=post_norms, rope_local_inv_freq=local,
+                       attn_scale=hf.query_pre_attn_scalar ** -0.5 if post_norms else 0.0,
+                       attn_softcap=float(getattr(hf, "attn_logit_softcapping", None) or 0.0),
+                       logit_softcap=float(getattr(hf, "final_logit_softcapping", None) or 0.0), **common)
 
 
 def sliding_windows(hf, mt: str) -> tuple[int, ...]:
     """Per layer, the keys a query sees (0: all), from `sliding_window` and, where the config
     has them, `layer_types` (Qwen's first max_window_layers layers see all); () where none applies."""
     window = getattr(hf, "sliding_window", None) \
-        if getattr(hf, "use_sliding_window", mt in ("mistral", "phi3", "gemma3_text")) else None
+        if getattr(hf, "use_sliding_window", mt in ("mistral", "phi3", "gemma2", "gemma3_text")) else None
     if not window or window >= hf.max_position_embeddings:
         return ()
     types = getattr(hf, "layer_types", None) or ["sliding_attention"] * hf.num_hidden_layers

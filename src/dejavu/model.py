@@ -58,6 +58,8 @@ class ModelConfig:
     post_norms: bool = False  # Gemma 2/3: a norm on the attention output and on the MLP output too
     attn_scale: float = 0.0   # the attention logits' scale (0: head_dim ** -0.5)
     rope_local_inv_freq: tuple[float, ...] = ()  # RoPE of the windowed layers where it differs (Gemma 3)
+    attn_softcap: float = 0.0   # Gemma 2: attention logits -> cap * tanh(logits / cap) (0: none)
+    logit_softcap: float = 0.0  # Gemma 2: the same on the output logits
 
     @property
     def n_in(self) -> int:
@@ -249,7 +251,8 @@ class Attention(nn.Module):
                 q, k = apply_rope(q, rope), apply_rope(k, rope)
             if cache is not None:
                 k, v = cache.update(layer, pos, k, v)
-        y = kernels.attention(q, k, v, mask, heads, self.cfg.n_heads, self.cfg.attn_scale or None)  # [B, T, m, hd]
+        y = kernels.attention(q, k, v, mask, heads, self.cfg.n_heads, self.cfg.attn_scale or None,
+                              self.cfg.attn_softcap)  # [B, T, m, hd]
         if sparsity is not None:
             y = sparsity.inputs(layer, "o", sparsity.heads(layer, x, y).flatten(2))
         return self.project_out(y.flatten(2), heads, input_rule(sparsity, layer, "o"))
@@ -462,7 +465,9 @@ class Transformer(nn.Module):
 
     def logits(self, x, mlp_out=None):
         w = self.tok_emb.weight if self.lm_head is None else self.lm_head
-        return F.linear(self.norm.add(x, mlp_out)[1], w)
+        logits = F.linear(self.norm.add(x, mlp_out)[1], w)
+        cap = self.cfg.logit_softcap
+        return logits if not cap else torch.tanh(logits / cap) * cap
 
     def forward(self, tokens: torch.Tensor, cache: KVCache | None = None, start_pos: int = 0, sparsity=None):
         """tokens [B, T] -> logits [B, T, vocab]. With a cache, the tokens sit at slots

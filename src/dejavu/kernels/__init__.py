@@ -166,21 +166,34 @@ class AttentionMask(NamedTuple):
 
 
 def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: AttentionMask,
-              heads: torch.Tensor | None = None, n_heads: int | None = None, scale: float | None = None) -> torch.Tensor:
+              heads: torch.Tensor | None = None, n_heads: int | None = None, scale: float | None = None,
+              softcap: float = 0.0) -> torch.Tensor:
     """q [B, m, T, hd] of the query heads `heads` (None: all m heads), k, v [B, kv_heads, keys, hd]
     -> [B, T, m, hd]. One token over the whole cache on CUDA: the decode kernel, which reads only
     the selected heads' K/V groups; else SDPA, each selected head over its own K/V group."""
     B, m, T, hd = q.shape
     n_heads = n_heads or m
-    if mask.length is not None and T == 1 and q.is_cuda:
+    if mask.length is not None and T == 1 and q.is_cuda and not softcap:
         idx = heads if heads is not None else _all_heads(n_heads, q.device)
         return decode_attention(q[:, :, 0], k, v, idx, n_heads, mask.length, mask.key_valid, scale or hd ** -0.5)[:, None]
     if heads is not None:
         group = heads // (n_heads // k.shape[1])
         k, v = k[:, group], v[:, group]
+    if softcap:  # SDPA has no soft-cap: the scores in torch (Gemma 2), every device
+        return softcap_attention(q, k, v, mask.dense, scale or hd ** -0.5, softcap)
     y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask.dense, enable_gqa=heads is None and m != k.shape[1],
                                        scale=scale)
     return y.transpose(1, 2)
+
+
+def softcap_attention(q, k, v, mask, scale: float, cap: float) -> torch.Tensor:
+    """Attention with soft-capped logits, cap * tanh(q.k * scale / cap), as Gemma 2 computes it:
+    q [B, m, T, hd], k, v [B, kv, keys, hd] (kv divides m), mask [B, 1, T, keys] -> [B, T, m, hd]."""
+    rep = q.shape[1] // k.shape[1]
+    k, v = k.repeat_interleave(rep, 1), v.repeat_interleave(rep, 1)
+    scores = torch.tanh(q @ k.transpose(-1, -2) * scale / cap) * cap
+    p = scores.masked_fill(~mask, float("-inf")).softmax(-1, dtype=torch.float32).to(q.dtype)
+    return (p @ v).transpose(1, 2)
 
 
 def sparse_mlp(mlp, x: torch.Tensor, idx: torch.Tensor) -> torch.Tensor:
