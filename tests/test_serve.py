@@ -627,3 +627,39 @@ def test_bad_predictors_stop_the_server_at_start_up(tmp_path):
     for name, words in (("other", "made for another model"), ("corrupt", "corrupt")):
         out, err = procs[name].communicate(timeout=240)
         assert procs[name].returncode != 0 and words in err and "Traceback" not in err, err
+
+
+def test_newer_families_serve_sparse(tmp_path):
+    """`dejavu serve --sparse --input-density 0.5` on tiny random Qwen3, Gemma 2 and Gemma 3 folders
+    (SmolLM2's tokenizer): each answers completions, greedy, the same text twice."""
+    import torch
+    from transformers import AutoModelForCausalLM, AutoTokenizer, Gemma2Config, Gemma3TextConfig, Qwen3Config
+
+    from dejavu.load import smollm2_folder
+    tok = AutoTokenizer.from_pretrained(smollm2_folder(), local_files_only=True)
+    shape = dict(vocab_size=len(tok), hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
+                 num_key_value_heads=2, max_position_embeddings=TINY_CONTEXT, bos_token_id=tok.bos_token_id,
+                 eos_token_id=tok.eos_token_id, pad_token_id=0)
+    configs = {"qwen3": Qwen3Config(head_dim=24, **shape), "gemma2": Gemma2Config(head_dim=16, sliding_window=8, **shape),
+               "gemma3": Gemma3TextConfig(head_dim=16, sliding_window=8, **shape)}
+    procs = {}
+    try:
+        for name, cfg in configs.items():
+            torch.manual_seed(0)
+            AutoModelForCausalLM.from_config(cfg).save_pretrained(tmp_path / name)
+            tok.save_pretrained(tmp_path / name)
+            log = open(tmp_path / f"{name}.log", "w")
+            procs[name] = (*launch_cli(["--model", str(tmp_path / name), "--sparse", "--input-density", "0.5"], log), log)
+        for name, (proc, url, log) in procs.items():
+            wait_ready(proc, url, tmp_path / f"{name}.log")
+            c = openai.OpenAI(base_url=url + "/v1", api_key="none", max_retries=0)
+            texts = [c.completions.create(model=str(tmp_path / name), prompt="The history of the city of Paris",
+                                          max_tokens=12, temperature=0).choices[0].text for _ in range(2)]
+            assert texts[0] == texts[1] and texts[0], (name, texts)
+    finally:
+        for proc, _, log in procs.values():
+            proc.terminate()
+            proc.wait(timeout=30)
+            log.close()
+    for name in configs:
+        assert "Traceback" not in (tmp_path / f"{name}.log").read_text(), name

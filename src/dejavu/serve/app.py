@@ -455,10 +455,15 @@ def serve(loaded, sparsity, guard, host: str, port: int, batch_size: int, max_qu
     thread = threading.Thread(target=scheduler.run, name="dejavu-scheduler", daemon=True)
     thread.start()
     warm_up(scheduler, loaded.tokenizer)
-    mode = "dense" if sparsity is None else (f"sparse (MLP density {scheduler.density('mlp'):.2f}, attention "
-                                             f"{scheduler.density('attn'):.2f} on the warm-up"
-                                             f"{', guarded' if guard is not None else ''}; batches of more "
-                                             f"than {sparse_max_batch} decode dense)")
+    if sparsity is None:
+        mode = "dense"
+    elif sparsity.input_side:
+        mode = (f"sparse ({sparsity.selector.name}, thresholds set for {sparsity.target:g} of the input "
+                f"channels; batches of more than {sparse_max_batch} decode dense)")
+    else:
+        mode = (f"sparse (MLP density {scheduler.density('mlp'):.2f}, attention {scheduler.density('attn'):.2f} on "
+                f"the warm-up{', guarded' if guard is not None else ''}; batches of more than {sparse_max_batch} "
+                "decode dense)")
     print(f"dejavu serve: {loaded.name}, {mode} decode, batch up to {batch_size}, queue up to {max_queue}; "
           f"http://{host}:{port}/v1" + (" (API key required)" if settings.api_key else ""), file=sys.stderr)
     try:

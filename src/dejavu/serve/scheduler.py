@@ -91,6 +91,8 @@ class Scheduler:
     def count_units(self, sparse, rows: int):
         """Adds one decode step's units to the achieved densities (a dense step computes them all)."""
         cfg = self.model.cfg
+        if sparse is not None and sparse.input_side:  # every neuron and head runs (on fewer input channels)
+            sparse = None
         for part, n in (("mlp", cfg.d_ff), ("attn", cfg.n_heads)):
             kept, total = sparse.kept[part] if sparse is not None else (0, 0)
             if total == 0:  # this part ran dense
