@@ -150,3 +150,12 @@ def test_context_overflow_is_a_clear_error():
     model, _ = random_pair("llama-gqa")
     with pytest.raises(DejavuError, match="exceeds the model's context of 128"):
         generate_ids(model, [[1] * 100], 40)
+
+
+@pytest.mark.parametrize("name", ["llama-gqa", "opt-relu", "gemma2-softcap", "qwen3-qk-norm"])
+def test_info_counts_every_weight_once(name):
+    """`dejavu info`'s parts add up to every parameter of the model (post norms and q/k norms too)."""
+    from dejavu.model import param_bytes
+    model, _ = random_pair(name)
+    parts = param_bytes(model)
+    assert parts["total"] == sum(p.numel() * p.element_size() for p in model.parameters())

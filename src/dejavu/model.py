@@ -506,8 +506,9 @@ def param_bytes(model: Transformer) -> dict[str, int]:
         "embeddings": nbytes([model.tok_emb.weight] + ([model.pos_emb.weight] if model.pos_emb is not None else [])),
         "attention": nbytes(p for b in model.layers for p in b.attn.parameters()),
         "mlp": nbytes(p for b in model.layers for p in b.mlp.parameters()),
-        "norms": nbytes(list(model.norm.parameters()) + [p for b in model.layers
-                                                          for n in (b.attn_norm, b.mlp_norm) for p in n.parameters()]),
+        "norms": nbytes(list(model.norm.parameters()) + [
+            p for b in model.layers for n in (b.attn_norm, b.mlp_norm, b.post_attn_norm, b.post_mlp_norm)
+            if n is not None for p in n.parameters()]),
         "lm_head": nbytes([model.lm_head]) if model.lm_head is not None else 0,
     }
     parts["total"] = sum(parts.values())
