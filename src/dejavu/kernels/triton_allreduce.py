@@ -2,9 +2,10 @@
 
 A decode step of a tensor-parallel model all-reduces one row per token (1 x d_model) twice per
 layer. NCCL's ring/tree algorithms are built for bandwidth: on two H200s one such call costs about
-20 us in a graph: 128 calls a token, about a quarter of a sparse OPT-66B step. Here every rank writes its tensor straight into
-each peer's receive buffer (stores over NVLink), raises a flag there, waits for the peers' flags
-in its own memory and sums what arrived: one one-way trip of latency, no second barrier.
+20 us in a graph (128 calls a token: about a quarter of a sparse OPT-66B step). Here every rank
+writes its tensor straight into each peer's receive buffer (stores over NVLink), raises a flag
+there, waits for the peers' flags in its own memory and sums what arrived: one one-way trip of
+latency, no second barrier.
 
 The buffers come from torch's symmetric memory (`symm_mem.empty` + `rendezvous`: the same
 allocation mapped on every rank); only plain loads, stores and atomics on peer addresses are used,
