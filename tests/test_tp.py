@@ -48,7 +48,7 @@ def worker(rank, port, name, device, results):
     os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank), WORLD_SIZE=str(WORLD),
                       LOCAL_RANK=str(rank), LOCAL_WORLD_SIZE=str(WORLD),
                       TORCH_SYMM_MEM_DISABLE_MULTICAST="1", NCCL_NVLS_ENABLE="0")
-    faulthandler.dump_traceback_later(100, exit=True)  # a hung collective fails the test, with its stack
+    faulthandler.dump_traceback_later(600, exit=True)  # a hung collective fails the test, with its stack
     torch.set_num_threads(1)
     if device == "cuda":
         torch.cuda.set_device(rank)
@@ -78,7 +78,7 @@ def all_reduce_worker(rank, port, results):
     os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank), WORLD_SIZE=str(WORLD),
                       LOCAL_RANK=str(rank), LOCAL_WORLD_SIZE=str(WORLD),
                       TORCH_SYMM_MEM_DISABLE_MULTICAST="1", NCCL_NVLS_ENABLE="0")
-    faulthandler.dump_traceback_later(100, exit=True)  # a hung collective fails the test, with its stack
+    faulthandler.dump_traceback_later(600, exit=True)  # a hung collective fails the test, with its stack
     torch.cuda.set_device(rank)
     dist.init_process_group("nccl", rank=rank, world_size=WORLD)
     try:

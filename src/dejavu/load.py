@@ -231,7 +231,8 @@ def layer_weights_from_hf(sd, cfg: ModelConfig, i: int) -> dict[str, torch.Tenso
         out[dst + "attn.bo"] = sd[src + names["o"] + ".bias"]
     if cfg.gated:
         fused = src + "mlp.gate_up_proj.weight"
-        gate, up = (sd[fused].chunk(2) if fused in sd else (sd[src + "mlp.gate_proj.weight"], sd[src + "mlp.up_proj.weight"]))
+        gate, up = sd[fused].chunk(2) if fused in sd else \
+            (sd[src + "mlp.gate_proj.weight"], sd[src + "mlp.up_proj.weight"])
         out[dst + "mlp.w_in"] = torch.stack((gate, up), dim=1)
         out[dst + "mlp.w_out_t"] = sd[src + "mlp.down_proj.weight"].t().contiguous()
         if cfg.mlp_bias:
@@ -281,14 +282,16 @@ def load_shard(folder: Path, cfg: ModelConfig, dtype: torch.dtype, device: str, 
     try:
         for i, block in enumerate(model.layers):
             full = layer_weights_from_hf(ckpt, cfg, i)
-            block.load_state_dict({k.removeprefix(f"layers.{i}."): v for k, v in full.items()}, strict=True, assign=True)
+            block.load_state_dict({k.removeprefix(f"layers.{i}."): v for k, v in full.items()},
+                                  strict=True, assign=True)
             samples.append(fingerprint_sample(block))
             tp.shard_block(block, rank, world)
             block.to(device=device, dtype=dtype)
         model.load_state_dict(outer_weights_from_hf(ckpt, cfg), strict=False, assign=True)
     except (KeyError, RuntimeError) as e:
-        raise DejavuError(f"cannot read the weights in {folder} layer by layer ({type(e).__name__}: {str(e)[:200]}): "
-                          "the checkpoint is incomplete or not a transformers checkpoint of this architecture") from None
+        raise DejavuError(f"cannot read the weights in {folder} layer by layer ({type(e).__name__}: "
+                          f"{str(e)[:200]}): the checkpoint is incomplete or not a transformers checkpoint "
+                          "of this architecture") from None
     model.set_rope()
     model.to(device=device, dtype=dtype)  # the embeddings, final norm and LM head (replicated)
     return tp.mark_sharded(model, rank, world, model_fingerprint(model, samples)).eval()
