@@ -68,8 +68,8 @@ def _one_shot_kernel(x_ptr, out_ptr, n, bases_ptr, counters_ptr,
             if p == RANK:
                 v = tl.load(x_ptr + o, mask=m, other=0.0)
             else:
-                src = own.to(tl.pointer_type(dt)) + (slot * WORLD + p) * CAP
-                v = tl.load(src + o, mask=m, other=0.0, volatile=True)
+                v = tl.load(own.to(tl.pointer_type(dt)) + (slot * WORLD + p) * CAP + o, mask=m, other=0.0,
+                            volatile=True)
             acc += v.to(tl.float32)
         tl.store(out_ptr + o, acc.to(dt), mask=m)
     tl.store(counters_ptr + b, epoch)
