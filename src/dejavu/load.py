@@ -253,20 +253,18 @@ class Checkpoint:
 
     def __init__(self, folder: Path):
         from safetensors import safe_open
-        self.where = {}
+        self.where = {}  # tensor name -> its open file (each file's header read once)
         for f in sorted(folder.glob("*.safetensors")):
-            with safe_open(f, framework="pt") as st:
-                self.where.update(dict.fromkeys(st.keys(), f))
+            st = safe_open(f, framework="pt")
+            self.where.update(dict.fromkeys(st.keys(), st))
 
     def __contains__(self, name: str) -> bool:
         return name in self.where or name.removeprefix("model.") in self.where  # older OPT files: "decoder.*"
 
     def __getitem__(self, name: str) -> torch.Tensor:
-        from safetensors import safe_open
         if name not in self.where:
             name = name.removeprefix("model.")
-        with safe_open(self.where[name], framework="pt") as st:
-            return st.get_tensor(name)
+        return self.where[name].get_tensor(name)
 
 
 def load_shard(folder: Path, cfg: ModelConfig, dtype: torch.dtype, device: str, rank: int, world: int) -> Transformer:
@@ -329,7 +327,7 @@ def gguf_folder(gguf: Path, folder: Path | None = None, progress: bool = True) -
     if folder is None:  # one folder per file and version of it
         stat = gguf.stat()
         folder = cache_root() / "gguf" / f"{gguf.stem}-{stat.st_size:x}-{int(stat.st_mtime):x}"
-    if (folder / "model.safetensors").exists() and (folder / "config.json").exists():
+    if (folder / "config.json").exists() and any(folder.glob("*.safetensors")):  # complete: written atomically
         return folder
     from transformers import AutoModelForCausalLM, AutoTokenizer
     if progress:

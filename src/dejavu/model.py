@@ -485,7 +485,7 @@ class Transformer(nn.Module):
             raise ValueError(f"sequence of {T} tokens exceeds the model's context of {self.cfg.max_seq_len}")
         positions = self.positions(B, T, start_pos, cache)
         x = self.embed(tokens, positions)
-        windows = {0, *self.cfg.windows}
+        windows = set(self.cfg.windows) or {0}  # the masks the layers use, each built once
         masks = {w: self.attention_mask(T, start_pos, cache, w) for w in windows}
         ropes = {w: self.rope(positions, w) for w in windows} if self.cfg.rope_local_inv_freq else \
             dict.fromkeys(windows, self.rope(positions))

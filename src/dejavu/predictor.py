@@ -315,14 +315,13 @@ class Predictors:
         a copy; the shared low-rank input projection stays whole. The metadata's config becomes the
         shard's, so costs compare with the shard's block."""
         import copy
-        from .tp import _rows
+        from .tp import _rows, local_config
         preds = copy.deepcopy(self)
         for p in preds.mlp + preds.heads:
             p.up.weight, p.up.bias = _rows(p.up.weight, rank, world), _rows(p.up.bias, rank, world)
         sn = None if preds.static_neuron is None else [s.chunk(world)[rank] for s in preds.static_neuron]
         sh = None if preds.static_head is None else [s.chunk(world)[rank] for s in preds.static_head]
-        g = preds.meta["config"]
-        local = dict(g, n_heads=g["n_heads"] // world, n_kv_heads=g["n_kv_heads"] // world, d_ff=g["d_ff"] // world)
+        local = local_config(ModelConfig.from_dict(preds.meta["config"]), world).to_dict()
         return Predictors(preds.mlp, preds.heads, sn, sh, dict(preds.meta, config=local, tp=[rank, world]))
 
     def save(self, folder: Path):
