@@ -32,6 +32,28 @@ def test_device_position_step_equals_eager_step(name):
     torch.testing.assert_close(decode(model, prompt, 30, static=True), decode(model, prompt, 30), rtol=1e-4, atol=1e-5)
 
 
+@pytest.mark.parametrize("name", ["llama-gqa", "opt-relu", "mistral-window", "gemma3-local-global", "gemma2-softcap"])
+def test_rows_on_their_own_timelines_equal_each_prompt_alone(name, tmp_path):
+    """Serving's layout: each request prefilled into its own row of one cache, at slot 0, then
+    steps with a slot per row (a [B] device tensor) while the rows sit at different positions:
+    every row's logits equal its prompt decoded alone. Also through the gathered head path (every
+    head selected, so the answer is the same), which writes each row's K/V at its own slot."""
+    model, _ = random_pair(name)
+    prompts = [tokens(n=n, b=1, seed=s) for n, s in ((5, 3), (11, 4), (8, 5))]
+    alone = [decode(model, p, 12) for p in prompts]
+    every_head = Gathered(model, None, PredictorSelector(quick_predictors(model, tmp_path)), None, 1.0)
+    for sparsity in (None, every_head):
+        cache = model.new_cache(3, 40)
+        with torch.no_grad():
+            nxt = torch.cat([model(p, cache.rows(slice(r, r + 1)), 0)[:, -1].argmax(-1) for r, p in enumerate(prompts)])
+            pos = torch.tensor([p.shape[1] for p in prompts])
+            for i in range(12):
+                logits = model(nxt[:, None], cache, pos, sparsity)[:, -1]
+                for r in range(3):
+                    torch.testing.assert_close(logits[r], alone[r][0, i], rtol=1e-4, atol=1e-5)
+                nxt, pos = logits.argmax(-1), pos + 1
+
+
 @pytest.mark.parametrize("window", [2, 3, 8])
 def test_lazy_kv_fill_equals_computing_every_head(window, tmp_path):
     """OPT (multi-head): K/V computed only for the selected heads plus a few in turn give the

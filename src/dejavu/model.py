@@ -139,10 +139,16 @@ class KVCache:
     def update(self, layer: int, pos, k: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """Write the tokens' K and V [B, kv_heads, T, head_dim] at their slots -> the layer's keys and
         values to attend over. pos: the first slot (an int), then the slots so far are returned; or
-        the T slots as a device tensor (static shapes), then the whole cache (the mask hides the rest)."""
+        the slots as a device tensor [1 or B, T] (static shapes: one timeline, or a slot per row),
+        then the whole cache (the mask hides the rest)."""
         if isinstance(pos, torch.Tensor):
-            self.k[layer].index_copy_(2, pos, k)
-            self.v[layer].index_copy_(2, pos, v)
+            if pos.shape[0] == 1:
+                self.k[layer].index_copy_(2, pos[0], k)
+                self.v[layer].index_copy_(2, pos[0], v)
+            else:
+                at = pos[:, None, :, None].expand_as(k)
+                self.k[layer].scatter_(2, at, k)
+                self.v[layer].scatter_(2, at, v)
         else:
             self.k[layer, :, :, pos:pos + k.shape[2]] = k
             self.v[layer, :, :, pos:pos + k.shape[2]] = v
@@ -153,6 +159,14 @@ class KVCache:
         if isinstance(pos, torch.Tensor):
             return self.k[layer], self.v[layer]
         return self.k[layer, :, :, :pos + T], self.v[layer, :, :, :pos + T]
+
+    def rows(self, rows: slice) -> "KVCache":
+        """Some rows of this cache, sharing its memory: a request's row (its prefill writes there),
+        or the first n rows (a serving bucket's step)."""
+        view = object.__new__(KVCache)
+        view.kv, view.key_valid, view.pad = self.kv[:, :, rows], self.key_valid[rows], self.pad[rows]
+        view.max_seq_len = self.max_seq_len
+        return view
 
     def set_padding(self, pad: torch.Tensor):
         self.pad = pad.to(self.key_valid.device)
@@ -183,15 +197,16 @@ class LazyKVCache(KVCache):
         if self._plan is None or self._plan[0] is not pos:
             W = self.window
             r = -(-self.n_heads // (W - 1))
-            turn = (pos * r + torch.arange(r, device=pos.device)) % self.n_heads
-            window = (pos - W + 1 + torch.arange(W, device=pos.device)).clamp(min=0)  # repeats slot 0 early on
+            at = pos.reshape(())
+            turn = (at * r + torch.arange(r, device=pos.device)) % self.n_heads
+            window = (at - W + 1 + torch.arange(W, device=pos.device)).clamp(min=0)  # repeats slot 0 early on
             self._plan = (pos, turn, window)
         return self._plan[1:]
 
     def qkv(self, attn: "Attention", layer: int, pos, x: torch.Tensor, heads: torch.Tensor | None):
         """Keep x, then Q of the query heads and the layer's keys and values to attend over: lazily
         for one token at a device position with a head selection, else as any cache (no RoPE here)."""
-        slots = pos if isinstance(pos, torch.Tensor) else pos + torch.arange(x.shape[1], device=x.device)
+        slots = pos[0] if isinstance(pos, torch.Tensor) else pos + torch.arange(x.shape[1], device=x.device)
         self.x[layer].index_copy_(1, slots, x)
         if heads is None or x.shape[1] != 1 or not isinstance(pos, torch.Tensor):
             q, k, v = attn.qkv(x, heads)
@@ -412,8 +427,14 @@ class Transformer(nn.Module):
                 p.data = (w.t().contiguous().t() if input_major else w.contiguous()).view(p.shape)
         return self
 
-    def positions(self, B: int, T: int, start_pos: int, cache: KVCache | None):
-        pos = (start_pos + torch.arange(T, device=self.device))[None, :].expand(B, T)
+    def slots(self, T: int, start_pos) -> torch.Tensor:
+        """The tokens' cache slots [1 or B, T]: from one first slot (an int or a 0-dim device tensor),
+        or from each row's own (a [B] device tensor: rows on their own timelines, as serving runs them)."""
+        start = start_pos.reshape(-1, 1) if isinstance(start_pos, torch.Tensor) else start_pos
+        return (start + torch.arange(T, device=self.device)).reshape(-1, T)
+
+    def positions(self, B: int, T: int, start_pos, cache: KVCache | None):
+        pos = self.slots(T, start_pos).expand(B, T)
         if cache is not None:
             pos = (pos - cache.pad[:, None]).clamp(min=0)
         return pos
@@ -431,16 +452,17 @@ class Transformer(nn.Module):
             return kernels.AttentionMask(seen[None, None])
         static = isinstance(start_pos, torch.Tensor)  # keys: the whole cache (static shapes)
         end = cache.max_seq_len if static else start_pos + T
-        slot_q = (start_pos + torch.arange(T, device=self.device))[:, None]
-        slot_k = torch.arange(end, device=self.device)[None, :]
+        slot_q = self.slots(T, start_pos)[:, :, None]  # [1 or B, T, 1]
+        slot_k = torch.arange(end, device=self.device)
         causal = slot_k <= slot_q
         if window:
             causal &= slot_q - slot_k < window
-        mask = causal[None] & (cache.key_valid[:, None, :end] | (slot_k == slot_q)[None])
+        mask = causal & (cache.key_valid[:, None, :end] | (slot_k == slot_q))
         if not static:
             return kernels.AttentionMask(mask[:, None])
-        valid = cache.key_valid if not window else cache.key_valid & (slot_k > start_pos + T - 1 - window)
-        return kernels.AttentionMask(mask[:, None], start_pos + T, valid)
+        last = slot_q[:, -1]  # each row's last query slot [1 or B, 1]
+        valid = cache.key_valid if not window else cache.key_valid & (slot_k > last - window)
+        return kernels.AttentionMask(mask[:, None], (last + 1).reshape(start_pos.shape), valid)
 
     def window(self, layer: int) -> int:
         return self.cfg.windows[layer] if self.cfg.windows else 0
@@ -472,9 +494,10 @@ class Transformer(nn.Module):
     def forward(self, tokens: torch.Tensor, cache: KVCache | None = None, start_pos: int = 0, sparsity=None):
         """tokens [B, T] -> logits [B, T, vocab]. With a cache, the tokens sit at slots
         start_pos..start_pos+T-1 and earlier slots are read from the cache. `sparsity`
-        (sparse.py) masks or records units on the way. start_pos may be a 0-dim device
-        tensor: then every shape is fixed and nothing syncs with the host, so the step can
-        be captured in a CUDA graph (engine.py); the caller keeps it inside the cache."""
+        (sparse.py) masks or records units on the way. start_pos may be a device tensor, 0-dim
+        (one timeline) or [B] (each row its own slot, as serving decodes): then every shape is
+        fixed and nothing syncs with the host, so the step can be captured in a CUDA graph
+        (engine.py); the caller keeps it inside the cache."""
         B, T = tokens.shape
         if isinstance(start_pos, torch.Tensor):
             if cache is None:
@@ -489,8 +512,8 @@ class Transformer(nn.Module):
         masks = {w: self.attention_mask(T, start_pos, cache, w) for w in windows}
         ropes = {w: self.rope(positions, w) for w in windows} if self.cfg.rope_local_inv_freq else \
             dict.fromkeys(windows, self.rope(positions))
-        # the tokens' cache slots, for the blocks: the first (an int), or all T as a device tensor
-        pos = start_pos + torch.arange(T, device=self.device) if isinstance(start_pos, torch.Tensor) else start_pos
+        # the tokens' cache slots, for the blocks: the first (an int), or all [1 or B, T] as a device tensor
+        pos = self.slots(T, start_pos) if isinstance(start_pos, torch.Tensor) else start_pos
         mlp_out = None
         for i, block in enumerate(self.layers):
             w = self.window(i)

@@ -398,10 +398,15 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--batch-size", type=int, default=8, help="most requests decoded together")
     p.add_argument("--max-queue", type=int, default=64,
                    help="most requests waiting for a place in the batch; beyond it HTTP 429")
-    p.add_argument("--sparse-max-batch", type=int, default=1,
+    p.add_argument("--sparse-max-batch", type=int, default=None,
                    help="with --sparse, decode steps of more rows than this run dense: the union of the rows' "
-                        "units nears all of them and sparse stops paying (measured: "
+                        "units nears all of them and sparse stops paying. On a GPU (default 8) each batch size "
+                        "up to this runs whichever of its sparse and dense steps measured faster at start-up "
+                        "(/metrics: dejavu_step_ms); on the CPU (default 1) it runs sparse (measured: "
                         "results/smollm2-135m/serve_load.md)")
+    p.add_argument("--tokenizer", metavar="FOLDER", default=None,
+                   help="a transformers tokenizer folder, for a model without one (a synthetic shape preset: "
+                        "its ids must fit the model's vocabulary)")
     p.add_argument("--request-timeout", type=float, default=300.0,
                    help="seconds a request may take, queueing included; then it stops with HTTP 504")
     p.add_argument("--max-tokens-limit", type=int, default=1024, help="most new tokens one request may ask for")

@@ -9,11 +9,35 @@ from .common import guard_from_args, load_from_args, need_tokenizer, sparse_deco
 GPU_MAX_SPARSE_BATCH = 32  # the gathered Triton kernels take batches up to this
 
 
+def with_tokenizer(loaded, folder: str):
+    """--tokenizer: a local transformers tokenizer folder for a model that has none (or another)."""
+    import dataclasses
+
+    from transformers import AutoTokenizer
+
+    from ..load import stop_ids
+    try:
+        tok = AutoTokenizer.from_pretrained(folder, local_files_only=True)
+    except Exception as e:
+        raise DejavuError(f"--tokenizer {folder}: no tokenizer could be read there ({type(e).__name__}: "
+                          f"{str(e)[:200]}); give a folder with tokenizer.json or the files of a transformers "
+                          "tokenizer") from None
+    if len(tok) > loaded.model.cfg.vocab_size:
+        raise DejavuError(f"--tokenizer {folder} has {len(tok)} tokens, more than the model's vocabulary of "
+                          f"{loaded.model.cfg.vocab_size}: use the model's own tokenizer")
+    return dataclasses.replace(loaded, tokenizer=tok, stop_ids=stop_ids(tok))
+
+
 def run(args):
     from ..serve import Settings, serve
     loaded = load_from_args(args)
+    if args.tokenizer:
+        loaded = with_tokenizer(loaded, args.tokenizer)
     need_tokenizer(loaded)
-    if args.sparse and loaded.model.device.type == "cuda" and args.sparse_max_batch > GPU_MAX_SPARSE_BATCH:
+    gpu = loaded.model.device.type == "cuda"
+    if args.sparse_max_batch is None:
+        args.sparse_max_batch = 8 if gpu else 1
+    if args.sparse and gpu and args.sparse_max_batch > GPU_MAX_SPARSE_BATCH:
         raise DejavuError(f"--sparse-max-batch {args.sparse_max_batch}: the gathered GPU kernels take batches up "
                           f"to {GPU_MAX_SPARSE_BATCH}")
     sparsity = sparse_decoder(loaded.model, args, loaded.tokenizer) if args.sparse else None  # bad predictors stop here

@@ -131,12 +131,13 @@ def gather_act(x: torch.Tensor, w_in: torch.Tensor, b_in: torch.Tensor | None, i
 def decode_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, head_idx: torch.Tensor,
                      n_heads: int, length: torch.Tensor, key_valid: torch.Tensor, scale: float) -> torch.Tensor:
     """One query token's attention for the query heads head_idx: q [B, m, hd], one layer's cache
-    [B, n_kv_heads, S, hd], length a 0-dim device tensor (keys 0..length-1), key_valid [B, S]."""
+    [B, n_kv_heads, S, hd], length a device tensor, 0-dim or per row [B] (keys 0..length-1), key_valid [B, S]."""
     if q.is_cuda and _triton() is not None:
         return _triton()[1].decode_attention(q, k_cache, v_cache, head_idx, n_heads, length, key_valid, scale)
-    L = int(length)  # torch path: host sync is fine off the GPU
+    L = int(length.max())  # torch path: host sync is fine off the GPU
     group = head_idx // (n_heads // k_cache.shape[1])
-    mask = key_valid[:, None, None, :L] | (torch.arange(L, device=q.device) == L - 1)
+    slot, last = torch.arange(L, device=q.device), length.reshape(-1, 1) - 1
+    mask = ((key_valid[:, :L] & (slot <= last)) | (slot == last))[:, None, None]
     return F.scaled_dot_product_attention(q[:, :, None], k_cache[:, group, :L], v_cache[:, group, :L],
                                           attn_mask=mask, scale=scale)[:, :, 0]
 
@@ -161,7 +162,7 @@ class AttentionMask(NamedTuple):
     positions over the whole cache (static shapes) also `length`, a 0-dim device tensor (keys
     0..length-1), and `key_valid` [B, S] (padding slots False): what the decode kernel reads instead."""
     dense: torch.Tensor
-    length: torch.Tensor | None = None
+    length: torch.Tensor | None = None  # 0-dim, or one per row [B] (rows on their own timelines)
     key_valid: torch.Tensor | None = None
 
 

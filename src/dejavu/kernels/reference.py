@@ -74,12 +74,12 @@ def decode_attention_reference(q, k_cache, v_cache, head_idx, n_heads, length, k
 
 def rope_cache_reference(qkv: torch.Tensor, rope, pos, kv: torch.Tensor, n_heads: int) -> torch.Tensor:
     """triton_attention.rope_cache in torch (the CPU's path, in the model's dtype as the prefill's
-    RoPE): qkv [B, (n_heads + 2 kv_heads) * hd] -> q [B, n_heads * hd]; K, V into kv[:, :, :, pos]."""
+    RoPE): qkv [B, (n_heads + 2 kv_heads) * hd] -> q [B, n_heads * hd]; K, V into kv[:, b, :, pos[b]]."""
     B, kv_heads, hd = qkv.shape[0], kv.shape[2], kv.shape[-1]
     q, k, v = qkv.view(B, n_heads + 2 * kv_heads, hd).split([n_heads, kv_heads, kv_heads], 1)
     if rope is not None:
         cos, sin = (t.reshape(B, 1, hd) for t in rope)
         q, k = ((t * cos + torch.cat((-t[..., hd // 2:], t[..., :hd // 2]), -1) * sin) for t in (q, k))
-    slot = pos.reshape(1) if isinstance(pos, torch.Tensor) else torch.tensor([pos], device=kv.device)
-    kv.index_copy_(3, slot, torch.stack((k, v))[:, :, :, None].to(kv.dtype))
+    slot = pos.reshape(-1) if isinstance(pos, torch.Tensor) else torch.tensor([pos], device=kv.device)
+    kv[:, torch.arange(B, device=kv.device), :, slot.expand(B)] = torch.stack((k, v), 1).to(kv.dtype)  # a slot per row
     return q.reshape(B, n_heads * hd)

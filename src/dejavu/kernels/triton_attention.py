@@ -22,12 +22,12 @@ from .triton_gather import launcher, sm_count
 
 @triton.jit
 def _decode_split_kernel(q_ptr, k_ptr, v_ptr, head_ptr, len_ptr, valid_ptr, m_ptr, l_ptr, o_ptr, M, group, scale,
-                         n_splits, stride_qb, stride_qh, stride_kb, stride_kh, stride_ks, stride_vb, stride_vh,
+                         n_splits, stride_len, stride_qb, stride_qh, stride_kb, stride_kh, stride_ks, stride_vb, stride_vh,
                          stride_vs, stride_valid, HD: tl.constexpr, BLOCK_S: tl.constexpr, BLOCK_D: tl.constexpr):
     pid_bh, pid_s = tl.program_id(0), tl.program_id(1)
     b, h = pid_bh // M, pid_bh % M
     kv = (tl.load(head_ptr + h) // group).to(tl.int64)
-    length = tl.load(len_ptr)
+    length = tl.load(len_ptr + b * stride_len)
     chunk = tl.cdiv(tl.cdiv(length, n_splits), BLOCK_S) * BLOCK_S
     start = pid_s * chunk
     end = tl.minimum(start + chunk, length)
@@ -100,7 +100,7 @@ def _decode_attention_op(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.
     block_d = triton.next_power_of_2(hd)
     launcher(_decode_split_kernel)[(B * M, n_splits)](
         q, k_cache, v_cache, head_idx, length, key_valid, m, l, o, M, n_heads // k_cache.shape[1], scale,
-        n_splits, q.stride(0), q.stride(1), k_cache.stride(0), k_cache.stride(1), k_cache.stride(2),
+        n_splits, 1 if length.numel() > 1 else 0, q.stride(0), q.stride(1), k_cache.stride(0), k_cache.stride(1), k_cache.stride(2),
         v_cache.stride(0), v_cache.stride(1), v_cache.stride(2), key_valid.stride(0),
         HD=hd, BLOCK_S=block_s, BLOCK_D=block_d, num_stages=2)  # inductor's default stages overflow shared memory
     launcher(_decode_reduce_kernel)[(B * M,)](m, l, o, out, n_splits, HD=hd,
@@ -112,18 +112,18 @@ def decode_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tens
                      n_heads: int, length: torch.Tensor, key_valid: torch.Tensor, scale: float,
                      n_splits: int = 0, block_s: int = 64) -> torch.Tensor:
     """q [B, m, hd] (the selected heads' queries), k_cache / v_cache [B, n_kv_heads, S, hd] (one
-    layer of the static cache), head_idx [m] query head ids, length: 0-dim int64 device tensor
-    (keys 0..length-1, length >= 1), key_valid [B, S] bool -> [B, m, hd]. n_splits 0: chosen
-    from the static sizes."""
+    layer of the static cache), head_idx [m] query head ids, length: int64 device tensor, 0-dim or
+    one per row [B] (keys 0..length-1, length >= 1), key_valid [B, S] bool -> [B, m, hd]. n_splits
+    0: chosen from the static sizes."""
     assert k_cache.stride(-1) == 1 and v_cache.stride(-1) == 1, "K/V cache rows must be contiguous"
     assert n_heads % k_cache.shape[1] == 0, "n_heads must be a multiple of the KV heads"
-    assert key_valid.dtype == torch.bool and length.dim() == 0
+    assert key_valid.dtype == torch.bool and length.numel() in (1, q.shape[0])
     return torch.ops.dejavu.decode_attention(q, k_cache, v_cache, head_idx, n_heads, length, key_valid, scale,
                                              n_splits, block_s)
 
 
 @triton.jit
-def _rope_cache_kernel(qkv_ptr, cos_ptr, sin_ptr, pos_ptr, q_ptr, kv_ptr, slot, H, KV, stride_qkv, stride_cos,
+def _rope_cache_kernel(qkv_ptr, cos_ptr, sin_ptr, pos_ptr, q_ptr, kv_ptr, slot, stride_pos, H, KV, stride_qkv, stride_cos,
                        stride_q, stride_kv_r, stride_kv_b, stride_kv_h, stride_kv_s, SLOT_ON_DEVICE: tl.constexpr,
                        ROPE: tl.constexpr, HD: tl.constexpr, BLOCK_D: tl.constexpr):
     # program (b, head of Q, K or V): RoPE on Q and K (x cos + rotate_half(x) sin, fp32), then Q to
@@ -144,7 +144,7 @@ def _rope_cache_kernel(qkv_ptr, cos_ptr, sin_ptr, pos_ptr, q_ptr, kv_ptr, slot, 
         tl.store(q_ptr + b.to(tl.int64) * stride_q + head * HD + offs, y.to(q_ptr.dtype.element_ty), mask=d_mask)
     else:
         if SLOT_ON_DEVICE:
-            at = tl.load(pos_ptr)
+            at = tl.load(pos_ptr + b * stride_pos)
         else:
             at = slot
         part = (head - H) // KV  # 0: K, 1: V
@@ -160,7 +160,7 @@ def _rope_cache_op(qkv: torch.Tensor, cos: torch.Tensor | None, sin: torch.Tenso
     q = torch.empty(B, n_heads * hd, device=qkv.device, dtype=qkv.dtype)  # graph pool under CUDA graphs
     launcher(_rope_cache_kernel)[(B, n_heads + 2 * KV)](
         qkv, cos if cos is not None else qkv, sin if sin is not None else qkv, pos if pos is not None else qkv, q, kv,
-        slot, n_heads, KV, qkv.stride(0), cos.stride(0) if cos is not None else 0, q.stride(0), kv.stride(0),
+        slot, 1 if pos is not None and pos.numel() > 1 else 0, n_heads, KV, qkv.stride(0), cos.stride(0) if cos is not None else 0, q.stride(0), kv.stride(0),
         kv.stride(1), kv.stride(2), kv.stride(3), SLOT_ON_DEVICE=pos is not None, ROPE=cos is not None, HD=hd,
         BLOCK_D=triton.next_power_of_2(hd))
     return q
@@ -168,13 +168,14 @@ def _rope_cache_op(qkv: torch.Tensor, cos: torch.Tensor | None, sin: torch.Tenso
 
 def rope_cache(qkv: torch.Tensor, rope, pos, kv: torch.Tensor, n_heads: int) -> torch.Tensor:
     """One decode token per row: qkv [B, (n_heads + 2 kv_heads) * hd] (Q, K, V heads in a row),
-    rope (cos, sin) [B, 1, 1, hd] or None, pos the cache slot (an int, or a 1-element device tensor),
+    rope (cos, sin) [B, 1, 1, hd] or None, pos the cache slot (an int, or a device tensor: one slot, or
+    one per row),
     kv [2, B, kv_heads, S, hd] (one layer's K and V) -> q [B, n_heads * hd] with RoPE; K (with RoPE)
     and V written into their slot. One kernel where the eager step runs about a dozen."""
     assert qkv.stride(-1) == 1 and kv.stride(-1) == 1
     cos, sin = rope if rope is not None else (None, None)
     if cos is not None:
         cos, sin = cos.reshape(qkv.shape[0], -1), sin.reshape(qkv.shape[0], -1)
-    device_pos = pos.reshape(1) if isinstance(pos, torch.Tensor) else None
+    device_pos = pos.reshape(-1) if isinstance(pos, torch.Tensor) else None
     return torch.ops.dejavu.rope_cache(qkv, cos, sin, device_pos, 0 if device_pos is not None else int(pos), kv,
                                        n_heads)

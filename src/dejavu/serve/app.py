@@ -31,7 +31,7 @@ from ..errors import DejavuError
 from .metrics import Metrics
 from .protocol import (ApiError, ChatRequest, CompletionRequest, Sampling, error_body, prompt_of, unsupported,
                        validation_message)
-from .scheduler import FAULTS, Job, Scheduler
+from .scheduler import FAULTS, GraphScheduler, Job, Scheduler
 
 COMPLETION_DEFAULT_TOKENS = 16  # OpenAI's default max_tokens for completions; chat runs to the context or limit
 
@@ -449,13 +449,24 @@ def header_timeout_protocol(seconds: float):
 def serve(loaded, sparsity, guard, host: str, port: int, batch_size: int, max_queue: int, sparse_max_batch: int,
           settings: Settings):
     import uvicorn
-    scheduler = Scheduler(loaded.model, sparsity, guard, batch_size=batch_size, max_queue=max_queue,
-                          sparse_max_batch=sparse_max_batch)
+    if loaded.model.device.type == "cuda" and guard is None:  # the CUDA-graph step (the guard's checks run eager)
+        scheduler = GraphScheduler(loaded.model, sparsity, batch_size=batch_size, max_queue=max_queue,
+                                   sparse_max_batch=sparse_max_batch)
+        scheduler.warm()
+    else:
+        scheduler = Scheduler(loaded.model, sparsity, guard, batch_size=batch_size, max_queue=max_queue,
+                              sparse_max_batch=sparse_max_batch)
     app = create_app(loaded, scheduler, settings)
     thread = threading.Thread(target=scheduler.run, name="dejavu-scheduler", daemon=True)
     thread.start()
     warm_up(scheduler, loaded.tokenizer)
-    if sparsity is None:
+    if isinstance(scheduler, GraphScheduler):
+        sparse_at = [n for n, m in scheduler.modes.items() if m["sparse"]]
+        mode = ("dense" if sparsity is None else
+                f"sparse at {', '.join(map(str, sparse_at))} rows, dense above (measured)" if sparse_at else
+                "dense (sparse measured slower at every batch size)")
+        mode += ", CUDA graphs"
+    elif sparsity is None:
         mode = "dense"
     elif sparsity.input_side:
         mode = (f"sparse ({sparsity.selector.name}, thresholds set for {sparsity.target:g} of the input "

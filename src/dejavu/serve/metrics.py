@@ -35,6 +35,18 @@ class Metrics:
                         "(union over the batch; 1 for dense decode)", ["part"], registry=r)
         for part in ("mlp", "attn"):
             density.labels(part).set_function(lambda p=part: scheduler.density(p))
+        modes = getattr(scheduler, "modes", None)  # the GPU step: measured ms per bucket and mode, and the choice
+        if modes is not None:
+            step_ms = Gauge("dejavu_step_ms", "one decode step's time, measured at start-up per batch size (rows) "
+                            "and mode", ["rows", "mode"], registry=r)
+            chosen = Gauge("dejavu_step_sparse", "1 where a batch of this many rows decodes sparse (it measured "
+                           "faster), else 0", ["rows"], registry=r)
+            for n in getattr(scheduler, "buckets", ()):
+                for mode in ("dense", "sparse"):
+                    step_ms.labels(str(n), mode).set_function(
+                        lambda n=n, mode=mode: math.nan if modes.get(n, {}).get(f"{mode}_ms") is None
+                        else modes[n][f"{mode}_ms"])
+                chosen.labels(str(n)).set_function(lambda n=n: float(modes.get(n, {}).get("sparse", False)))
         if scheduler.guard is not None:  # guard.py's figures: sampled dense checks of the sparse decode
             g = scheduler.guard.metrics
             for name, doc, get in (

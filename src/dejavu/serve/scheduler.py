@@ -23,9 +23,13 @@ import traceback
 from collections import deque
 from dataclasses import dataclass, field
 
+import copy
+
 import torch
 
+from ..errors import DejavuError
 from ..sampling import sample
+from ..sparse import units_for
 
 # Test-only fault injection (`dejavu serve --test-faults`): a request whose `user` field is one of
 # these misbehaves on purpose, so tests can check that one bad request does not hurt the others.
@@ -122,7 +126,11 @@ class Scheduler:
                 traceback.print_exc(file=sys.stderr)
                 for job in self.rows:
                     self.fail(job, "exception", f"the server failed on this batch ({type(e).__name__}: {e})")
-                self.rows, self.cache = [], None
+                self.reset()
+
+    def reset(self):
+        """No running batch (after a failed forward)."""
+        self.rows, self.cache = [], None
 
     def fits(self, job: Job) -> bool:
         """Can the job join the running batch now: its prompt before the current slot, its new
@@ -229,36 +237,47 @@ class Scheduler:
         finite = torch.isfinite(logits).all(-1).tolist()
         greedy = logits.argmax(-1).tolist()
         for i, job in enumerate(jobs):
-            if job.cancelled:
-                continue
-            if not finite[i]:
-                self.fail(job, "non_finite", f"the model produced non-finite logits at token {len(job.out) + 1} "
-                                             "of this request; it was stopped (other requests are unaffected)")
-                continue
-            try:
-                if job.fault == FAULT_RAISE and job.out:
-                    raise RuntimeError("test fault: an exception while handling this request's token")
-                t = greedy[i] if job.temperature == 0 else int(sample(logits[i:i + 1], job.temperature, job.top_p,
-                                                                      job.generator)[0])
-                job.out.append(t)
-                self.metrics.tokens.inc()
-                if len(job.out) == 1:
-                    self.metrics.first_token.observe(time.monotonic() - job.arrival)
-                if t in job.stop_ids:
-                    job.deliver(("end", "stop"))
+            if not job.cancelled and finite[i] and job.temperature > 0:
+                try:
+                    greedy[i] = int(sample(logits[i:i + 1], job.temperature, job.top_p, job.generator)[0])
+                except Exception as e:
+                    traceback.print_exc(file=sys.stderr)
+                    self.fail(job, "exception", f"internal error in this request ({type(e).__name__}: {e})")
+            self.deliver_token(job, greedy[i], finite[i])
+        self.count_step(len(jobs))
+        self.drop_finished()
+
+    def deliver_token(self, job: Job, t: int, finite: bool):
+        """Check and deliver one picked token of a job; the job ends at a stop id or its max_tokens."""
+        if job.cancelled:
+            return
+        if not finite:
+            self.fail(job, "non_finite", f"the model produced non-finite logits at token {len(job.out) + 1} "
+                                         "of this request; it was stopped (other requests are unaffected)")
+            return
+        try:
+            if job.fault == FAULT_RAISE and job.out:
+                raise RuntimeError("test fault: an exception while handling this request's token")
+            job.out.append(t)
+            self.metrics.tokens.inc()
+            if len(job.out) == 1:
+                self.metrics.first_token.observe(time.monotonic() - job.arrival)
+            if t in job.stop_ids:
+                job.deliver(("end", "stop"))
+                job.cancelled = True
+            else:
+                job.deliver(("token", t))
+                if len(job.out) >= job.max_tokens:
+                    job.deliver(("end", "length"))
                     job.cancelled = True
-                else:
-                    job.deliver(("token", t))
-                    if len(job.out) >= job.max_tokens:
-                        job.deliver(("end", "length"))
-                        job.cancelled = True
-            except Exception as e:
-                traceback.print_exc(file=sys.stderr)
-                self.fail(job, "exception", f"internal error in this request ({type(e).__name__}: {e})")
-        self.recent.append((time.monotonic(), len(jobs)))
+        except Exception as e:
+            traceback.print_exc(file=sys.stderr)
+            self.fail(job, "exception", f"internal error in this request ({type(e).__name__}: {e})")
+
+    def count_step(self, tokens: int):
+        self.recent.append((time.monotonic(), tokens))
         while self.recent and self.recent[0][0] < time.monotonic() - 60:
             self.recent.popleft()
-        self.drop_finished()
 
     def fail(self, job: Job, reason: str, message: str):
         self.metrics.failed.labels(reason).inc()
@@ -276,3 +295,158 @@ class Scheduler:
         idx = torch.tensor(keep, device=self.model.device)
         c = self.cache
         c.kv, c.key_valid, c.pad = c.kv[:, :, idx], c.key_valid[idx], c.pad[idx]
+
+
+# ---------------------------------------------------------------- CUDA: the graph step
+
+BUCKETS = (1, 2, 4, 8, 16, 32)  # rows a step graph is captured for (a step runs the smallest that holds its rows)
+
+
+class GraphScheduler(Scheduler):
+    """The same loop on CUDA over engine.GraphDecoder: each request gets a row of one preallocated
+    cache (its own timeline from slot 0), joins as soon as a row is free (a dense eager prefill of
+    its prompt) and leaves when it ends; a decode step replays the graph of the smallest bucket
+    that holds every busy row (free rows in it stand still). Nothing is re-captured or copied
+    when requests come and go. The pick runs in the graph (sampling.sample_rows: per-request
+    temperature, top-p and seed). Sparse or dense at each bucket is decided by measurement when
+    the bucket's graphs are captured: the faster step wins (batch > 1 runs the fixed-size union
+    of the rows' selections, sized for independent rows: each row keeps its own top-k);
+    `modes` holds the measured ms."""
+
+    def __init__(self, model, sparsity=None, batch_size: int = 8, max_queue: int = 64, sparse_max_batch: int = 8,
+                 batch_wait: float = 0.02):
+        from ..engine import GraphDecoder
+        super().__init__(model, sparsity, None, batch_size, max_queue, sparse_max_batch, batch_wait)
+        self.buckets = sorted({b for b in BUCKETS if b < batch_size} | {batch_size})
+        try:
+            self.dec = GraphDecoder(model, batch_size, model.cfg.max_seq_len, sparsity, lazy_kv=False, sampling=True)
+        except torch.cuda.OutOfMemoryError:
+            gb = 2 * model.cfg.n_layers * model.cfg.n_kv_heads * model.cfg.head_dim * model.cfg.max_seq_len \
+                * model.dtype.itemsize * batch_size / 1e9
+            raise DejavuError(f"a KV cache of {batch_size} rows x {model.cfg.max_seq_len} tokens ({gb:.1f} GB) does "
+                              f"not fit beside the model on this GPU: lower --batch-size") from None
+        if getattr(sparsity, "side_stream", False) is None:
+            sparsity.side_stream = torch.cuda.Stream()  # one row: lookahead predictors beside the main stream
+        self.slots: list[Job | None] = [None] * batch_size
+        self.reset()  # every row free
+        self.modes: dict[int, dict] = {}  # bucket -> {"sparse": bool, "dense_ms": float, "sparse_ms": float | None}
+
+    def reset(self):
+        for r in range(len(self.slots)):
+            self.dec.free_row(r)
+        self.slots = [None] * len(self.slots)
+        self.rows = []
+
+    def bucket_sparsity(self, n: int):
+        """The sparse step for n rows, or None where none has static shapes: gathered neurons and
+        heads take a fixed-size union (rows independent: 1 - (1 - density)^n of the units, so each
+        row keeps its own top-k); input-side rules keep static shapes at any batch."""
+        s = self.sparsity
+        if s is None or n > self.sparse_max_batch:
+            return None
+        if n == 1 or s.input_side:
+            return s
+        capped = copy.copy(s)
+        capped.side_stream, capped.ahead, capped.kept = None, {}, {"mlp": [0, 0], "attn": [0, 0]}
+        cfg = self.model.cfg
+        capped.cap = {}
+        for kind, ks, units in (("mlp", s.mlp_k, cfg.d_ff), ("attn", s.attn_k, cfg.n_heads)):
+            d = sum(ks) / (len(ks) * units) if ks else 1.0
+            capped.cap[kind] = units_for(1 - (1 - d) ** n, units)
+        return capped
+
+    def prepare(self, n: int):
+        """Capture the bucket's graphs and measure which mode pays (once per bucket)."""
+        if n in self.modes:
+            return
+        self.dec.capture(n, sparse=False)
+        mode = {"rows": n, "sparse": False, "dense_ms": self.dec.time_step(n, False), "sparse_ms": None}
+        sparsity = self.bucket_sparsity(n)
+        if sparsity is not None:
+            try:
+                self.dec.capture(n, sparse=True, sparsity=sparsity)
+                mode["sparse_ms"] = self.dec.time_step(n, True)
+                mode["sparse"] = mode["sparse_ms"] < mode["dense_ms"]
+            except Exception as e:  # a selector without a static-shape batch step: this bucket decodes dense
+                print(f"dejavu serve: no sparse step for {n} rows ({type(e).__name__}: {str(e)[:200]}); "
+                      "it decodes dense", file=sys.stderr)
+        self.modes[n] = mode
+
+    def warm(self):
+        """Every bucket's graphs before the port opens (progress on stderr)."""
+        for n in self.buckets:
+            t = time.perf_counter()
+            self.prepare(n)
+            m = self.modes[n]
+            chosen = "sparse" if m["sparse"] else "dense"
+            sparse = f", sparse {m['sparse_ms']:.2f} ms" if m["sparse_ms"] is not None else ""
+            print(f"dejavu serve: graphs for {n} row{'s' * (n > 1)} captured in {time.perf_counter() - t:.1f} s: "
+                  f"dense {m['dense_ms']:.2f} ms/step{sparse} -> {chosen}", file=sys.stderr, flush=True)
+
+    def admit(self):
+        free = [r for r, job in enumerate(self.slots) if job is None]
+        with self.cond:
+            new = []
+            while self.waiting and len(new) < len(free):
+                job = self.waiting.popleft()
+                if not job.cancelled:
+                    new.append(job)
+        for job in new:
+            if not self.start(job):
+                continue
+            if len(job.prompt) + job.max_tokens > self.dec.cache.max_seq_len:
+                self.fail(job, "exception", f"the prompt ({len(job.prompt)} tokens) and max_tokens "
+                                            f"({job.max_tokens}) exceed the context of {self.dec.cache.max_seq_len}")
+                continue
+            row = free.pop(0)
+            try:
+                seed = job.seed if job.seed is not None else int(torch.randint(0, 2 ** 62, ()))
+                self.dec.prefill_row(row, job.prompt, job.temperature, job.top_p, seed % 2 ** 62)
+                if job.fault == FAULT_NAN:  # test-only: a real non-finite value in this row's own cache
+                    self.dec.cache.k[0, row, :, len(job.prompt) - 1] = float("nan")
+                t, finite = int(self.dec.tokens[row, 0]), bool(self.dec.finite[row])
+            except Exception as e:
+                traceback.print_exc(file=sys.stderr)
+                self.dec.free_row(row)
+                free.insert(0, row)
+                self.fail(job, "exception", f"the server failed on this prompt ({type(e).__name__}: {e})")
+                continue
+            self.slots[row] = job
+            self.rows.append(job)
+            self.metrics.prompt_tokens.inc(len(job.prompt))
+            self.deliver_token(job, t, finite)
+        self.drop_finished()
+
+    @torch.inference_mode()
+    def step(self):
+        busy = [r for r, job in enumerate(self.slots) if job is not None]
+        n = next(b for b in self.buckets if b > busy[-1])
+        self.prepare(n)
+        sparse = self.modes[n]["sparse"]
+        tokens, finite = self.dec.step(n, sparse)
+        self.count_graph_units(n, sparse, len(busy))
+        self.metrics.batch_rows.observe(len(busy))
+        for r in busy:
+            self.deliver_token(self.slots[r], tokens[r], finite[r])
+        self.count_step(len(busy))
+        self.drop_finished()
+
+    def count_graph_units(self, n: int, sparse: bool, busy: int):
+        """One step's units for the achieved densities: what the bucket's graph computes per row."""
+        cfg = self.model.cfg
+        units = self.dec.units.get((n, sparse), {}) if sparse and not self.sparsity.input_side else {}
+        for part, size in (("mlp", cfg.d_ff), ("attn", cfg.n_heads)):
+            kept, total = units.get(part, (0, 0))
+            frac = kept / total if total else 1.0
+            self.kept[part][0] += frac * busy * size * cfg.n_layers
+            self.kept[part][1] += busy * size * cfg.n_layers
+
+    def drop_finished(self):
+        for r, job in enumerate(self.slots):
+            if job is not None and job.cancelled:
+                if job in self.rows:
+                    self.rows.remove(job)
+                self.slots[r] = None
+                self.dec.free_row(r)
+                if job.fault == FAULT_NAN:  # the poisoned slot must not reach a later request's free-row step
+                    self.dec.cache.kv[:, :, r].zero_()
