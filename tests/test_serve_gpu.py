@@ -1,6 +1,7 @@
 """`dejavu serve`'s CUDA-graph scheduler (serve/scheduler.GraphScheduler), in process, on the
 device: requests join free rows of one cache while others decode, and each answer is what the
 request gets alone."""
+import copy
 import threading
 import time
 
@@ -60,18 +61,24 @@ def alone(model, spec, sparsity=None):
     return generate_ids(model, [prompt], max_tokens, sparsity=sparsity)[0]
 
 
-def test_requests_joining_a_running_batch_get_what_they_get_alone(model_and_preds):
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_requests_joining_a_running_batch_get_what_they_get_alone(model_and_preds, dtype):
     """Dense, up to 4 rows, 10 requests of mixed lengths arriving while others decode (rows are
-    freed and taken again, buckets grow and shrink): every greedy answer equals the request alone."""
+    freed and taken again): every greedy answer equals, to the bit, the request sent alone to
+    the server, in bf16 too (the dense step always runs every row, so its matmuls keep their
+    shapes and rounding); in fp32 also generate()'s batch-1 answer."""
     from dejavu.serve.scheduler import GraphScheduler
-    model, _ = model_and_preds
+    model = copy.deepcopy(model_and_preds[0]).to(dtype)
     specs = mixed_specs()
     sched = GraphScheduler(model, batch_size=4)
     out = run_jobs(sched, specs, stagger=0.01)
+    assert sched.slots == [None] * 4 and all(r not in sched.dec.live_rows for r in range(4))
+    assert sched.buckets == [4]
     for spec, (tokens, end) in zip(specs, out):
         assert end == ("end", "length")
-        assert tokens == alone(model, spec)
-    assert sched.slots == [None] * 4 and all(r not in sched.dec.live_rows for r in range(4))
+        assert tokens == run_jobs(GraphScheduler(model, batch_size=4), [spec])[0][0]
+        if dtype == torch.float32:
+            assert tokens == alone(model, spec)
 
 
 def test_sparse_rows_alone_equal_sparse_generate_and_batches_finish(model_and_preds):

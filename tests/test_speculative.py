@@ -76,19 +76,24 @@ def test_lossless_on_the_command_line(smol, capsys):
 VOCAB = 8
 
 
-@pytest.fixture(scope="module")
-def tiny():
+def make_tiny(device="cpu"):
     """Random Llama with 8 tokens; lm_head scaled so the distributions are far from uniform, and a
     draft (gate-first MLP at 25%, half the heads by a random static ranking) that often disagrees."""
     torch.manual_seed(0)
     cfg = LlamaConfig(vocab_size=VOCAB, hidden_size=64, num_hidden_layers=2, num_attention_heads=4,
                       num_key_value_heads=2, intermediate_size=96, max_position_embeddings=64)
-    model = from_hf_model(AutoModelForCausalLM.from_config(cfg, dtype=torch.float32).eval())
+    model = from_hf_model(AutoModelForCausalLM.from_config(cfg, dtype=torch.float32).eval()).to(device)
     with torch.no_grad():
         model.lm_head.mul_(20)
-    heads = StaticSelector(None, [torch.rand(4, generator=torch.Generator().manual_seed(i)) for i in range(2)])
+    heads = StaticSelector(None, [torch.rand(4, generator=torch.Generator().manual_seed(i)).to(device)
+                                  for i in range(2)])
     kw = dict(mlp=GateSelector(model), heads=heads, mlp_density=0.25, attn_density=0.5)
     return model, lambda: Gathered(model, **kw), lambda: Masked(model, **kw)
+
+
+@pytest.fixture(scope="module")
+def tiny():
+    return make_tiny()
 
 
 @pytest.fixture
@@ -100,7 +105,7 @@ def dense_joint(model, prompt, temperature, top_p):
     """Exact dense probability of every (t1, t2, t3) after the prompt: [V, V, V]."""
     V = VOCAB
     pairs = torch.cartesian_prod(torch.arange(V), torch.arange(V))
-    seqs = torch.cat([torch.tensor(prompt).expand(V * V, -1), pairs], dim=1)
+    seqs = torch.cat([torch.tensor(prompt).expand(V * V, -1), pairs], dim=1).to(model.device)
     with torch.no_grad():
         p = probabilities(model(seqs)[:, -3:], temperature, top_p)  # [V*V, 3, V]
     p1, p2, p3 = p[0, 0], p[::V, 1], p[:, 2].view(V, V, V)
@@ -197,3 +202,54 @@ def test_draft_length_follows_acceptance_and_cost():
     assert settle(1.0, 0.1)[-1] >= 6                   # everything kept, drafts cheap: draft long
     assert all(k <= 1 for k in settle(0.5, 0.9)[5:])    # drafts as costly as dense: dense, probing with k=1
     assert 1 in settle(0.5, 0.9)[5:]
+
+
+# ---------------------------------------------------------------- CUDA: the graph rounds
+
+@pytest.fixture(scope="module")
+def tiny_cuda():
+    return make_tiny("cuda")
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("k", [4, None])
+def test_lossless_on_cuda_replays_graphs_and_is_dense_greedy(tiny_cuda, k, monkeypatch):
+    """On CUDA the rounds replay graphs (one for the draft step, one per verification length,
+    all captured before the first round) and give the dense graph decode's greedy tokens, with drafts
+    both kept and rejected on the way."""
+    from dejavu import engine
+    model, gathered, _ = tiny_cuda
+    captured = []
+    real = engine.capture_graph
+    monkeypatch.setattr(engine, "capture_graph", lambda step: captured.append(step) or real(step))
+    stats = GenerationStats()
+    out = [int(t) for t in generate_lossless(model, [[7, 7, 7, 1]], 50, gathered(), draft_tokens=k, stats=stats)]
+    assert len(captured) == 1 + (k or 8) + 1 < stats.lossless.rounds  # the draft step, verify T = 1 .. k + 1
+    assert out == generate_ids(model, [[7, 7, 7, 1]], 50)[0]
+    assert 0 < stats.lossless.accepted < stats.lossless.drafted
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("temperature,top_p", [(1.0, 1.0), (0.8, 0.9)])
+def test_sampled_distribution_on_cuda_is_dense(tiny_cuda, temperature, top_p):
+    """The CPU test's 3,000 three-token samples through the CUDA rounds (drafts drawn in the
+    graph from q, kept with probability min(1, p/q)) fit the exact dense joint distribution;
+    the plain sparse model's samples fail the same test."""
+    from dejavu.speculative import GraphSpeculativeDecoder
+    model, gathered, masked = tiny_cuda
+    prompt, n = [1, 5, 2], 3000
+    exact = dense_joint(model, prompt, temperature, top_p).cpu()
+    dec = GraphSpeculativeDecoder(model, gathered(), prompt, 3, temperature, top_p, seed=0, draft_tokens=2)
+    samples, kept, drafted = [], 0, 0
+    for seed in range(n):
+        dec.restart(seed)
+        out = [int(dec.prefill())]
+        while len(out) < 3:
+            out += dec.round(3 - len(out))
+        samples.append(out)
+        kept, drafted = kept + dec.stats.accepted, drafted + dec.stats.drafted
+    assert 0.2 < kept / drafted < 0.9
+    assert chi2_pvalue(torch.tensor(samples), exact) > 1e-3
+    sparse = torch.stack(list(generate(model, [prompt] * n, 3, temperature=temperature, top_p=top_p, seed=0,
+                                       sparsity=masked())), dim=1).cpu()
+    assert chi2_pvalue(sparse, exact) < 1e-6

@@ -29,6 +29,25 @@ def lazy_kv_applies(model: Transformer, batch: int, sparsity) -> bool:
             and c.n_kv_heads == c.n_heads and c.positions != "rope")
 
 
+WARM_UPS = 2  # eager runs before a capture: Triton compiles, cuBLAS picks its kernels
+CALLS = WARM_UPS + 1  # times capture_graph calls its step
+
+
+def capture_graph(step) -> torch.cuda.CUDAGraph:
+    """`step` (no arguments; every tensor it touches stays where it is) warmed up on a side stream,
+    then captured. It runs WARM_UPS times for real: the caller makes that harmless."""
+    warm = torch.cuda.Stream()
+    warm.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(warm):
+        for _ in range(WARM_UPS):
+            step()
+    torch.cuda.current_stream().wait_stream(warm)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        step()
+    return graph
+
+
 class GraphDecoder:
     """Decode of up to `batch` rows with CUDA-graph steps. `sparsity` (a sparse.Gathered, or None
     for dense) is captured as it is: fixed k per layer, so the step's shapes never change.
@@ -151,17 +170,9 @@ class GraphDecoder:
         sparse = sparsity is not None
         saved = self.tokens.clone(), self.pos.clone(), self.live.clone()
         self.live.zero_()
-        warm = torch.cuda.Stream()
-        warm.wait_stream(torch.cuda.current_stream())
-        with torch.cuda.stream(warm):
-            for _ in range(2):
-                self._step(n, sparsity)
-        torch.cuda.current_stream().wait_stream(warm)
         before = {k: list(v) for k, v in getattr(sparsity, "kept", {}).items()}
-        graph = torch.cuda.CUDAGraph()
-        with torch.cuda.graph(graph):
-            self._step(n, sparsity)
-        self.units[n, sparse] = {k: [v[0] - before[k][0], v[1] - before[k][1]]
+        graph = capture_graph(lambda: self._step(n, sparsity))
+        self.units[n, sparse] = {k: [(v[0] - before[k][0]) // CALLS, (v[1] - before[k][1]) // CALLS]
                                  for k, v in getattr(sparsity, "kept", {}).items()}
         self.graphs[n, sparse] = graph
         for buf, value in zip((self.tokens, self.pos, self.live), saved):

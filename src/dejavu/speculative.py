@@ -22,7 +22,8 @@ query can see them, so a rejection leaves no trace.
 p and q go through the same temperature / top-p transform (sampling.probabilities).
 k is fixed (draft_tokens=k) or chosen every round by DraftLength from the measured
 acceptance rate and the measured cost of a draft step and of a verification.
-Batch 1 only: rows of a batch accept different numbers of drafts, so their caches would
+On CUDA (GraphSpeculativeDecoder) the draft step and each verification length replay CUDA
+graphs. Batch 1 only: rows of a batch accept different numbers of drafts, so their caches would
 drift apart; that bookkeeping is not built.
 """
 from __future__ import annotations
@@ -35,7 +36,7 @@ import torch
 from .errors import DejavuError
 from .generate import GenerationStats, stop_list
 from .model import Transformer
-from .sampling import probabilities
+from .sampling import probabilities, uniform_hash
 
 
 @dataclass
@@ -157,6 +158,13 @@ class SpeculativeDecoder:
         self.pos = len(prompt)  # slot of `last`
         self.stats = LosslessStats()
 
+    def restart(self, seed: int | None = None):
+        """Back to the prompt (prefill next; the cache is rewritten as decoding goes), a fresh seed:
+        many samples of one prompt without building the decoder again."""
+        self.pos, self.stats = self.prompt.shape[1], LosslessStats()
+        if seed is not None:
+            self.gen = torch.Generator(device=self.model.device).manual_seed(seed)
+
     def probs(self, logits: torch.Tensor) -> torch.Tensor:
         return probabilities(logits, self.temperature, self.top_p)
 
@@ -177,6 +185,20 @@ class SpeculativeDecoder:
     def round(self, budget: int) -> list[int]:
         """Draft, verify, accept: 1 .. k+1 new tokens (at most `budget`)."""
         k = min(self.fixed_k or self.schedule.k, budget - 1)
+        kept, draft_s, verify_s = self.draft_and_verify(k)
+        s = self.stats
+        n = len(kept) - 1
+        s.rounds, s.drafted, s.accepted, s.rejected = s.rounds + 1, s.drafted + k, s.accepted + n, s.rejected + (n < k)
+        s.draft_seconds, s.verify_seconds = s.draft_seconds + draft_s, s.verify_seconds + verify_s
+        s.draft_lengths.append(k)
+        if self.schedule is not None:
+            self.schedule.update(k, n, draft_s, verify_s)
+        self.pos += len(kept)
+        self.last = kept[-1]
+        return [int(t) for t in kept]
+
+    def draft_and_verify(self, k: int):
+        """k sparse steps, one dense forward over k + 1 tokens -> (kept tokens, draft s, verify s)."""
         model, P = self.model, self.pos
         t0 = _clock(model)
         drafts, qs, tok = [], [], self.last
@@ -188,17 +210,7 @@ class SpeculativeDecoder:
         t1 = _clock(model)
         ps = self.dist(model(torch.stack([self.last, *drafts])[None], self.cache, P)[0])  # [k+1, V]
         t2 = _clock(model)
-        kept = self.accept(drafts, qs, ps)
-        s = self.stats
-        n = len(kept) - 1
-        s.rounds, s.drafted, s.accepted, s.rejected = s.rounds + 1, s.drafted + k, s.accepted + n, s.rejected + (n < k)
-        s.draft_seconds, s.verify_seconds = s.draft_seconds + t1 - t0, s.verify_seconds + t2 - t1
-        s.draft_lengths.append(k)
-        if self.schedule is not None:
-            self.schedule.update(k, n, t1 - t0, t2 - t1)
-        self.pos += len(kept)
-        self.last = kept[-1]
-        return [int(t) for t in kept]
+        return self.accept(drafts, qs, ps), t1 - t0, t2 - t1
 
     def accept(self, drafts, qs, ps) -> list[torch.Tensor]:
         """The kept drafts plus one token from the dense model (see the module docstring)."""
@@ -216,6 +228,90 @@ class SpeculativeDecoder:
                     return kept + [torch.multinomial(residual, 1, generator=self.gen)[0]]
             kept.append(d)
         return kept + [self.pick(ps[len(drafts)])]
+
+
+class GraphSpeculativeDecoder(SpeculativeDecoder):
+    """The same rounds on CUDA with graphs: a draft step is one replay of the sparse step (its pick
+    on the device: the argmax, or a draw from q keyed by seed, round and position, with q kept
+    for the acceptance), and the verification over k + 1 tokens is one replay of a dense graph
+    per k, all captured up front. Between replays the host does nothing; it
+    waits once per round, for the verification's answer."""
+
+    def __init__(self, model: Transformer, draft, prompt: list[int], max_new_tokens: int,
+                 temperature: float = 0.0, top_p: float = 1.0, seed: int | None = None,
+                 draft_tokens: int | None = None, k_max: int = 8):
+        super().__init__(model, draft, prompt, max_new_tokens, temperature, top_p, seed, draft_tokens, k_max)
+        from .engine import capture_graph
+        self.capture_graph = capture_graph
+        k_max = self.fixed_k or self.schedule.k_max
+        dev, V = model.device, model.cfg.vocab_size
+        self.tokens = torch.zeros(1, k_max + 1, dtype=torch.long, device=dev)  # last, d1 .. dk
+        self.at = torch.zeros((), dtype=torch.long, device=dev)   # the draft step's slot
+        self.i = torch.zeros((), dtype=torch.long, device=dev)    # the draft step's index in the round
+        self.start = torch.zeros((), dtype=torch.long, device=dev)  # the round's first slot (of last)
+        self.salt = torch.zeros(1, dtype=torch.long, device=dev)  # the draws' key: seed and round
+        self.q = torch.zeros(k_max, V, device=dev)                # draft distributions (sampling)
+        self.p = torch.zeros(k_max + 1, V, device=dev)            # dense distributions (sampling)
+        self.argmax = torch.zeros(k_max + 1, dtype=torch.long, device=dev)  # dense picks (greedy)
+        self.base_seed = seed if seed is not None else int(torch.randint(0, 2 ** 62, ()))
+        if getattr(draft, "side_stream", False) is None:
+            draft.side_stream = torch.cuda.Stream()  # lookahead predictors beside the main stream
+        # every graph a round can replay, before the prefill (which rewrites the slots their warm-ups
+        # wrote) and off the clock: the draft step, and the verification of T = 1 .. k_max + 1 tokens
+        self.draft_graph = self.capture_graph(self.draft_step)
+        self.verify_graphs = {T: self.capture_graph(lambda T=T: self.verify(T)) for T in range(1, k_max + 2)}
+
+    def restart(self, seed: int | None = None):
+        super().restart(seed)
+        if seed is not None:
+            self.base_seed = seed
+
+    def draft_step(self):
+        tok = self.tokens.gather(1, self.i.view(1, 1))
+        logits = self.model(tok, self.cache, self.at, sparsity=self.draft)[:, -1]
+        if self.temperature > 0:
+            q = probabilities(logits, self.temperature, self.top_p)
+            self.q.index_copy_(0, self.i.view(1), q)
+            nxt = (q / -torch.log(uniform_hash(self.salt, self.at.view(1), q.shape[-1]))).argmax(-1)
+        else:
+            nxt = logits.argmax(-1)
+        self.i += 1
+        self.at += 1
+        self.tokens.index_copy_(1, self.i.view(1), nxt.view(1, 1))
+
+    def verify(self, T: int):
+        logits = self.model(self.tokens[:, :T], self.cache, self.start)[0]
+        if self.temperature > 0:
+            self.p[:T] = probabilities(logits, self.temperature, self.top_p)
+        else:
+            self.argmax[:T] = logits.argmax(-1)
+
+    def prefill(self) -> torch.Tensor:
+        super().prefill()
+        self.tokens[0, 0] = self.last
+        return self.last
+
+    def draft_and_verify(self, k: int):
+        events = [torch.cuda.Event(enable_timing=True) for _ in range(3)]
+        self.start.fill_(self.pos)
+        self.at.fill_(self.pos)
+        self.i.zero_()
+        self.salt.fill_((self.base_seed * 1_000_003 + self.stats.rounds) % 2 ** 62)
+        events[0].record()
+        for _ in range(k):
+            self.draft_graph.replay()
+        events[1].record()
+        self.verify_graphs[k + 1].replay()
+        events[2].record()
+        if self.temperature > 0:
+            kept = torch.stack(self.accept(list(self.tokens[0, 1:k + 1]), list(self.q[:k]), self.p[:k + 1])).tolist()
+        else:  # the one wait of the round
+            both = torch.cat((self.tokens[0, 1:k + 1], self.argmax[:k + 1])).tolist()
+            drafts, dense = both[:k], both[k:]
+            n = next((i for i, (d, a) in enumerate(zip(drafts, dense)) if d != a), k)
+            kept = drafts[:n] + [dense[n]]
+        self.tokens[0, 0] = kept[-1]  # the next round's `last`
+        return kept, events[0].elapsed_time(events[1]) / 1e3, events[1].elapsed_time(events[2]) / 1e3
 
 
 def _clock(model) -> float:
@@ -236,7 +332,8 @@ def generate_lossless(model: Transformer, prompts: list[list[int]], max_new_toke
                           "run them one after another, or drop --lossless")
     if not prompts[0]:
         raise DejavuError("every prompt needs at least one token: give some text")
-    dec = SpeculativeDecoder(model, draft, prompts[0], max_new_tokens, temperature, top_p, seed, draft_tokens)
+    cls = GraphSpeculativeDecoder if model.device.type == "cuda" else SpeculativeDecoder
+    dec = cls(model, draft, prompts[0], max_new_tokens, temperature, top_p, seed, draft_tokens)
     stops = set(stop_list(eos_id))
     stats = stats if stats is not None else GenerationStats()
     stats.batch, stats.prompt_tokens, stats.lossless = 1, len(prompts[0]), dec.stats

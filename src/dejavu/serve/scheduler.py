@@ -305,19 +305,24 @@ BUCKETS = (1, 2, 4, 8, 16, 32)  # rows a step graph is captured for (a step runs
 class GraphScheduler(Scheduler):
     """The same loop on CUDA over engine.GraphDecoder: each request gets a row of one preallocated
     cache (its own timeline from slot 0), joins as soon as a row is free (a dense eager prefill of
-    its prompt) and leaves when it ends; a decode step replays the graph of the smallest bucket
-    that holds every busy row (free rows in it stand still). Nothing is re-captured or copied
-    when requests come and go. The pick runs in the graph (sampling.sample_rows: per-request
-    temperature, top-p and seed). Sparse or dense at each bucket is decided by measurement when
-    the bucket's graphs are captured: the faster step wins (batch > 1 runs the fixed-size union
-    of the rows' selections, sized for independent rows: each row keeps its own top-k);
-    `modes` holds the measured ms."""
+    its prompt) and leaves when it ends; nothing is re-captured or copied when requests come and
+    go. The pick runs in the graph (sampling.sample_rows: per-request temperature, top-p, seed).
+
+    Dense steps always replay the graph of every row (free rows stand still): the matmuls then
+    have the same shapes whatever the load, so a request's tokens do not depend on what else
+    runs, to the bit, in bf16 too (cuBLAS picks its kernel, and so the rounding, by batch size; a
+    smaller bucket saves little on a memory-bound step). Sparse steps replay the graph of the
+    smallest bucket (1, 2, 4, ...) that holds the busy rows (batch > 1: the fixed-size union of
+    the rows' selections, sized so each row keeps its own top-k), where it measured faster than
+    the dense step when the bucket was captured; `modes` holds the measured ms."""
 
     def __init__(self, model, sparsity=None, batch_size: int = 8, max_queue: int = 64, sparse_max_batch: int = 8,
                  batch_wait: float = 0.02):
         from ..engine import GraphDecoder
         super().__init__(model, sparsity, None, batch_size, max_queue, sparse_max_batch, batch_wait)
-        self.buckets = sorted({b for b in BUCKETS if b < batch_size} | {batch_size})
+        # sparse buckets only: dense always steps every row
+        self.buckets = sorted({b for b in BUCKETS if b < batch_size and sparsity is not None and b <= sparse_max_batch}
+                              | {batch_size})
         try:
             self.dec = GraphDecoder(model, batch_size, model.cfg.max_seq_len, sparsity, lazy_kv=False, sampling=True)
         except torch.cuda.OutOfMemoryError:
@@ -356,11 +361,15 @@ class GraphScheduler(Scheduler):
         return capped
 
     def prepare(self, n: int):
-        """Capture the bucket's graphs and measure which mode pays (once per bucket)."""
+        """Capture the bucket's sparse graph and measure whether it beats the dense step (once per
+        bucket); the dense step is the all-rows graph (see the class docstring)."""
         if n in self.modes:
             return
-        self.dec.capture(n, sparse=False)
-        mode = {"rows": n, "sparse": False, "dense_ms": self.dec.time_step(n, False), "sparse_ms": None}
+        full = self.batch_size
+        if (full, False) not in self.dec.graphs:
+            self.dec.capture(full, sparse=False)
+            self.dense_ms = self.dec.time_step(full, False)
+        mode = {"rows": n, "sparse": False, "dense_ms": self.dense_ms, "sparse_ms": None}
         sparsity = self.bucket_sparsity(n)
         if sparsity is not None:
             try:
@@ -381,7 +390,8 @@ class GraphScheduler(Scheduler):
             chosen = "sparse" if m["sparse"] else "dense"
             sparse = f", sparse {m['sparse_ms']:.2f} ms" if m["sparse_ms"] is not None else ""
             print(f"dejavu serve: graphs for {n} row{'s' * (n > 1)} captured in {time.perf_counter() - t:.1f} s: "
-                  f"dense {m['dense_ms']:.2f} ms/step{sparse} -> {chosen}", file=sys.stderr, flush=True)
+                  f"dense {m['dense_ms']:.2f} ms/step (all {self.batch_size} rows){sparse} -> {chosen}",
+                  file=sys.stderr, flush=True)
 
     def admit(self):
         free = [r for r, job in enumerate(self.slots) if job is None]
@@ -423,6 +433,7 @@ class GraphScheduler(Scheduler):
         n = next(b for b in self.buckets if b > busy[-1])
         self.prepare(n)
         sparse = self.modes[n]["sparse"]
+        n = n if sparse else self.batch_size
         tokens, finite = self.dec.step(n, sparse)
         self.count_graph_units(n, sparse, len(busy))
         self.metrics.batch_rows.observe(len(busy))
