@@ -136,3 +136,36 @@ def test_no_step_runs_past_the_cache(model_and_preds):
     dec.decode(6)                      # slots 10..15: the cache is full
     with pytest.raises(DejavuError, match="run past the cache of 16"):
         dec.decode(1)
+
+
+@pytest.mark.parametrize("on_trip", ["dense", "raise"])
+def test_guarded_generate_on_cuda_replays_graphs_and_gives_the_eager_tokens(model_and_preds, on_trip, monkeypatch):
+    """The guard at batch 1 on the graphs (chunks of unchecked sparse replays, each checked step
+    a sparse and a dense replay at the same slot, a trip switching to the dense graph or to a
+    new sparse one): the eager guard's tokens and counters."""
+    from dejavu import guard as guard_module
+    from dejavu.guard import Guard, GuardSettings
+    model, preds = model_and_preds
+    settings = GuardSettings(check_every=4, warmup=1, window=2, min_agreement=0.75, on_trip=on_trip)
+    real = guard_module.kl_and_agreement
+    checks = []
+
+    def every_third_check_disagrees(dense, sparse):  # the tiny models' top-1 never flips: make it
+        kl, agree = real(dense, sparse)
+        checks.append(None)
+        return kl, agree * (len(checks) % 3 != 0)
+    monkeypatch.setattr(guard_module, "kl_and_agreement", every_third_check_disagrees)
+
+    def run():
+        checks.clear()
+        guard = Guard.from_predictors(model, preds, 0.1, 0.25, settings)
+        out = generate_ids(model, [[5, 9, 2, 7, 1, 3]], 40, guard=guard)
+        m = guard.metrics
+        return out, (m.steps, m.checked, m.sparse_steps, m.trips, m.fallbacks, m.raises), m.agreement_mean
+    assert gen_module.graph_step_applies(model, 1, None, Guard.from_predictors(model, preds))
+    got, counts, agreement = run()
+    with monkeypatch.context() as m:
+        eager(m)
+        want, want_counts, want_agreement = run()
+    assert got == want and counts == want_counts and agreement == pytest.approx(want_agreement)
+    assert counts[0] == 39 and counts[1] >= 1 and counts[3] >= 1  # steps, checks, trips

@@ -9,6 +9,7 @@ position live on the device, so a step never waits for the host; the host only l
 """
 from __future__ import annotations
 
+import gc
 import statistics
 
 import torch
@@ -43,8 +44,12 @@ def capture_graph(step) -> torch.cuda.CUDAGraph:
             step()
     torch.cuda.current_stream().wait_stream(warm)
     graph = torch.cuda.CUDAGraph()
-    with torch.cuda.graph(graph):
-        step()
+    gc.disable()  # a collection inside the capture could destroy another graph and invalidate this one
+    try:
+        with torch.cuda.graph(graph):
+            step()
+    finally:
+        gc.enable()
     return graph
 
 
@@ -84,6 +89,7 @@ class GraphDecoder:
         self.logits = None
         self.graphs: dict[tuple[int, bool], torch.cuda.CUDAGraph] = {}  # (rows, sparse) -> graph
         self.units: dict[tuple[int, bool], dict] = {}  # (rows, sparse) -> units one replay computes
+        self.outputs: dict[tuple[int, bool], torch.Tensor] = {}  # (rows, sparse) -> the graph's logits
 
     @property
     def graph(self):
@@ -175,6 +181,7 @@ class GraphDecoder:
         self.units[n, sparse] = {k: [(v[0] - before[k][0]) // CALLS, (v[1] - before[k][1]) // CALLS]
                                  for k, v in getattr(sparsity, "kept", {}).items()}
         self.graphs[n, sparse] = graph
+        self.outputs[n, sparse] = self.logits
         for buf, value in zip((self.tokens, self.pos, self.live), saved):
             buf.copy_(value)
         return graph

@@ -71,7 +71,7 @@ def generate(model: Transformer, prompts: list[list[int]], max_new_tokens: int, 
                           f"context of {model.cfg.max_seq_len} tokens: shorten the prompt or ask for fewer tokens")
     if graph_step_applies(model, B, sparsity, guard):
         yield from generate_graph(model, tokens, pad, max_new_tokens, temperature, top_p, eos_id, seed, stats,
-                                  sparsity)
+                                  sparsity, guard)
         return
     gen = torch.Generator(device=model.device).manual_seed(seed) if seed is not None else None
     cache = model.new_cache(B, total)
@@ -123,10 +123,12 @@ CHUNK = 8  # graph steps between two looks at the host (stop tokens, streaming)
 
 def graph_step_applies(model: Transformer, batch: int, sparsity, guard) -> bool:
     """On CUDA every step replays one CUDA graph (engine.py): dense, or gathered sparse with
-    static shapes (batch 1, or a fixed-size union). The guard's dense checks and masked
-    sparsity run eager."""
-    if model.device.type != "cuda" or guard is not None:
+    static shapes (batch 1, or a fixed-size union), or guarded at batch 1 (its checks replay the
+    dense graph too). Masked sparsity and guarded batches run eager."""
+    if model.device.type != "cuda":
         return False
+    if guard is not None:
+        return batch == 1
     if sparsity is None:
         return True
     from .sparse import Gathered, InputSparsity
@@ -135,14 +137,44 @@ def graph_step_applies(model: Transformer, batch: int, sparsity, guard) -> bool:
     return isinstance(sparsity, Gathered) and (batch == 1 or sparsity.cap is not None)
 
 
+def guarded_step(dec, guard):
+    """A checked step on the graphs: the sparse step, then the dense step over the same token and
+    slot (its exact K/V stay in the cache); the sparse token goes on unless the check trips the
+    guard. After a trip the decode replays the dense graph, or a new sparse one at the raised
+    densities. The recall of the selectors is not measured here (it needs the eager probe)."""
+    B = dec.batch
+    token, pos = dec.tokens.clone(), dec.pos.clone()
+    dec.check_room(1)
+    dec.graphs[B, True].replay()
+    sparse_logits, sparse_token = dec.outputs[B, True].clone(), dec.tokens.clone()
+    dec.tokens.copy_(token)
+    dec.pos.copy_(pos)
+    dec.graphs[B, False].replay()
+    dec.at = [a + 1 for a in dec.at]
+    guard.advance(1, checked=True)
+    if not guard.check(dec.outputs[B, False][:, None], sparse_logits[:, None]):
+        dec.tokens.copy_(sparse_token)
+    elif guard.dense:
+        dec.sparsity = None  # the dense graph from here on
+    else:
+        dec.sparsity = guard.sparse
+        if getattr(dec.sparsity, "side_stream", False) is None and B == 1:
+            dec.sparsity.side_stream = torch.cuda.Stream()
+        dec.capture()  # the raised densities' graph
+
+
 def generate_graph(model: Transformer, tokens: torch.Tensor, pad: torch.Tensor, max_new_tokens: int,
                    temperature: float, top_p: float, eos_id, seed: int | None, stats: GenerationStats | None,
-                   sparsity) -> Iterator[torch.Tensor]:
+                   sparsity, guard=None) -> Iterator[torch.Tensor]:
     """generate() on CUDA: eager dense prefill, then CHUNK graph replays at a time with the pick
     on the device (sampling.sample_rows), stop tokens checked between chunks; a chunk that
-    passes a row's stop token costs at most CHUNK - 1 wasted steps, never a wrong token."""
+    passes a row's stop token costs at most CHUNK - 1 wasted steps, never a wrong token. With a
+    guard, a chunk ends at each checked step (guarded_step)."""
     from . import engine
     B, T = tokens.shape
+    if guard is not None:
+        guard.begin()
+        sparsity = guard.sparse  # None when the guard starts dense
     if getattr(sparsity, "side_stream", False) is None and B == 1:
         sparsity.side_stream = torch.cuda.Stream()  # lookahead predictors beside the main stream
     dec = engine.GraphDecoder(model, B, T + max_new_tokens, sparsity, sampling=temperature > 0)
@@ -154,6 +186,8 @@ def generate_graph(model: Transformer, tokens: torch.Tensor, pad: torch.Tensor, 
     stats.batch, stats.prompt_tokens = B, int((T - pad).sum())
     stops = torch.tensor(stop_list(eos_id), dtype=torch.long, device=model.device)
     dec.capture()  # compiles and captures: not part of the prefill's time
+    if guard is not None and sparsity is not None:
+        dec.capture(sparse=False)  # the checks' dense step
     t0 = time.perf_counter()
     dec.prefill(tokens.to(model.device))
     torch.cuda.synchronize()
@@ -163,8 +197,15 @@ def generate_graph(model: Transformer, tokens: torch.Tensor, pad: torch.Tensor, 
     while left > 0:
         n = min(CHUNK, left)
         last = n == left  # no step after the last token asked for
+        checked = guard is not None and guard.unchecked_ahead() < n - last
+        if checked:  # the chunk ends with the checked step
+            n, last = guard.unchecked_ahead() + 1, False
         t = time.perf_counter()
-        out, _ = dec.decode(n, last_step=not last)  # synchronizes: the chunk is done
+        out, _ = dec.decode(n, last_step=not (last or checked))  # synchronizes: the chunk is done
+        if guard is not None:
+            guard.advance(n - 1 if checked else n - last)
+        if checked:
+            guarded_step(dec, guard)
         stats.decode_seconds += time.perf_counter() - t
         stats.decode_steps += n - last
         left -= n

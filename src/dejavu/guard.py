@@ -189,25 +189,46 @@ class Guard:
 
     def step(self, tokens: torch.Tensor, cache, pos: int) -> torch.Tensor:
         """One decode step [B, 1] -> logits [B, 1, V]: sparse, checked against dense when due."""
-        m, s = self.metrics, self.settings
-        m.steps += 1
-        self.request_steps += 1
+        due = self.is_due(self.request_steps + 1)
+        self.advance(1, checked=due)
         if self.dense:
             return self.model(tokens, cache, pos)
-        due = self.request_steps <= s.warmup or self.request_steps % s.check_every == 0
         sparse_logits = self.model(tokens, cache, pos, sparsity=self.sparse)
         if not due:
-            m.sparse_steps += 1
             return sparse_logits
         # the dense step overwrites this slot's K/V with the exact ones
         dense_logits = self.model(tokens, cache, pos, sparsity=self.probe)
+        return dense_logits if self.check(dense_logits, sparse_logits) else sparse_logits
+
+    def check(self, dense_logits, sparse_logits) -> bool:
+        """Record one checked step [B, 1, V] each -> whether it tripped the guard (then this step's
+        token comes from the dense model)."""
+        m = self.metrics
         self._record(dense_logits, sparse_logits)
-        if len(self.window) and m.agreement_rolling < s.min_agreement:
+        if len(self.window) and m.agreement_rolling < self.settings.min_agreement:
             m.trips += 1
             self._trip()
-            return dense_logits  # this step's token comes from the dense model
+            return True
         m.sparse_steps += 1
-        return sparse_logits
+        return False
+
+    def is_due(self, step: int) -> bool:
+        """Whether the request's step-th decode step (from 1) is checked."""
+        s = self.settings
+        return not self.dense and (step <= s.warmup or step % s.check_every == 0)
+
+    def unchecked_ahead(self) -> int:
+        """Steps from the next one on that run unchecked before the next checked step (the
+        CUDA-graph decode replays that many at once); a large number once the request runs dense."""
+        n = self.request_steps + 1
+        return next((j for j in range(self.settings.check_every + 1) if self.is_due(n + j)), 1 << 30)
+
+    def advance(self, n: int, checked: bool = False):
+        """n decode steps ran (a checked one counts as sparse in check(), unless it trips)."""
+        self.metrics.steps += n
+        self.request_steps += n
+        if not checked and not self.dense:
+            self.metrics.sparse_steps += n
 
     def _record(self, dense_logits, sparse_logits):
         m, sums = self.metrics, self.metrics.sums
