@@ -475,6 +475,9 @@ def serve(loaded, sparsity, guard, host: str, port: int, batch_size: int, max_qu
         mode = (f"sparse (MLP density {scheduler.density('mlp'):.2f}, attention {scheduler.density('attn'):.2f} on "
                 f"the warm-up{', guarded' if guard is not None else ''}; batches of more than {sparse_max_batch} "
                 "decode dense)")
+    if loaded.model.device.type == "cuda" and guard is not None:
+        mode += (", eager steps: the guarded server has no CUDA graphs yet, so on a GPU it decodes slower than "
+                 "the unguarded one (dejavu generate --guard replays graphs at batch 1)")
     print(f"dejavu serve: {loaded.name}, {mode} decode, batch up to {batch_size}, queue up to {max_queue}; "
           f"http://{host}:{port}/v1" + (" (API key required)" if settings.api_key else ""), file=sys.stderr)
     try:
