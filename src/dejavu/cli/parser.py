@@ -185,7 +185,8 @@ def add_guard_args(p: argparse.ArgumentParser, title: str, unit: str, extra: str
     """The guard's flags (common.guard_from_args reads them); `unit` is what a trip finishes dense."""
     g = p.add_argument_group(title)
     g.add_argument("--guard", action="store_true",
-                   help="check every 8th decode step against dense (top-1 agreement, KL; selector recall on the eager path) and "
+                   help="check every 8th decode step against dense (top-1 agreement, KL; selector recall on the "
+                        "eager path) and "
                         f"finish {unit} dense when the rolling agreement falls below 0.5{extra}")
     g.add_argument("--conservative", action="store_true",
                    help="the guard's cautious preset: check every 2nd step, fall back below 0.8 agreement")

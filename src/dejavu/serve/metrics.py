@@ -38,7 +38,8 @@ class Metrics:
         modes = getattr(scheduler, "modes", None)  # the GPU step: measured ms per bucket and mode, and the choice
         if modes is not None:
             step_ms = Gauge("dejavu_step_ms", "one decode step's time, measured at start-up: sparse per batch size "
-                            "(rows), dense always over every row (so a request's tokens do not depend on the load)", ["rows", "mode"], registry=r)
+                            "(rows), dense always over every row (so a request's tokens do not depend on the load)",
+                            ["rows", "mode"], registry=r)
             chosen = Gauge("dejavu_step_sparse", "1 where a batch of this many rows decodes sparse (it measured "
                            "faster), else 0", ["rows"], registry=r)
             for n in getattr(scheduler, "buckets", ()):
