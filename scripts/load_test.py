@@ -4,8 +4,8 @@ Starts the server itself (one process per variant, on loopback), asks each promp
 greedy single-request output), then runs the clients for --seconds: each sends greedy streaming
 requests back to back, prompts in turn. Reports requests/s, tokens/s, latency percentiles, time
 to first token, HTTP errors, and how many answers equal their prompt's single-request output
-(dense: all must; sparse: the batch shares the union of its rows' units, so a batched answer may
-legitimately differ from the answer alone).
+(on a GPU all must, sparse too: each row selects its own units; on the CPU a sparse batch shares
+the union of its rows' units, so a batched answer may legitimately differ from the answer alone).
 
   python scripts/load_test.py --clients 16 --seconds 30 --predictors runs/smollm2-135m/predictors \
       --out results/smollm2-135m/serve_load.md
@@ -161,8 +161,8 @@ def main():
     ap.add_argument("--sparse-args", default="--mlp-density 0.5 --attn-density 0.67",
                     help="the sparse server's densities (default '--mlp-density 0.5 --attn-density 0.67')")
     ap.add_argument("--sparse-max-batch", type=int, default=None,
-                    help="the sparse server's --sparse-max-batch (default: the batch size, so every step is sparse "
-                         "on the CPU; on a GPU each batch size up to it runs whichever step measured faster)")
+                    help="the CPU sparse server's --sparse-max-batch (e.g. the batch size, so every step is sparse; "
+                         "a GPU server takes none)")
     ap.add_argument("--sparse-only", action="store_true", help="skip the dense run")
     ap.add_argument("--shape", default=None, help="the name the JSON rows give the model (default: from --serve-args)")
     ap.add_argument("--out", help="append a markdown table here")
@@ -174,10 +174,11 @@ def main():
         shlex.split(args.serve_args)
     variants = [] if args.sparse_only else [("dense", base)]
     if args.predictors:
-        smb = args.sparse_max_batch or args.batch_size
-        variants.append((f"sparse ({args.sparse_args.replace('--', '').strip()}; sparse up to {smb} rows)",
-                         base + ["--sparse", "--predictors", args.predictors, "--sparse-max-batch", str(smb)]
-                         + shlex.split(args.sparse_args)))
+        smb = args.sparse_max_batch
+        variants.append((f"sparse ({args.sparse_args.replace('--', '').strip()}"
+                         + (f"; sparse up to {smb} rows)" if smb else ")"),
+                         base + ["--sparse", "--predictors", args.predictors] + shlex.split(args.sparse_args)
+                         + (["--sparse-max-batch", str(smb)] if smb else [])))
     pool, card = request_pool(args), card_name()
     rows = []
     for name, serve_args in variants:

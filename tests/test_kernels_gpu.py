@@ -291,6 +291,53 @@ def test_decode_attention(dtype, H, Hkv, hd, S, length, batch, heads, n_splits):
     check(got, ref.decode_attention_reference(q, k, v, head_idx, H, L, key_valid, hd ** -0.5), dtype)
 
 
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("batch", [2, 5, 40])
+def test_a_set_per_row_is_each_row_alone(dtype, batch):
+    """idx [B, m] (serving): each live row gets, to the bit, what the same kernel gives that row
+    alone with its own set, whatever the other rows hold; a free row (indices -1) gets zeros from
+    the up-side gathers and the bias from gather_axpy, and reads nothing. Neuron units (gate/up,
+    down) and head units (Q rows, W_o, attention), plus each row's own top-k."""
+    dot_ok(dtype)
+    from dejavu.kernels import topk_indices
+    g = gen()
+    n, d, m, H, hd = 4133, 1000, 300, 12, 64
+    w_in, w_out = randn(n, 2, d, g=g, dtype=dtype), randn(n, d, g=g, dtype=dtype)
+    wq, bq, bo = randn(H * hd, d, g=g, dtype=dtype), randn(H * hd, g=g, dtype=dtype), randn(d, g=g, dtype=dtype)
+    x, a = randn(batch, d, g=g, dtype=dtype), randn(batch, m, g=g, dtype=dtype)
+    y = randn(batch, 5 * hd, g=g, dtype=dtype)
+    scores = randn(batch, n, g=g, dtype=dtype)
+    idx = topk_indices(scores, m)
+    heads = topk_indices(randn(batch, H, g=g, dtype=dtype), 5)
+    for r in range(batch):
+        assert torch.equal(idx[r].sort().values, topk_indices(scores[r], m).sort().values)
+    free = torch.zeros(batch, dtype=torch.bool, device=DEV)
+    free[1] = True
+    idx[free], heads[free] = -1, -1
+    calls = [(lambda x_, i_: tg.gather_matvec(x_, w_in[:, 1], i_), x, idx, 0.0),
+             (lambda x_, i_: tg.gather_act(x_, w_in, None, i_, "silu"), x, idx, 0.0),
+             (lambda a_, i_: tg.gather_axpy(a_, w_out, i_, bo), a, idx, bo),
+             (lambda x_, h_: tg.gather_matvec(x_, wq, h_, bq, unit=hd), x, heads, 0.0),
+             (lambda y_, h_: tg.gather_axpy(y_, wq, h_, bo, unit=hd), y, heads, bo)]
+    for op, inp, sets, free_out in calls:
+        poison()
+        got = op(inp, sets)
+        for r in range(batch):
+            if free[r]:
+                assert torch.equal(got[r], torch.zeros_like(got[r]) + free_out)
+            else:
+                assert torch.equal(got[r:r + 1], op(inp[r:r + 1], sets[r:r + 1])), r
+                alone = op(inp[r:r + 1], sets[r])  # the one-set kernel, at batch 1
+                check(got[r:r + 1], alone.float(), dtype)
+    q, k, v, _, L, key_valid = attention_inputs(batch, H, 4, hd, 300, 257, 5, dtype, g)
+    got = ta.decode_attention(q, k, v, heads, H, L, key_valid, hd ** -0.5)
+    for r in range(batch):
+        if not free[r]:
+            check(got[r:r + 1], ref.decode_attention_reference(q[r:r + 1], k[r:r + 1], v[r:r + 1], heads[r], H, L,
+                                                               key_valid[r:r + 1], hd ** -0.5), dtype)
+    assert torch.isfinite(got).all()
+
+
 def test_decode_attention_is_sdpa_for_all_heads():
     """All heads, no padding: the same as torch's own GQA attention over the valid keys."""
     g = gen()

@@ -268,6 +268,37 @@ def test_gathered_equals_masked_over_a_generation(name, batch, selector, tmp_pat
         assert gathered.density("mlp") == pytest.approx(one_token)
 
 
+@pytest.mark.parametrize("name,batch,selector", [("llama-gqa", 3, "predicted"), ("opt-relu", 2, "predicted"),
+                                                 ("llama-gqa", 2, "gate"), ("llama-biases", 2, "gate"),
+                                                 ("qwen2-qkv-bias", 2, "predicted")])
+def test_a_set_per_row_equals_each_tokens_own_masked_selection(name, batch, selector, tmp_path):
+    """Gathered.per_row (serving): every row gathers its own top-k, which is what the masked
+    evaluation computes token by token (no union); a free row (live 0) computes nothing and
+    changes nothing for the others."""
+    from dejavu.sparse import Gathered
+    model, _ = random_pair(name)
+    preds = quick_predictors(model, tmp_path)
+    pick = lambda: (GateSelector(model) if selector == "gate" else PredictorSelector(preds), PredictorSelector(preds))
+    (n1, h1), (n2, h2) = pick(), pick()
+    live = torch.ones(batch, dtype=torch.long)
+    gathered = Gathered(model, mlp=n1, heads=h1, mlp_density=0.4, attn_density=0.5).per_row(live)
+    masked = Masked(model, mlp=n2, heads=h2, mlp_density=0.4, attn_density=0.5)
+    prompt = tokens(n=9, b=batch, seed=5)
+    nxt, lg, dense, _ = decode_side_by_side(model, gathered, masked, prompt, 30, atol=1e-5)
+    assert not torch.allclose(lg, dense, atol=1e-3)
+    assert gathered.density("mlp") == pytest.approx(round(0.4 * model.cfg.d_ff) / model.cfg.d_ff)
+    live[1] = 0  # row 1 free: the others' logits are unchanged, its MLP and attention output only biases
+    caches = [model.new_cache(batch, 16) for _ in range(2)]
+    with torch.no_grad():
+        for c in caches:
+            model(prompt, c, 0)
+        freed = model(nxt[:, None], caches[0], 9, sparsity=gathered)
+        live[1] = 1
+        every = model(nxt[:, None], caches[1], 9, sparsity=gathered)
+    rest = [r for r in range(batch) if r != 1]
+    assert torch.allclose(freed[rest], every[rest], atol=1e-6) and not torch.allclose(freed[1], every[1], atol=1e-3)
+
+
 def test_the_same_context_check_sees_a_dense_run():
     """decode_side_by_side's dense logits are the dense step over the same context: with dense
     "sparse" runs (no selectors) the gathered logits equal them (the generation test's `not

@@ -30,6 +30,14 @@ def lazy_kv_applies(model: Transformer, batch: int, sparsity) -> bool:
             and c.n_kv_heads == c.n_heads and c.positions != "rope")
 
 
+def side_stream(sparsity):
+    """Gives a sparse.Gathered without one a CUDA stream for its lookahead predictors, which then
+    select beside the main stream (batch 1, or a set per row). -> sparsity (None and others: as is)."""
+    if getattr(sparsity, "side_stream", False) is None:
+        sparsity.side_stream = torch.cuda.Stream()
+    return sparsity
+
+
 WARM_UPS = 2  # eager runs before a capture: Triton compiles, cuBLAS picks its kernels
 CALLS = WARM_UPS + 1  # times capture_graph calls its step
 
@@ -209,12 +217,15 @@ class GraphDecoder:
         return tokens, [bool(f) for f in finite]
 
     @torch.no_grad()
-    def time_step(self, rows: int, sparse: bool, replays: int = 8) -> float:
-        """Median ms of the step over `rows` rows, every row standing still (serving measures which
-        mode pays at each bucket). The input buffer is restored after."""
+    def time_step(self, rows: int, sparse: bool, replays: int = 8, live: int = 0) -> float:
+        """Median ms of the step over `rows` rows, the first `live` of them live and the others
+        standing still (serving measures which mode pays). The input buffer and positions are
+        restored after; the live rows' cache slots written are ones their next steps rewrite, so
+        call it on free rows only."""
         graph = self.graphs[rows, sparse]
         saved = self.tokens.clone(), self.pos.clone(), self.live.clone()
         self.live.zero_()
+        self.live[:live] = 1
         events = [torch.cuda.Event(enable_timing=True) for _ in range(replays + 1)]
         events[0].record()
         for e in events[1:]:

@@ -142,6 +142,7 @@ def guarded_step(dec, guard):
     slot (its exact K/V stay in the cache); the sparse token goes on unless the check trips the
     guard. After a trip the decode replays the dense graph, or a new sparse one at the raised
     densities. The recall of the selectors is not measured here (it needs the eager probe)."""
+    from . import engine
     B = dec.batch
     token, pos = dec.tokens.clone(), dec.pos.clone()
     dec.check_room(1)
@@ -157,9 +158,7 @@ def guarded_step(dec, guard):
     elif guard.dense:
         dec.sparsity = None  # the dense graph from here on
     else:
-        dec.sparsity = guard.sparse
-        if getattr(dec.sparsity, "side_stream", False) is None and B == 1:
-            dec.sparsity.side_stream = torch.cuda.Stream()
+        dec.sparsity = engine.side_stream(guard.sparse)
         dec.capture()  # the raised densities' graph
 
 
@@ -175,8 +174,7 @@ def generate_graph(model: Transformer, tokens: torch.Tensor, pad: torch.Tensor, 
     if guard is not None:
         guard.begin()
         sparsity = guard.sparse  # None when the guard starts dense
-    if getattr(sparsity, "side_stream", False) is None and B == 1:
-        sparsity.side_stream = torch.cuda.Stream()  # lookahead predictors beside the main stream
+    engine.side_stream(sparsity)
     dec = engine.GraphDecoder(model, B, T + max_new_tokens, sparsity, sampling=temperature > 0)
     dec.cache.set_padding(pad)
     if temperature > 0:

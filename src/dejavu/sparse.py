@@ -37,6 +37,8 @@ and records inputs and importances. Which units are selected is the selectors' b
 """
 from __future__ import annotations
 
+import copy
+
 import torch
 
 from . import kernels
@@ -331,7 +333,8 @@ class Masked(Selection):
 
 class Gathered(Selection):
     """Decode: compute only the selected units (model.py gathers their rows). One set per
-    forward: the union over the batch's tokens, so batch > 1 shares the rows it reads."""
+    forward: the union over the batch's tokens, so batch > 1 shares the rows it reads; or, from
+    `per_row`, each row its own top-k (serving: a row's answer then never depends on the others)."""
 
     def __init__(self, model: Transformer, mlp=None, heads=None, mlp_density=None, attn_density=None,
                  side_stream: "torch.cuda.Stream | None" = None, union_cap: tuple[float, float] | None = None):
@@ -344,14 +347,38 @@ class Gathered(Selection):
         # best of the rest by their highest score in the batch; past the cap, the union's best.
         self.cap = None if union_cap is None else {
             kind: units_for(d, self.units[kind]) for kind, d in zip(("mlp", "attn"), union_cap)}
+        self.live = None  # per_row: which rows are live (1) or free (0)
+
+    def per_row(self, live: torch.Tensor) -> "Gathered":
+        """A copy selecting for each row on its own, one decode token per row: fixed-size [rows, k]
+        index sets the gather kernels take row by row (static shapes, no host sync). `live` [rows]
+        (a device buffer the caller keeps current): a free row (0) gets indices -1 and computes
+        nothing, so a step over every row costs what its live rows select."""
+        rows = copy.copy(self)
+        rows.live, rows.ahead, rows.kept, rows.cap = live, {}, {"mlp": [0, 0], "attn": [0, 0]}, None
+        return rows
+
+    def own(self, idx: torch.Tensor) -> torch.Tensor:
+        """Per row: a free row's indices -1."""
+        return torch.where(self.live[:, None] > 0, idx, -1)
 
     def enter(self, layer, x):
         super().enter(layer, x)
-        if self.side_stream is not None and x.shape[0] * x.shape[1] == 1:
+        if self.side_stream is not None and (self.live is not None or x.shape[0] * x.shape[1] == 1):
             self.select_ahead(layer)
 
+    def _top(self, scores, k) -> torch.Tensor:
+        """A fixed-size selection, no host sync: one token's top-k [k], or each row's [rows, k]."""
+        if self.live is not None:
+            return self.own(kernels.topk_indices(scores.flatten(0, -2), k))
+        return kernels.topk_indices(scores.reshape(-1), k)
+
+    def count(self, kind, idx):
+        self.kept[kind][0] += idx.numel()
+        self.kept[kind][1] += self.units[kind] * (len(idx) if idx.dim() == 2 else 1)
+
     def select_ahead(self, layer):
-        """Asynchronous lookahead (batch 1, CUDA): the residual entering `layer` is what the
+        """Asynchronous lookahead (batch 1 or per row, CUDA): the residual entering `layer` is what the
         lookahead predictors read for this layer's MLP and the next layer's heads, so their
         top-k is computed now on the side stream, overlapping this layer's attention (and
         MLP); the block waits on an event only where it uses the selection."""
@@ -368,7 +395,7 @@ class Gathered(Selection):
         self.side_stream.wait_stream(main)
         with torch.cuda.stream(self.side_stream):
             for kind, t, scores, ks in jobs:
-                idx = kernels.topk_indices(scores().reshape(-1), ks[t])
+                idx = self._top(scores(), ks[t])
                 done = torch.cuda.Event()
                 done.record()
                 self.ahead[kind, t] = (idx, done)
@@ -381,15 +408,14 @@ class Gathered(Selection):
         main = torch.cuda.current_stream()
         main.wait_event(done)
         idx.record_stream(main)  # made on the side stream, used on the main one
-        self.kept[kind][0] += len(idx)
-        self.kept[kind][1] += self.units[kind]
+        self.count(kind, idx)
         return idx
 
     def _index(self, kind, scores, k):
-        if scores.numel() == scores.shape[-1]:  # one token: its top-k, a fixed size (no host sync)
-            self.kept[kind][0] += k
-            self.kept[kind][1] += scores.shape[-1]
-            return kernels.topk_indices(scores.reshape(-1), k)
+        if self.live is not None or scores.numel() == scores.shape[-1]:  # per row, or one token
+            idx = self._top(scores, k)
+            self.count(kind, idx)
+            return idx
         if self.cap is not None:  # a batch, fixed size (no host sync)
             s = scores.flatten(0, -2).float()
             best = s.amax(0)

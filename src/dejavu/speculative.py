@@ -241,8 +241,7 @@ class GraphSpeculativeDecoder(SpeculativeDecoder):
                  temperature: float = 0.0, top_p: float = 1.0, seed: int | None = None,
                  draft_tokens: int | None = None, k_max: int = 8):
         super().__init__(model, draft, prompt, max_new_tokens, temperature, top_p, seed, draft_tokens, k_max)
-        from .engine import capture_graph
-        self.capture_graph = capture_graph
+        from .engine import capture_graph, side_stream  # late: tests count captures through engine
         k_max = self.fixed_k or self.schedule.k_max
         dev, V = model.device, model.cfg.vocab_size
         self.tokens = torch.zeros(1, k_max + 1, dtype=torch.long, device=dev)  # last, d1 .. dk
@@ -254,12 +253,11 @@ class GraphSpeculativeDecoder(SpeculativeDecoder):
         self.p = torch.zeros(k_max + 1, V, device=dev)            # dense distributions (sampling)
         self.argmax = torch.zeros(k_max + 1, dtype=torch.long, device=dev)  # dense picks (greedy)
         self.base_seed = seed if seed is not None else int(torch.randint(0, 2 ** 62, ()))
-        if getattr(draft, "side_stream", False) is None:
-            draft.side_stream = torch.cuda.Stream()  # lookahead predictors beside the main stream
+        side_stream(draft)
         # every graph a round can replay, before the prefill (which rewrites the slots their warm-ups
         # wrote) and off the clock: the draft step, and the verification of T = 1 .. k_max + 1 tokens
-        self.draft_graph = self.capture_graph(self.draft_step)
-        self.verify_graphs = {T: self.capture_graph(lambda T=T: self.verify(T)) for T in range(1, k_max + 2)}
+        self.draft_graph = capture_graph(self.draft_step)
+        self.verify_graphs = {T: capture_graph(lambda T=T: self.verify(T)) for T in range(1, k_max + 2)}
 
     def restart(self, seed: int | None = None):
         super().restart(seed)

@@ -400,11 +400,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--max-queue", type=int, default=64,
                    help="most requests waiting for a place in the batch; beyond it HTTP 429")
     p.add_argument("--sparse-max-batch", type=int, default=None,
-                   help="with --sparse, decode steps of more rows than this run dense: the union of the rows' "
-                        "units nears all of them and sparse stops paying. On a GPU (default 8) each batch size "
-                        "up to this runs whichever of its sparse and dense steps measured faster at start-up "
-                        "(/metrics: dejavu_step_ms); on the CPU (default 1) it runs sparse (measured: "
-                        "results/smollm2-135m/serve_load.md)")
+                   help="CPU (and --guard) server with --sparse: decode steps of more rows than this (default "
+                        "1) run dense, since the union of the rows' units nears all of them and sparse stops "
+                        "paying (measured: results/smollm2-135m/serve_load.md). Not on a GPU: there every step "
+                        "runs every row, each selecting its own units (answers do not depend on the load), "
+                        "sparse or dense as measured at start-up (/metrics: dejavu_step_ms)")
     p.add_argument("--tokenizer", metavar="FOLDER", default=None,
                    help="a transformers tokenizer folder, for a model without one (a synthetic shape preset: "
                         "its ids must fit the model's vocabulary)")

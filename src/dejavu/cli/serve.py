@@ -6,8 +6,6 @@ import os
 from ..errors import DejavuError
 from .common import guard_from_args, load_from_args, need_tokenizer, sparse_decoder
 
-GPU_MAX_SPARSE_BATCH = 32  # the gathered Triton kernels take batches up to this
-
 
 def with_tokenizer(loaded, folder: str):
     """--tokenizer: a local transformers tokenizer folder for a model that has none (or another)."""
@@ -35,11 +33,13 @@ def run(args):
         loaded = with_tokenizer(loaded, args.tokenizer)
     need_tokenizer(loaded)
     gpu = loaded.model.device.type == "cuda"
+    guarded = args.guard or args.conservative
+    if gpu and not guarded and args.sparse_max_batch is not None:
+        raise DejavuError("--sparse-max-batch sets where the CPU (and the guarded) server stops decoding sparse; "
+                          "on a GPU every step runs every row, each selecting its own units, so that answers do "
+                          "not depend on the load: leave it out")
     if args.sparse_max_batch is None:
-        args.sparse_max_batch = 8 if gpu else 1
-    if args.sparse and gpu and args.sparse_max_batch > GPU_MAX_SPARSE_BATCH:
-        raise DejavuError(f"--sparse-max-batch {args.sparse_max_batch}: the gathered GPU kernels take batches up "
-                          f"to {GPU_MAX_SPARSE_BATCH}")
+        args.sparse_max_batch = 1
     sparsity = sparse_decoder(loaded.model, args, loaded.tokenizer) if args.sparse else None  # bad predictors stop here
     guard = guard_from_args(loaded.model, sparsity, args) if sparsity is not None else None
     settings = Settings(api_key=args.api_key or os.environ.get("DEJAVU_API_KEY") or None,

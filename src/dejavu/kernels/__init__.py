@@ -46,12 +46,16 @@ def linear(x: torch.Tensor, w: torch.Tensor, bias: torch.Tensor | None = None,
     sparsity as decode runs it: only the input channels that pass for some row of x (a batch
     shares the union) are read. One token on CUDA with an input-major weight: Triton's
     input_gather (the passing channels packed, then only their rows read); one token on the CPU
-    gathers the passing rows (C++); anything else computes the same in torch."""
+    gathers the passing rows (C++); anything else computes the same in torch, except that on CUDA
+    a batch keeps each row's own channels (what the masked evaluation computes; a row's answer
+    then never depends on the others, as serving wants)."""
     if rule is None:
         return F.linear(x, w, bias)
     K = x.shape[-1]
     if x.is_cuda and x.numel() == K and is_input_major(w) and _triton() is not None:
         return _triton()[0].input_gather(x, w.t(), rule.scale, rule.threshold, bias)
+    if x.is_cuda:
+        return F.linear(x * rule.keep(x).to(x.dtype), w, bias)
     keep = rule.keep(x).reshape(-1, K).any(0)
     if is_input_major(w) and cpu.usable(x):
         idx = keep.nonzero().squeeze(-1)
@@ -80,13 +84,29 @@ def require_output_major(w: torch.Tensor):
                           "without converting it to use neuron or head selection")
 
 
+def _each_row(gather, x: torch.Tensor, idx: torch.Tensor, width: int, free=None) -> torch.Tensor:
+    """A gather with a set per row (idx [B, m], one token per row) where no kernel takes it: row by
+    row. A free row (first index negative) gets `free` (a bias) or zeros, as the Triton kernels give."""
+    x2 = x.reshape(idx.shape[0], -1)
+    out = x2.new_zeros(idx.shape[0], width)
+    for r in range(idx.shape[0]):
+        if idx[r, 0] >= 0:
+            out[r] = gather(x2[r:r + 1], idx[r])[0]
+        elif free is not None:
+            out[r] = free
+    return out.view(*x.shape[:-1], width)
+
+
 def gather_matvec(x: torch.Tensor, w: torch.Tensor, idx: torch.Tensor, bias: torch.Tensor | None = None,
                   unit: int = 1) -> torch.Tensor:
     """x [..., d], w [N, d] (rows may be strided), idx [m] -> [..., m * unit] = x @ w[rows].T + bias[rows],
-    rows = unit_rows(idx, unit)"""
+    rows = unit_rows(idx, unit). idx [B, m]: a set per row (one token per row; a free row's first
+    index is negative: it gets zeros, and gather_axpy gives it the bias), in every gather below."""
     require_output_major(w)
-    if x.is_cuda and _triton() is not None and x.numel() // x.shape[-1] <= 32:
+    if x.is_cuda and _triton() is not None and (idx.dim() == 2 or x.numel() // x.shape[-1] <= 32):
         return _triton()[0].gather_matvec(x, w, idx, bias, unit)
+    if idx.dim() == 2:
+        return _each_row(lambda x1, i: gather_matvec(x1, w, i, bias, unit), x, idx, idx.shape[1] * unit)
     rows = unit_rows(idx, unit)
     out = cpu.gather_matvec(x, w, rows)
     return out + bias[rows] if bias is not None else out
@@ -95,8 +115,10 @@ def gather_matvec(x: torch.Tensor, w: torch.Tensor, idx: torch.Tensor, bias: tor
 def gather_axpy(a: torch.Tensor, w: torch.Tensor, idx: torch.Tensor, bias: torch.Tensor | None = None,
                 unit: int = 1) -> torch.Tensor:
     """a [..., m * unit], w [N, d], idx [m] -> [..., d] = a @ w[rows] + bias, rows = unit_rows(idx, unit)"""
-    if a.is_cuda and _triton() is not None and a.numel() // a.shape[-1] <= 32:
+    if a.is_cuda and _triton() is not None and (idx.dim() == 2 or a.numel() // a.shape[-1] <= 32):
         return _triton()[0].gather_axpy(a, w, idx, bias, unit)
+    if idx.dim() == 2:
+        return _each_row(lambda a1, i: gather_axpy(a1, w, i, bias, unit), a, idx, w.shape[1], free=bias)
     out = cpu.gather_axpy(a, w, unit_rows(idx, unit))
     return out + bias if bias is not None else out
 
@@ -120,8 +142,10 @@ def gather_act(x: torch.Tensor, w_in: torch.Tensor, b_in: torch.Tensor | None, i
     """x [..., d], w_in [d_ff, n_in, d], b_in [d_ff, n_in] or None, idx [m] -> [..., m]:
     act(gate) * up (n_in 2) or act(fc1 + bias) (n_in 1) for the neurons idx."""
     require_output_major(w_in)
-    if x.is_cuda and _triton() is not None and x.numel() // x.shape[-1] <= 32:
+    if x.is_cuda and _triton() is not None and (idx.dim() == 2 or x.numel() // x.shape[-1] <= 32):
         return _triton()[0].gather_act(x, w_in, b_in, idx, act)
+    if idx.dim() == 2:
+        return _each_row(lambda x1, i: gather_act(x1, w_in, b_in, i, act), x, idx, idx.shape[1])
     n_in = w_in.shape[1]
     rows = (idx[:, None] * n_in + torch.arange(n_in, device=idx.device)).flatten()
     h = gather_matvec(x, w_in.flatten(0, 1), rows).unflatten(-1, (len(idx), n_in))
@@ -135,11 +159,20 @@ def decode_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tens
     if q.is_cuda and _triton() is not None:
         return _triton()[1].decode_attention(q, k_cache, v_cache, head_idx, n_heads, length, key_valid, scale)
     L = int(length.max())  # torch path: host sync is fine off the GPU
-    group = head_idx // (n_heads // k_cache.shape[1])
     slot, last = torch.arange(L, device=q.device), length.reshape(-1, 1) - 1
     mask = ((key_valid[:, :L] & (slot <= last)) | (slot == last))[:, None, None]
-    return F.scaled_dot_product_attention(q[:, :, None], k_cache[:, group, :L], v_cache[:, group, :L],
-                                          attn_mask=mask, scale=scale)[:, :, 0]
+    k, v = head_groups(k_cache[:, :, :L], v_cache[:, :, :L], head_idx, n_heads)
+    return F.scaled_dot_product_attention(q[:, :, None], k, v, attn_mask=mask, scale=scale)[:, :, 0]
+
+
+def head_groups(k: torch.Tensor, v: torch.Tensor, heads: torch.Tensor, n_heads: int):
+    """k, v [B, kv_heads, keys, hd] -> the K/V group of each query head in `heads` ([m], or [B, m]
+    a set per row; a free row's negative ids read group 0): [B, m, keys, hd]."""
+    group = heads.clamp(min=0) // (n_heads // k.shape[1])
+    if heads.dim() == 1:
+        return k[:, group], v[:, group]
+    rows = torch.arange(k.shape[0], device=k.device)[:, None]
+    return k[rows, group], v[rows, group]
 
 
 def rope_cache(qkv: torch.Tensor, rope, pos, kv: torch.Tensor, n_heads: int) -> torch.Tensor:
@@ -178,8 +211,7 @@ def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: Attention
         idx = heads if heads is not None else _all_heads(n_heads, q.device)
         return decode_attention(q[:, :, 0], k, v, idx, n_heads, mask.length, mask.key_valid, scale or hd ** -0.5)[:, None]
     if heads is not None:
-        group = heads // (n_heads // k.shape[1])
-        k, v = k[:, group], v[:, group]
+        k, v = head_groups(k, v, heads, n_heads)
     if softcap:  # SDPA has no soft-cap: the scores in torch (Gemma 2), every device
         return softcap_attention(q, k, v, mask.dense, scale or hd ** -0.5, softcap)
     y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask.dense, enable_gqa=heads is None and m != k.shape[1],
@@ -221,8 +253,13 @@ def _triton_topk():
 def topk_indices(scores: torch.Tensor, k: int) -> torch.Tensor:
     """One token's selection: scores [n] -> the indices of its k largest, as a set (int64 [k]).
     On CUDA, past one program's chunk (MLP neurons, not heads), three Triton kernels: 11 us where
-    torch.topk's chain of small kernels takes 31 (OPT-30B's 28672 neurons, H200; triton_topk.py)."""
-    if scores.is_cuda and scores.dim() == 1 and _triton_topk() is not None and len(scores) > _triton_topk().CHUNK:
+    torch.topk's chain of small kernels takes 31 (OPT-30B's 28672 neurons, H200; triton_topk.py).
+    scores [B, n]: each row's own top-k, ascending ([B, k]; a row's never depends on the others)."""
+    if scores.dim() == 2:
+        if scores.is_cuda and _triton_topk() is not None:
+            return _triton_topk().topk_indices(scores, k)
+        return scores.topk(k, dim=-1, sorted=False).indices.sort(-1).values
+    if scores.is_cuda and _triton_topk() is not None and len(scores) > _triton_topk().CHUNK:
         return _triton_topk().topk_indices(scores, k)
     return scores.topk(k, sorted=False).indices
 

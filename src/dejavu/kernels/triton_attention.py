@@ -22,11 +22,11 @@ from .triton_gather import launcher, sm_count
 
 @triton.jit
 def _decode_split_kernel(q_ptr, k_ptr, v_ptr, head_ptr, len_ptr, valid_ptr, m_ptr, l_ptr, o_ptr, M, group, scale,
-                         n_splits, stride_len, stride_qb, stride_qh, stride_kb, stride_kh, stride_ks, stride_vb, stride_vh,
-                         stride_vs, stride_valid, HD: tl.constexpr, BLOCK_S: tl.constexpr, BLOCK_D: tl.constexpr):
+                         n_splits, stride_len, stride_head, stride_qb, stride_qh, stride_kb, stride_kh, stride_ks,
+                         stride_vb, stride_vh, stride_vs, stride_valid, HD: tl.constexpr, BLOCK_S: tl.constexpr, BLOCK_D: tl.constexpr):
     pid_bh, pid_s = tl.program_id(0), tl.program_id(1)
     b, h = pid_bh // M, pid_bh % M
-    kv = (tl.load(head_ptr + h) // group).to(tl.int64)
+    kv = (tl.maximum(tl.load(head_ptr + b * stride_head + h), 0) // group).to(tl.int64)  # a free row's -1: head 0
     length = tl.load(len_ptr + b * stride_len)
     chunk = tl.cdiv(tl.cdiv(length, n_splits), BLOCK_S) * BLOCK_S
     start = pid_s * chunk
@@ -91,7 +91,8 @@ def _decode_attention_op(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.
     q = q.contiguous()
     B, M, hd = q.shape
     S = k_cache.shape[2]
-    n_splits = n_splits or _n_splits(B, M, S, block_s, sm_count(q))
+    per_row = head_idx.dim() == 2  # serving: split as for one row, so that a lone live row runs as fast as alone
+    n_splits = n_splits or _n_splits(1 if per_row else B, M, S, block_s, sm_count(q))
     # fp32 partials and the output: allocated here, from the graph's pool under CUDA graphs
     m = torch.empty(B * M * n_splits, device=q.device, dtype=torch.float32)
     l = torch.empty_like(m)
@@ -100,7 +101,8 @@ def _decode_attention_op(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.
     block_d = triton.next_power_of_2(hd)
     launcher(_decode_split_kernel)[(B * M, n_splits)](
         q, k_cache, v_cache, head_idx, length, key_valid, m, l, o, M, n_heads // k_cache.shape[1], scale,
-        n_splits, 1 if length.numel() > 1 else 0, q.stride(0), q.stride(1), k_cache.stride(0), k_cache.stride(1), k_cache.stride(2),
+        n_splits, 1 if length.numel() > 1 else 0, head_idx.stride(0) if per_row else 0, q.stride(0), q.stride(1),
+        k_cache.stride(0), k_cache.stride(1), k_cache.stride(2),
         v_cache.stride(0), v_cache.stride(1), v_cache.stride(2), key_valid.stride(0),
         HD=hd, BLOCK_S=block_s, BLOCK_D=block_d, num_stages=2)  # inductor's default stages overflow shared memory
     launcher(_decode_reduce_kernel)[(B * M,)](m, l, o, out, n_splits, HD=hd,
@@ -112,7 +114,8 @@ def decode_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tens
                      n_heads: int, length: torch.Tensor, key_valid: torch.Tensor, scale: float,
                      n_splits: int = 0, block_s: int = 64) -> torch.Tensor:
     """q [B, m, hd] (the selected heads' queries), k_cache / v_cache [B, n_kv_heads, S, hd] (one
-    layer of the static cache), head_idx [m] query head ids, length: int64 device tensor, 0-dim or
+    layer of the static cache), head_idx [m] query head ids (or [B, m], a set per row; a negative
+    id, a free serving row's, reads head 0), length: int64 device tensor, 0-dim or
     one per row [B] (keys 0..length-1, length >= 1), key_valid [B, S] bool -> [B, m, hd]. n_splits
     0: chosen from the static sizes."""
     assert k_cache.stride(-1) == 1 and v_cache.stride(-1) == 1, "K/V cache rows must be contiguous"

@@ -9,6 +9,10 @@ gather_axpy    out[b]   = sum_j a[b, j] W[idx[j]]  selected rows of w_out_t / wo
 input_gather   out      = sum_k x[k] W_t[k] over the channels k whose |x_k| (* scale) passes a
                                                    threshold: a segmented compaction, then gather_axpy
                                                    over the packed rows of the input-major weight
+idx [m] is one set shared by the batch (its union); gather_matvec, gather_act and gather_axpy also
+take idx [B, m], a set per row (the grid's last axis is the row: a row's result never depends on
+the other rows, so an answer does not depend on what else is batched), where a row whose first
+index is negative computes nothing (a free serving row; its output is the bias, or zero).
 Only the selected rows are read, straight from the weight (no gathered temporary). All use
 tl.dot over a batch padded to 16 (batch 1-32 share the loaded weight tile); fp32 accumulation;
 deterministic (gather_axpy sums per-program fp32 partials in a fixed order; an atomic counter,
@@ -75,9 +79,23 @@ def _block_b(B: int) -> int:
 @triton.jit
 def _rows(idx_ptr, offs_m, m_mask, UNIT: tl.constexpr):
     """Weight rows of the output positions offs_m: unit idx[j // UNIT] owns rows UNIT*idx .. +UNIT-1
-    (a head's head_dim rows), so callers pass head indices, not expanded rows."""
-    units = tl.load(idx_ptr + offs_m // UNIT, mask=m_mask, other=0).to(tl.int64)
+    (a head's head_dim rows), so callers pass head indices, not expanded rows. A negative index
+    (a free row's) reads row 0's place, never loaded: its loop runs no steps."""
+    units = tl.maximum(tl.load(idx_ptr + offs_m // UNIT, mask=m_mask, other=0).to(tl.int64), 0)
     return units * UNIT + offs_m % UNIT
+
+
+@triton.jit
+def _own_row(idx_ptr, a_ptr, out_ptr, stride_i, stride_a, stride_o, n):
+    """With a set per row (stride_i > 0), program axis 1 is the row: its index set, input and output
+    rows; a row whose first index is negative gets n = 0 (nothing to read). One set: unchanged."""
+    if stride_i > 0:
+        r = tl.program_id(1).to(tl.int64)
+        idx_ptr += r * stride_i
+        a_ptr += r * stride_a
+        out_ptr += r * stride_o
+        n = tl.where(tl.load(idx_ptr) < 0, 0, n)
+    return idx_ptr, a_ptr, out_ptr, n
 
 
 @triton.jit
@@ -98,17 +116,18 @@ def _rows_dot_x(w_ptr, b_ptr, rows, m_mask, stride_w, x_ptr, x_offs, b_mask, K, 
 
 
 @triton.jit
-def _gather_matvec_kernel(x_ptr, w_ptr, b_ptr, idx_ptr, out_ptr, B, M, K, stride_w, stride_x, stride_o,
+def _gather_matvec_kernel(x_ptr, w_ptr, b_ptr, idx_ptr, out_ptr, B, M, K, stride_w, stride_x, stride_o, stride_i,
                           UNIT: tl.constexpr, HAS_BIAS: tl.constexpr, BLOCK_B: tl.constexpr, BLOCK_M: tl.constexpr,
                           BLOCK_K: tl.constexpr, PRECISION: tl.constexpr):
     pid = tl.program_id(0)
+    idx_ptr, x_ptr, out_ptr, K = _own_row(idx_ptr, x_ptr, out_ptr, stride_i, stride_x, stride_o, K)
     offs_m = pid * BLOCK_M + tl.arange(0, BLOCK_M)
     m_mask = offs_m < M
     rows = _rows(idx_ptr, offs_m, m_mask, UNIT)
     offs_b = tl.arange(0, BLOCK_B)
     b_mask = offs_b < B
-    acc = _rows_dot_x(w_ptr, b_ptr, rows, m_mask, stride_w, x_ptr, offs_b * stride_x, b_mask, K, HAS_BIAS, BLOCK_B,
-                      BLOCK_M, BLOCK_K, PRECISION)
+    acc = _rows_dot_x(w_ptr, b_ptr, rows, m_mask & (K > 0), stride_w, x_ptr, offs_b * stride_x, b_mask, K, HAS_BIAS,
+                      BLOCK_B, BLOCK_M, BLOCK_K, PRECISION)  # a free row (K 0): zeros, no bias
     tl.store(out_ptr + offs_b[None, :] * stride_o + offs_m[:, None], acc.to(out_ptr.dtype.element_ty),
              mask=m_mask[:, None] & b_mask[None, :])
 
@@ -184,13 +203,14 @@ def _act_kernel(h_ptr, out_ptr, K, total, ACT: tl.constexpr, GATED: tl.constexpr
 
 @triton.jit
 def _gather_act_kernel(x_ptr, w_ptr, b_ptr, idx_ptr, out_ptr, B, M, K, stride_wn, stride_wi, stride_bn, stride_bi,
-                       stride_x, stride_o, N_IN: tl.constexpr, ACT: tl.constexpr, HAS_BIAS: tl.constexpr,
+                       stride_x, stride_o, stride_i, N_IN: tl.constexpr, ACT: tl.constexpr, HAS_BIAS: tl.constexpr,
                        BLOCK_B: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_K: tl.constexpr, PRECISION: tl.constexpr):
     # as _gather_matvec_kernel, with a second accumulator for the up rows (adjacent to the gate rows)
     pid = tl.program_id(0)
+    idx_ptr, x_ptr, out_ptr, K = _own_row(idx_ptr, x_ptr, out_ptr, stride_i, stride_x, stride_o, K)
     offs_m = pid * BLOCK_M + tl.arange(0, BLOCK_M)
     m_mask = offs_m < M
-    rows = tl.load(idx_ptr + offs_m, mask=m_mask, other=0).to(tl.int64)
+    rows = _rows(idx_ptr, offs_m, m_mask, 1)
     offs_b = tl.arange(0, BLOCK_B)
     b_mask = offs_b < B
     gate = tl.zeros((BLOCK_M, BLOCK_B), dtype=tl.float32)
@@ -205,10 +225,11 @@ def _gather_act_kernel(x_ptr, w_ptr, b_ptr, idx_ptr, out_ptr, B, M, K, stride_wn
         gate = tl.dot(tl.load(w_ptrs, mask=w_mask, other=0.0), xt, gate, input_precision=PRECISION)
         if N_IN == 2:
             up = tl.dot(tl.load(w_ptrs + stride_wi, mask=w_mask, other=0.0), xt, up, input_precision=PRECISION)
-    if HAS_BIAS:
-        gate += tl.load(b_ptr + rows * stride_bn, mask=m_mask, other=0.0).to(tl.float32)[:, None]
+    if HAS_BIAS:  # not for a free row (K 0): its activations are zero
+        bias_mask = m_mask & (K > 0)
+        gate += tl.load(b_ptr + rows * stride_bn, mask=bias_mask, other=0.0).to(tl.float32)[:, None]
         if N_IN == 2:
-            up += tl.load(b_ptr + rows * stride_bn + stride_bi, mask=m_mask, other=0.0).to(tl.float32)[:, None]
+            up += tl.load(b_ptr + rows * stride_bn + stride_bi, mask=bias_mask, other=0.0).to(tl.float32)[:, None]
     a = _activation(gate, ACT)
     if N_IN == 2:
         a = a * up
@@ -218,33 +239,45 @@ def _gather_act_kernel(x_ptr, w_ptr, b_ptr, idx_ptr, out_ptr, B, M, K, stride_wn
 
 @triton.jit
 def _gather_axpy_kernel(a_ptr, w_ptr, idx_ptr, n_ptr, b_ptr, part_ptr, count_ptr, out_ptr, B, M, N, S,
-                        rows_per_split, stride_a, stride_w, stride_s, stride_p, stride_o, UNIT: tl.constexpr,
-                        HAS_N: tl.constexpr, HAS_BIAS: tl.constexpr, BLOCK_B: tl.constexpr, BLOCK_M: tl.constexpr,
-                        BLOCK_N: tl.constexpr, PRECISION: tl.constexpr):
-    # program (column block, split): its share of the selected rows, into its own fp32 partial. With
-    # HAS_N, split s owns segment s of idx and a (rows_per_split entries) of which the first n[s] count
-    # (the segmented compaction's output)
-    pid_n, pid_s = tl.program_id(0), tl.program_id(1)
+                        rows_per_split, stride_a, stride_w, stride_s, stride_p, stride_o, stride_i, stride_r,
+                        UNIT: tl.constexpr, HAS_N: tl.constexpr, HAS_BIAS: tl.constexpr, BLOCK_B: tl.constexpr,
+                        BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, PRECISION: tl.constexpr):
+    # program (column block, split[, row]): its share of the selected rows, into its own fp32
+    # partial. With HAS_N, split s owns segment s of idx and a (rows_per_split entries) of which the
+    # first n[s] count (the segmented compaction's output). With a set per row, a row's partials
+    # and counters are its own (stride_r apart)
+    pid_n, pid_s = tl.program_id(0), tl.program_id(2)
+    idx_ptr, a_ptr, out_ptr, M = _own_row(idx_ptr, a_ptr, out_ptr, stride_i, stride_a, stride_o, M)
+    if stride_i > 0:
+        part_ptr += tl.program_id(1).to(tl.int64) * stride_r
+        count_ptr += tl.program_id(1) * tl.num_programs(0)
     offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
     n_mask = offs_n < N
     offs_b = tl.arange(0, BLOCK_B)
     b_mask = offs_b < B
-    acc = tl.zeros((BLOCK_B, BLOCK_N), dtype=tl.float32)
-    start = pid_s * rows_per_split
-    end = tl.minimum(start + rows_per_split, M)
-    if HAS_N:
-        end = start + tl.load(n_ptr + pid_s)
-    for m0 in range(start, end, BLOCK_M):
-        offs_m = m0 + tl.arange(0, BLOCK_M)
-        m_mask = offs_m < end
-        rows = _rows(idx_ptr, offs_m, m_mask, UNIT)
-        a = tl.load(a_ptr + offs_b[:, None] * stride_a + offs_m[None, :], mask=b_mask[:, None] & m_mask[None, :],
-                    other=0.0)
-        w = tl.load(w_ptr + rows[:, None] * stride_w + offs_n[None, :], mask=m_mask[:, None] & n_mask[None, :],
-                    other=0.0)
-        acc = tl.dot(a, w, acc, input_precision=PRECISION)
-    _sum_splits(acc, part_ptr, count_ptr, b_ptr, out_ptr, pid_n, pid_s, S, offs_b, offs_n, b_mask, n_mask,
-                stride_s, stride_p, stride_o, HAS_BIAS, BLOCK_B, BLOCK_N)
+    if M > 0:
+        acc = tl.zeros((BLOCK_B, BLOCK_N), dtype=tl.float32)
+        start = pid_s * rows_per_split
+        end = tl.minimum(start + rows_per_split, M)
+        if HAS_N:
+            end = start + tl.load(n_ptr + pid_s)
+        for m0 in range(start, end, BLOCK_M):
+            offs_m = m0 + tl.arange(0, BLOCK_M)
+            m_mask = offs_m < end
+            rows = _rows(idx_ptr, offs_m, m_mask, UNIT)
+            a = tl.load(a_ptr + offs_b[:, None] * stride_a + offs_m[None, :],
+                        mask=b_mask[:, None] & m_mask[None, :], other=0.0)
+            w = tl.load(w_ptr + rows[:, None] * stride_w + offs_n[None, :], mask=m_mask[:, None] & n_mask[None, :],
+                        other=0.0)
+            acc = tl.dot(a, w, acc, input_precision=PRECISION)
+        _sum_splits(acc, part_ptr, count_ptr, b_ptr, out_ptr, pid_n, pid_s, S, offs_b, offs_n, b_mask, n_mask,
+                    stride_s, stride_p, stride_o, HAS_BIAS, BLOCK_B, BLOCK_N)
+    elif pid_s == 0:  # a free row: its output is the bias (or zero), no weight read, no partials
+        total = tl.zeros((BLOCK_B, BLOCK_N), dtype=tl.float32)
+        if HAS_BIAS:
+            total += tl.load(b_ptr + offs_n, mask=n_mask, other=0.0).to(tl.float32)[None, :]
+        tl.store(out_ptr + offs_b[:, None] * stride_o + offs_n[None, :], total.to(out_ptr.dtype.element_ty),
+                 mask=b_mask[:, None] & n_mask[None, :])
 
 
 @triton.jit
@@ -314,13 +347,14 @@ def _tile(M: int, x: torch.Tensor, block_m: int, block_k: int, B: int = 0, stage
 def _gather_matvec_op(x: torch.Tensor, w: torch.Tensor, bias: torch.Tensor | None, idx: torch.Tensor, unit: int,
                       block_m: int, block_k: int) -> torch.Tensor:
     x = x.contiguous()
-    (B, K), M = x.shape, idx.numel() * unit
+    (B, K), M = x.shape, idx.shape[-1] * unit
     out = torch.empty(B, M, device=x.device, dtype=x.dtype)  # graph pool under CUDA graphs
-    block_m, block_k, stages = _tile(M, x, block_m, block_k)
-    launcher(_gather_matvec_kernel)[(triton.cdiv(M, block_m),)](
-        x, w, bias if bias is not None else x, idx, out, B, M, K, w.stride(0), x.stride(0), out.stride(0),
-        UNIT=unit, HAS_BIAS=bias is not None, BLOCK_B=_block_b(B), BLOCK_M=block_m, BLOCK_K=block_k,
-        PRECISION=_precision(x), num_stages=stages)
+    rows, per_row = _sets(idx, B)
+    block_m, block_k, stages = _tile(M, x, block_m, block_k, per_row)
+    launcher(_gather_matvec_kernel)[(triton.cdiv(M, block_m), rows)](
+        x, w, bias if bias is not None else x, idx, out, per_row, M, K, w.stride(0), x.stride(0), out.stride(0),
+        idx.stride(0) if idx.dim() == 2 else 0, UNIT=unit, HAS_BIAS=bias is not None, BLOCK_B=_block_b(per_row),
+        BLOCK_M=block_m, BLOCK_K=block_k, PRECISION=_precision(x), num_stages=stages)
     return out
 
 
@@ -344,16 +378,25 @@ def _gather_qkv_lazily_op(x: torch.Tensor, w: torch.Tensor, bias: torch.Tensor |
 def _gather_act_op(x: torch.Tensor, w_in: torch.Tensor, b_in: torch.Tensor | None, idx: torch.Tensor, act: str,
                    block_m: int, block_k: int, num_warps: int, num_stages: int) -> torch.Tensor:
     x = x.contiguous()
-    (B, K), M = x.shape, idx.numel()
+    (B, K), M = x.shape, idx.shape[-1]
     out = torch.empty(B, M, device=x.device, dtype=x.dtype)  # graph pool under CUDA graphs
     bias = b_in if b_in is not None else x  # a placeholder pointer, never read
-    block_m, block_k, num_stages = _tile(M, x, block_m, block_k, stages=num_stages)
-    launcher(_gather_act_kernel)[(triton.cdiv(M, block_m),)](
-        x, w_in, bias, idx, out, B, M, K, w_in.stride(0), w_in.stride(1), bias.stride(0), bias.stride(-1),
-        x.stride(0), out.stride(0), N_IN=w_in.shape[1], ACT=act, HAS_BIAS=b_in is not None,
-        BLOCK_B=_block_b(B), BLOCK_M=block_m, BLOCK_K=block_k, PRECISION=_precision(x), num_warps=num_warps,
-        num_stages=num_stages)
+    rows, per_row = _sets(idx, B)
+    block_m, block_k, num_stages = _tile(M, x, block_m, block_k, per_row, stages=num_stages)
+    launcher(_gather_act_kernel)[(triton.cdiv(M, block_m), rows)](
+        x, w_in, bias, idx, out, per_row, M, K, w_in.stride(0), w_in.stride(1), bias.stride(0), bias.stride(-1),
+        x.stride(0), out.stride(0), idx.stride(0) if idx.dim() == 2 else 0, N_IN=w_in.shape[1], ACT=act,
+        HAS_BIAS=b_in is not None, BLOCK_B=_block_b(per_row), BLOCK_M=block_m, BLOCK_K=block_k,
+        PRECISION=_precision(x), num_warps=num_warps, num_stages=num_stages)
     return out
+
+
+def _sets(idx: torch.Tensor, B: int) -> tuple[int, int]:
+    """(index sets, rows each covers): (1, B) for one set shared by the batch, (B, 1) for a set per row."""
+    if idx.dim() == 1:
+        return 1, B
+    assert idx.shape[0] == B and idx.stride(-1) == 1, f"a set per row needs idx [{B}, m], got {tuple(idx.shape)}"
+    return B, 1
 
 
 def _splits(M: int, col_blocks: int, block_m: int, programs_per_sm: int, t: torch.Tensor) -> tuple[int, int]:
@@ -368,16 +411,18 @@ def _launch_axpy(a, w, idx, n, bias, unit, splits, rows_per_split, block_m, bloc
     only the first n[s] of split s count) -> out [B, N] in a's dtype."""
     (B, M), N = a.shape, w.shape[1]
     col_blocks = triton.cdiv(N, block_n)
-    partial = torch.empty(splits, B, N, device=a.device, dtype=torch.float32)  # graph pool under CUDA graphs
+    rows, per_row = _sets(idx, B)
+    partial = torch.empty(rows, splits, per_row, N, device=a.device, dtype=torch.float32)  # graph pool under graphs
     # this call's own counters, zeroed: calls overlapping on other streams, graphs or threads each
     # count their own splits (under a CUDA graph: the graph's own buffer, zeroed at every replay)
-    counts = torch.zeros(col_blocks, device=a.device, dtype=torch.int32)
+    counts = torch.zeros(rows, col_blocks, device=a.device, dtype=torch.int32)
     out = torch.empty(B, N, device=a.device, dtype=a.dtype)
-    launcher(_gather_axpy_kernel)[(col_blocks, splits)](
-        a, w, idx, n if n is not None else counts, bias if bias is not None else partial, partial, counts, out, B, M,
-        N, splits, rows_per_split, a.stride(0), w.stride(0), partial.stride(0), partial.stride(1), out.stride(0),
-        UNIT=unit, HAS_N=n is not None, HAS_BIAS=bias is not None, BLOCK_B=_block_b(B), BLOCK_M=block_m,
-        BLOCK_N=block_n, PRECISION=_precision(a), num_warps=num_warps, num_stages=num_stages)
+    launcher(_gather_axpy_kernel)[(col_blocks, rows, splits)](
+        a, w, idx, n if n is not None else counts, bias if bias is not None else partial, partial, counts, out,
+        per_row, M, N, splits, rows_per_split, a.stride(0), w.stride(0), partial.stride(1), partial.stride(2),
+        out.stride(0), idx.stride(0) if idx.dim() == 2 else 0, partial.stride(0), UNIT=unit, HAS_N=n is not None,
+        HAS_BIAS=bias is not None, BLOCK_B=_block_b(per_row), BLOCK_M=block_m, BLOCK_N=block_n,
+        PRECISION=_precision(a), num_warps=num_warps, num_stages=num_stages)
     return out
 
 
@@ -385,6 +430,7 @@ def _launch_axpy(a, w, idx, n, bias, unit, splits, rows_per_split, block_m, bloc
 def _gather_axpy_op(a: torch.Tensor, w: torch.Tensor, bias: torch.Tensor | None, idx: torch.Tensor, unit: int,
                     block_m: int, block_n: int, num_warps: int, num_stages: int, programs_per_sm: int) -> torch.Tensor:
     a = a.contiguous()
+    # with a set per row, split as for one row: a lone live row (the others free) runs as fast as alone
     splits, rows_per_split = _splits(a.shape[1], triton.cdiv(w.shape[1], block_n), block_m, programs_per_sm, a)
     return _launch_axpy(a, w, idx, None, bias, unit, splits, rows_per_split, block_m, block_n, num_warps, num_stages)
 
@@ -442,7 +488,7 @@ def gather_matvec(x: torch.Tensor, w: torch.Tensor, idx: torch.Tensor, bias: tor
     = x @ w[rows].T (+ bias[rows]), rows = the `unit` rows of each index (a head's head_dim rows)."""
     assert w.stride(1) == 1, "weight rows must be contiguous"
     out = torch.ops.dejavu.gather_matvec(x.reshape(-1, x.shape[-1]), w, bias, idx, unit, block_m, block_k)
-    return out.view(*x.shape[:-1], idx.numel() * unit)
+    return out.view(*x.shape[:-1], idx.shape[-1] * unit)
 
 
 def gather_qkv_lazily(x: torch.Tensor, w: torch.Tensor, bias: torch.Tensor | None, idx: torch.Tensor,
@@ -463,7 +509,7 @@ def gather_act(x: torch.Tensor, w_in: torch.Tensor, b_in: torch.Tensor | None, i
     assert act in ACTIVATIONS, f"act must be one of {sorted(ACTIVATIONS)}, got {act!r}"
     out = torch.ops.dejavu.gather_act(x.reshape(-1, x.shape[-1]), w_in, b_in, idx, act, block_m, block_k, num_warps,
                                       num_stages)
-    return out.view(*x.shape[:-1], idx.numel())
+    return out.view(*x.shape[:-1], idx.shape[-1])
 
 
 def gather_axpy(a: torch.Tensor, w: torch.Tensor, idx: torch.Tensor, bias: torch.Tensor | None = None,

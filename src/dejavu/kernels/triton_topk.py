@@ -1,5 +1,5 @@
-"""Top-k indices of one score vector: the batch-1 selection of the decode step, in 3 kernels
-(bf16/fp16; 5 for fp32). torch.topk on 28672 scores (OPT-30B's neurons) is a chain of ~8 small
+"""Top-k indices of one score vector, or of each row of a batch on its own: the decode step's
+selection, in 3 kernels (bf16/fp16; 5 for fp32). torch.topk on 28672 scores (OPT-30B's neurons) is a chain of ~8 small
 kernels taking ~31 us; on the side stream that chain outlasts the layer's attention and sits on
 the critical path (docs/perf-notes.md).
 
@@ -10,7 +10,8 @@ that share that prefix. No atomics, nothing to reset between calls. The last ker
 threshold key T, keeps every key above T and as many equal to T as are still wanted (lowest
 index first), and writes each kept index at its rank: the program's offset (kept keys in
 programs before it, from the same histograms) plus a prefix sum within the program. So indices
-come out in ascending order and the result is deterministic."""
+come out in ascending order and the result is deterministic. Rows are the grid's second axis:
+a row's indices never depend on the other rows."""
 from __future__ import annotations
 
 import torch
@@ -56,9 +57,11 @@ def _threshold(hist_ptr, k, G, pid, PASSES: tl.constexpr, G_BLOCK: tl.constexpr)
 
 
 @triton.jit
-def _radix_pass_kernel(s_ptr, hist_ptr, n, k, G, PASS: tl.constexpr, KEY_BITS: tl.constexpr,
+def _radix_pass_kernel(s_ptr, hist_ptr, n, k, G, stride_s, PASS: tl.constexpr, KEY_BITS: tl.constexpr,
                        CHUNK: tl.constexpr, G_BLOCK: tl.constexpr):
-    pid = tl.program_id(0)
+    pid, row = tl.program_id(0), tl.program_id(1).to(tl.int64)
+    s_ptr += row * stride_s
+    hist_ptr += row * (KEY_BITS // 8) * G * 256
     offs = pid * CHUNK + tl.arange(0, CHUNK)
     valid = offs < n
     key = _keys(s_ptr, offs, valid, KEY_BITS)
@@ -71,9 +74,12 @@ def _radix_pass_kernel(s_ptr, hist_ptr, n, k, G, PASS: tl.constexpr, KEY_BITS: t
 
 
 @triton.jit
-def _radix_write_kernel(s_ptr, hist_ptr, out_ptr, n, k, G, KEY_BITS: tl.constexpr, CHUNK: tl.constexpr,
+def _radix_write_kernel(s_ptr, hist_ptr, out_ptr, n, k, G, stride_s, KEY_BITS: tl.constexpr, CHUNK: tl.constexpr,
                         G_BLOCK: tl.constexpr):
-    pid = tl.program_id(0)
+    pid, row = tl.program_id(0), tl.program_id(1).to(tl.int64)
+    s_ptr += row * stride_s
+    hist_ptr += row * (KEY_BITS // 8) * G * 256
+    out_ptr += row * k
     offs = pid * CHUNK + tl.arange(0, CHUNK)
     valid = offs < n
     key = _keys(s_ptr, offs, valid, KEY_BITS)
@@ -85,17 +91,23 @@ def _radix_write_kernel(s_ptr, hist_ptr, out_ptr, n, k, G, KEY_BITS: tl.constexp
 
 
 def topk_indices(scores: torch.Tensor, k: int) -> torch.Tensor:
-    """scores [n] (one token's, on CUDA) -> int64 [k]: the indices of its k largest, ascending.
-    Ties at the threshold go to the lowest indices; -0.0 ranks below +0.0."""
-    n = scores.numel()
-    assert scores.dim() == 1 and 0 < k <= n, f"topk_indices: 1-D scores and 0 < k <= n, got {tuple(scores.shape)}, k={k}"
+    """scores [n], or [rows, n] each row on its own (on CUDA) -> int64 [k] / [rows, k]: the indices of
+    the k largest, ascending. Ties at the threshold go to the lowest indices; -0.0 ranks below +0.0."""
+    n = scores.shape[-1]
+    assert scores.dim() in (1, 2) and 0 < k <= n, \
+        f"topk_indices: 1-D or 2-D scores and 0 < k <= n, got {tuple(scores.shape)}, k={k}"
+    one = scores.dim() == 1
+    rows = 1 if one else scores.shape[0]
+    scores = scores.reshape(rows, n)
+    if scores.stride(1) != 1:
+        scores = scores.contiguous()
     key_bits = 16 if scores.dtype in (torch.bfloat16, torch.float16) else 32
     chunk = min(CHUNK, triton.next_power_of_2(n))
     G = triton.cdiv(n, chunk)
-    hist = torch.empty(key_bits // 8, G, 256, device=scores.device, dtype=torch.int32)
-    out = torch.empty(k, device=scores.device, dtype=torch.int64)
+    hist = torch.empty(rows, key_bits // 8, G, 256, device=scores.device, dtype=torch.int32)
+    out = torch.empty(rows, k, device=scores.device, dtype=torch.int64)
     common = dict(KEY_BITS=key_bits, CHUNK=chunk, G_BLOCK=triton.next_power_of_2(G), num_warps=4)
     for p in range(key_bits // 8):
-        _radix_pass_kernel[(G,)](scores, hist, n, k, G, PASS=p, **common)
-    _radix_write_kernel[(G,)](scores, hist, out, n, k, G, **common)
-    return out
+        _radix_pass_kernel[(G, rows)](scores, hist, n, k, G, scores.stride(0), PASS=p, **common)
+    _radix_write_kernel[(G, rows)](scores, hist, out, n, k, G, scores.stride(0), **common)
+    return out[0] if one else out

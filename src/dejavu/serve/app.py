@@ -450,8 +450,7 @@ def serve(loaded, sparsity, guard, host: str, port: int, batch_size: int, max_qu
           settings: Settings):
     import uvicorn
     if loaded.model.device.type == "cuda" and guard is None:  # the CUDA-graph step (the guard's checks run eager)
-        scheduler = GraphScheduler(loaded.model, sparsity, batch_size=batch_size, max_queue=max_queue,
-                                   sparse_max_batch=sparse_max_batch)
+        scheduler = GraphScheduler(loaded.model, sparsity, batch_size=batch_size, max_queue=max_queue)
         scheduler.warm()
     else:
         scheduler = Scheduler(loaded.model, sparsity, guard, batch_size=batch_size, max_queue=max_queue,
@@ -461,10 +460,9 @@ def serve(loaded, sparsity, guard, host: str, port: int, batch_size: int, max_qu
     thread.start()
     warm_up(scheduler, loaded.tokenizer)
     if isinstance(scheduler, GraphScheduler):
-        sparse_at = [n for n, m in scheduler.modes.items() if m["sparse"]]
         mode = ("dense" if sparsity is None else
-                f"sparse at {', '.join(map(str, sparse_at))} rows, dense above (measured)" if sparse_at else
-                "dense (sparse measured slower at every batch size)")
+                "sparse, each row its own selection (answers do not depend on the load)" if scheduler.mode["sparse"]
+                else "dense (its step measured faster than the sparse one)")
         mode += ", CUDA graphs"
     elif sparsity is None:
         mode = "dense"

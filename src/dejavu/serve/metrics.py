@@ -35,19 +35,17 @@ class Metrics:
                         "(union over the batch; 1 for dense decode)", ["part"], registry=r)
         for part in ("mlp", "attn"):
             density.labels(part).set_function(lambda p=part: scheduler.density(p))
-        modes = getattr(scheduler, "modes", None)  # the GPU step: measured ms per bucket and mode, and the choice
-        if modes is not None:
-            step_ms = Gauge("dejavu_step_ms", "one decode step's time, measured at start-up: sparse per batch size "
-                            "(rows), dense always over every row (so a request's tokens do not depend on the load)",
-                            ["rows", "mode"], registry=r)
-            chosen = Gauge("dejavu_step_sparse", "1 where a batch of this many rows decodes sparse (it measured "
-                           "faster), else 0", ["rows"], registry=r)
-            for n in getattr(scheduler, "buckets", ()):
-                for mode in ("dense", "sparse"):
-                    step_ms.labels(str(n), mode).set_function(
-                        lambda n=n, mode=mode: math.nan if modes.get(n, {}).get(f"{mode}_ms") is None
-                        else modes[n][f"{mode}_ms"])
-                chosen.labels(str(n)).set_function(lambda n=n: float(modes.get(n, {}).get("sparse", False)))
+        if hasattr(scheduler, "mode"):  # the GPU step: measured ms of each mode at start-up, and the choice
+            step_ms = Gauge("dejavu_step_ms", "one decode step's time over every row, measured at start-up: dense "
+                            "(the same with any number of live rows), sparse with 1 live row and with every row "
+                            "live (each row gathers its own units)", ["mode", "live_rows"], registry=r)
+            measured = lambda key: math.nan if (scheduler.mode or {}).get(key) is None else scheduler.mode[key]
+            for mode, rows, key in (("dense", "any", "dense_ms"), ("sparse", "1", "sparse_ms"),
+                                    ("sparse", str(scheduler.batch_size), "sparse_all_ms")):
+                step_ms.labels(mode, rows).set_function(lambda key=key: measured(key))
+            Gauge("dejavu_step_sparse", "1 where the server decodes sparse (its step with one live row measured "
+                  "faster than the dense step), else 0", registry=r
+                  ).set_function(lambda: float((scheduler.mode or {}).get("sparse", False)))
         if scheduler.guard is not None:  # guard.py's figures: sampled dense checks of the sparse decode
             g = scheduler.guard.metrics
             for name, doc, get in (

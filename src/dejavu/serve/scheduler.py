@@ -23,13 +23,11 @@ import traceback
 from collections import deque
 from dataclasses import dataclass, field
 
-import copy
 
 import torch
 
 from ..errors import DejavuError
 from ..sampling import sample
-from ..sparse import units_for
 
 # Test-only fault injection (`dejavu serve --test-faults`): a request whose `user` field is one of
 # these misbehaves on purpose, so tests can check that one bad request does not hurt the others.
@@ -299,8 +297,6 @@ class Scheduler:
 
 # ---------------------------------------------------------------- CUDA: the graph step
 
-BUCKETS = (1, 2, 4, 8, 16, 32)  # rows a step graph is captured for (a step runs the smallest that holds its rows)
-
 
 class GraphScheduler(Scheduler):
     """The same loop on CUDA over engine.GraphDecoder: each request gets a row of one preallocated
@@ -308,33 +304,33 @@ class GraphScheduler(Scheduler):
     its prompt) and leaves when it ends; nothing is re-captured or copied when requests come and
     go. The pick runs in the graph (sampling.sample_rows: per-request temperature, top-p, seed).
 
-    Dense steps always replay the graph of every row (free rows stand still): the matmuls then
-    have the same shapes whatever the load, so a request's tokens do not depend on what else
-    runs, to the bit, in bf16 too (cuBLAS picks its kernel, and so the rounding, by batch size; a
-    smaller bucket saves little on a memory-bound step). Sparse steps replay the graph of the
-    smallest bucket (1, 2, 4, ...) that holds the busy rows (batch > 1: the fixed-size union of
-    the rows' selections, sized so each row keeps its own top-k), where it measured faster than
-    the dense step when the bucket was captured; `modes` holds the measured ms."""
+    Every step replays one graph over every row (free rows stand still), so a request's tokens do
+    not depend on what else runs, to the bit, in bf16 too: the matmuls keep their shapes (cuBLAS
+    picks its kernel, and so the rounding, by batch size), and sparse rows select on their own
+    (sparse.Gathered.per_row: each row its own top-k, gathered row by row; a free row computes
+    nothing, so a step costs what its live rows select). Sparse or dense is chosen once, at
+    start-up, by measurement: sparse where its step with one live row beats the dense step.
+    Per-row gathers do not share weight reads, so a sparse step grows with its live rows, and past
+    some load it is slower than the dense one; switching by load would make answers depend on it,
+    so `mode` reports the measured ms at one and at every row instead."""
 
-    def __init__(self, model, sparsity=None, batch_size: int = 8, max_queue: int = 64, sparse_max_batch: int = 8,
-                 batch_wait: float = 0.02):
-        from ..engine import GraphDecoder
-        super().__init__(model, sparsity, None, batch_size, max_queue, sparse_max_batch, batch_wait)
-        # sparse buckets only: dense always steps every row
-        self.buckets = sorted({b for b in BUCKETS if b < batch_size and sparsity is not None and b <= sparse_max_batch}
-                              | {batch_size})
+    def __init__(self, model, sparsity=None, batch_size: int = 8, max_queue: int = 64, batch_wait: float = 0.02):
+        from ..engine import GraphDecoder, side_stream
+        super().__init__(model, sparsity, None, batch_size, max_queue, batch_size, batch_wait)
         try:
-            self.dec = GraphDecoder(model, batch_size, model.cfg.max_seq_len, sparsity, lazy_kv=False, sampling=True)
+            self.dec = GraphDecoder(model, batch_size, model.cfg.max_seq_len, None, lazy_kv=False, sampling=True)
         except torch.cuda.OutOfMemoryError:
             gb = 2 * model.cfg.n_layers * model.cfg.n_kv_heads * model.cfg.head_dim * model.cfg.max_seq_len \
                 * model.dtype.itemsize * batch_size / 1e9
             raise DejavuError(f"a KV cache of {batch_size} rows x {model.cfg.max_seq_len} tokens ({gb:.1f} GB) does "
                               f"not fit beside the model on this GPU: lower --batch-size") from None
-        if getattr(sparsity, "side_stream", False) is None:
-            sparsity.side_stream = torch.cuda.Stream()  # one row: lookahead predictors beside the main stream
+        if sparsity is not None and not sparsity.input_side:
+            side_stream(sparsity)  # lookahead predictors beside the main stream
+            self.sparsity = sparsity.per_row(self.dec.live)
         self.slots: list[Job | None] = [None] * batch_size
         self.reset()  # every row free
-        self.modes: dict[int, dict] = {}  # bucket -> {"sparse": bool, "dense_ms": float, "sparse_ms": float | None}
+        # measured at start-up: {"sparse": chosen, "dense_ms", "sparse_ms" (one live row), "sparse_all_ms"}
+        self.mode: dict | None = None
 
     def reset(self):
         for r in range(len(self.slots)):
@@ -342,58 +338,33 @@ class GraphScheduler(Scheduler):
         self.slots = [None] * len(self.slots)
         self.rows = []
 
-    def bucket_sparsity(self, n: int):
-        """The sparse step for n rows, or None where none has static shapes: gathered neurons and
-        heads take a fixed-size union (rows independent: 1 - (1 - density)^n of the units, so each
-        row keeps its own top-k); input-side rules keep static shapes at any batch."""
-        s = self.sparsity
-        if s is None or n > self.sparse_max_batch:
-            return None
-        if n == 1 or s.input_side:
-            return s
-        capped = copy.copy(s)
-        capped.side_stream, capped.ahead, capped.kept = None, {}, {"mlp": [0, 0], "attn": [0, 0]}
-        cfg = self.model.cfg
-        capped.cap = {}
-        for kind, ks, units in (("mlp", s.mlp_k, cfg.d_ff), ("attn", s.attn_k, cfg.n_heads)):
-            d = sum(ks) / (len(ks) * units) if ks else 1.0
-            capped.cap[kind] = units_for(1 - (1 - d) ** n, units)
-        return capped
-
-    def prepare(self, n: int):
-        """Capture the bucket's sparse graph and measure whether it beats the dense step (once per
-        bucket); the dense step is the all-rows graph (see the class docstring)."""
-        if n in self.modes:
-            return
-        full = self.batch_size
-        if (full, False) not in self.dec.graphs:
-            self.dec.capture(full, sparse=False)
-            self.dense_ms = self.dec.time_step(full, False)
-        mode = {"rows": n, "sparse": False, "dense_ms": self.dense_ms, "sparse_ms": None}
-        sparsity = self.bucket_sparsity(n)
-        if sparsity is not None:
-            try:
-                self.dec.capture(n, sparse=True, sparsity=sparsity)
-                mode["sparse_ms"] = self.dec.time_step(n, True)
-                mode["sparse"] = mode["sparse_ms"] < mode["dense_ms"]
-            except Exception as e:  # a selector without a static-shape batch step: this bucket decodes dense
-                print(f"dejavu serve: no sparse step for {n} rows ({type(e).__name__}: {str(e)[:200]}); "
-                      "it decodes dense", file=sys.stderr)
-        self.modes[n] = mode
-
     def warm(self):
-        """Every bucket's graphs before the port opens (progress on stderr)."""
-        for n in self.buckets:
-            t = time.perf_counter()
-            self.prepare(n)
-            m = self.modes[n]
-            chosen = "sparse" if m["sparse"] else "dense"
-            sparse = f", sparse {m['sparse_ms']:.2f} ms" if m["sparse_ms"] is not None else ""
-            print(f"dejavu serve: graphs for {n} row{'s' * (n > 1)} captured in {time.perf_counter() - t:.1f} s: "
-                  f"dense {m['dense_ms']:.2f} ms/step (all {self.batch_size} rows){sparse} -> {chosen}",
-                  file=sys.stderr, flush=True)
+        """Capture the dense step and, with --sparse, the sparse one, and measure them (once, while
+        every row is free: a timed replay steps rows forward); progress on stderr."""
+        if self.mode is not None:
+            return
+        assert all(job is None for job in self.slots), "the steps are measured before any request runs"
+        t, n = time.perf_counter(), self.batch_size
+        self.dec.capture(n, sparse=False)
+        mode = {"sparse": False, "dense_ms": self.dec.time_step(n, False), "sparse_ms": None, "sparse_all_ms": None}
+        if self.sparsity is not None:
+            try:
+                self.dec.capture(n, sparse=True, sparsity=self.sparsity)
+                mode["sparse_ms"] = self.dec.time_step(n, True, live=1)
+                mode["sparse_all_ms"] = self.dec.time_step(n, True, live=n)
+                mode["sparse"] = mode["sparse_ms"] < mode["dense_ms"]
+            except Exception as e:  # a selector without a static-shape step: the server decodes dense
+                print(f"dejavu serve: no sparse step ({type(e).__name__}: {str(e)[:200]}); it decodes dense",
+                      file=sys.stderr)
+        self.mode = mode
+        sparse = "" if mode["sparse_ms"] is None else (
+            f", sparse {mode['sparse_ms']:.2f} ms with 1 live row, {mode['sparse_all_ms']:.2f} with {n}")
+        print(f"dejavu serve: steps captured and measured in {time.perf_counter() - t:.1f} s: dense "
+              f"{mode['dense_ms']:.2f} ms/step (any number of live rows){sparse} -> "
+              f"{'sparse' if mode['sparse'] else 'dense'}", file=sys.stderr, flush=True)
 
     def admit(self):
+        self.warm()  # before the first request takes a row
         free = [r for r, job in enumerate(self.slots) if job is None]
         with self.cond:
             new = []
@@ -430,22 +401,19 @@ class GraphScheduler(Scheduler):
     @torch.inference_mode()
     def step(self):
         busy = [r for r, job in enumerate(self.slots) if job is not None]
-        n = next(b for b in self.buckets if b > busy[-1])
-        self.prepare(n)
-        sparse = self.modes[n]["sparse"]
-        n = n if sparse else self.batch_size
-        tokens, finite = self.dec.step(n, sparse)
-        self.count_graph_units(n, sparse, len(busy))
+        sparse = self.mode["sparse"]
+        tokens, finite = self.dec.step(self.batch_size, sparse)
+        self.count_graph_units(sparse, len(busy))
         self.metrics.batch_rows.observe(len(busy))
         for r in busy:
             self.deliver_token(self.slots[r], tokens[r], finite[r])
         self.count_step(len(busy))
         self.drop_finished()
 
-    def count_graph_units(self, n: int, sparse: bool, busy: int):
-        """One step's units for the achieved densities: what the bucket's graph computes per row."""
+    def count_graph_units(self, sparse: bool, busy: int):
+        """One step's units for the achieved densities: what the graph computes per live row."""
         cfg = self.model.cfg
-        units = self.dec.units.get((n, sparse), {}) if sparse and not self.sparsity.input_side else {}
+        units = self.dec.units.get((self.batch_size, sparse), {}) if sparse and not self.sparsity.input_side else {}
         for part, size in (("mlp", cfg.d_ff), ("attn", cfg.n_heads)):
             kept, total = units.get(part, (0, 0))
             frac = kept / total if total else 1.0
