@@ -313,6 +313,8 @@ def test_a_set_per_row_is_each_row_alone(dtype, batch):
         assert torch.equal(idx[r].sort().values, topk_indices(scores[r], m).sort().values)
     free = torch.zeros(batch, dtype=torch.bool, device=DEV)
     free[1] = True
+    with_live = topk_indices(scores, m, (~free).long())  # a free row's scores are not read: its set is -1
+    assert torch.equal(with_live[~free], idx[~free]) and (with_live[free] == -1).all()
     idx[free], heads[free] = -1, -1
     calls = [(lambda x_, i_: tg.gather_matvec(x_, w_in[:, 1], i_), x, idx, 0.0),
              (lambda x_, i_: tg.gather_act(x_, w_in, None, i_, "silu"), x, idx, 0.0),

@@ -117,10 +117,11 @@ class GateSelector:
         b_gate, b_up = self.biases[layer]
         g = mlp.act(kernels.gather_matvec(x2, mlp.w_in[:, 0], all_rows, b_gate))  # [N, d_ff]
         if getattr(sel, "live", None) is not None:  # a set per row (serving): each row's own, fixed sizes
-            cand = kernels.topk_indices(g.abs() * self.down_norms[layer], n_cand)  # [N, n_cand] ascending
-            a = g.gather(1, cand) * kernels.gather_matvec(x2, mlp.w_in[:, 1], sel.own(cand), b_up)
-            top = kernels.topk_indices(neuron_importance(a, self.down_norms[layer][cand]), k)
-            idx = sel.own(cand.gather(1, top))
+            cand = kernels.topk_indices(g.abs() * self.down_norms[layer], n_cand, sel.live)  # [N, n_cand], free: -1
+            at = cand.clamp(min=0)  # a free row's reads stay in bounds (what they give is never used)
+            a = g.gather(1, at) * kernels.gather_matvec(x2, mlp.w_in[:, 1], cand, b_up)
+            top = kernels.topk_indices(neuron_importance(a, self.down_norms[layer][at]), k, sel.live).clamp(min=0)
+            idx = cand.gather(1, top)
             sel.count("mlp", idx)
             return kernels.gather_axpy(a.gather(1, top), mlp.w_out_t, idx, mlp.b_out).view(x_in.shape)
         cand = (g.abs() * self.down_norms[layer]).topk(n_cand, dim=-1, sorted=False).indices

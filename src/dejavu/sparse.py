@@ -358,10 +358,6 @@ class Gathered(Selection):
         rows.live, rows.ahead, rows.kept, rows.cap = live, {}, {"mlp": [0, 0], "attn": [0, 0]}, None
         return rows
 
-    def own(self, idx: torch.Tensor) -> torch.Tensor:
-        """Per row: a free row's indices -1."""
-        return torch.where(self.live[:, None] > 0, idx, -1)
-
     def enter(self, layer, x):
         super().enter(layer, x)
         if self.side_stream is not None and (self.live is not None or x.shape[0] * x.shape[1] == 1):
@@ -370,7 +366,7 @@ class Gathered(Selection):
     def _top(self, scores, k) -> torch.Tensor:
         """A fixed-size selection, no host sync: one token's top-k [k], or each row's [rows, k]."""
         if self.live is not None:
-            return self.own(kernels.topk_indices(scores.flatten(0, -2), k))
+            return kernels.topk_indices(scores.flatten(0, -2), k, self.live)
         return kernels.topk_indices(scores.reshape(-1), k)
 
     def count(self, kind, idx):

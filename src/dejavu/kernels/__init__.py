@@ -250,15 +250,17 @@ def _triton_topk():
         return None
 
 
-def topk_indices(scores: torch.Tensor, k: int) -> torch.Tensor:
+def topk_indices(scores: torch.Tensor, k: int, live: torch.Tensor | None = None) -> torch.Tensor:
     """One token's selection: scores [n] -> the indices of its k largest, as a set (int64 [k]).
     On CUDA, past one program's chunk (MLP neurons, not heads), three Triton kernels: 11 us where
     torch.topk's chain of small kernels takes 31 (OPT-30B's 28672 neurons, H200; triton_topk.py).
-    scores [B, n]: each row's own top-k, ascending ([B, k]; a row's never depends on the others)."""
+    scores [B, n]: each row's own top-k, ascending ([B, k]; a row's never depends on the others);
+    with `live` [B], a free row (0) gets indices -1 (on CUDA without reading its scores)."""
     if scores.dim() == 2:
         if scores.is_cuda and _triton_topk() is not None:
-            return _triton_topk().topk_indices(scores, k)
-        return scores.topk(k, dim=-1, sorted=False).indices.sort(-1).values
+            return _triton_topk().topk_indices(scores, k, live)
+        idx = scores.topk(k, dim=-1, sorted=False).indices.sort(-1).values
+        return idx if live is None else torch.where(live[:, None] != 0, idx, -1)
     if scores.is_cuda and _triton_topk() is not None and len(scores) > _triton_topk().CHUNK:
         return _triton_topk().topk_indices(scores, k)
     return scores.topk(k, sorted=False).indices

@@ -235,7 +235,8 @@ torch::Tensor gather_axpy(torch::Tensor a, torch::Tensor W, torch::Tensor idx) {
 @functools.cache
 def _extension():
     from torch.utils.cpp_extension import load_inline
-    print("dejavu: compiling the fused CPU sparse-MLP kernel (once, about a minute)...", file=sys.stderr, flush=True)
+    print("dejavu: loading the fused CPU kernels (compiled the first time, about a minute; then cached)...",
+          file=sys.stderr, flush=True)
     return load_inline(name="dejavu_cpu_kernels", cpp_sources=[SOURCE], functions=["gather_matvec", "gather_axpy", "gate_first_mlp"],
                        extra_cflags=["-O3", "-march=native", "-fopenmp"], extra_ldflags=["-fopenmp"], verbose=False)
 

@@ -57,13 +57,15 @@ def _threshold(hist_ptr, k, G, pid, PASSES: tl.constexpr, G_BLOCK: tl.constexpr)
 
 
 @triton.jit
-def _radix_pass_kernel(s_ptr, hist_ptr, n, k, G, stride_s, PASS: tl.constexpr, KEY_BITS: tl.constexpr,
-                       CHUNK: tl.constexpr, G_BLOCK: tl.constexpr):
+def _radix_pass_kernel(s_ptr, hist_ptr, live_ptr, n, k, G, stride_s, PASS: tl.constexpr, KEY_BITS: tl.constexpr,
+                       CHUNK: tl.constexpr, G_BLOCK: tl.constexpr, HAS_LIVE: tl.constexpr):
     pid, row = tl.program_id(0), tl.program_id(1).to(tl.int64)
     s_ptr += row * stride_s
     hist_ptr += row * (KEY_BITS // 8) * G * 256
     offs = pid * CHUNK + tl.arange(0, CHUNK)
     valid = offs < n
+    if HAS_LIVE:  # a free row: no key read (its write kernel writes -1)
+        valid = valid & (tl.load(live_ptr + row) != 0)
     key = _keys(s_ptr, offs, valid, KEY_BITS)
     match = valid
     if PASS > 0:
@@ -74,25 +76,32 @@ def _radix_pass_kernel(s_ptr, hist_ptr, n, k, G, stride_s, PASS: tl.constexpr, K
 
 
 @triton.jit
-def _radix_write_kernel(s_ptr, hist_ptr, out_ptr, n, k, G, stride_s, KEY_BITS: tl.constexpr, CHUNK: tl.constexpr,
-                        G_BLOCK: tl.constexpr):
+def _radix_write_kernel(s_ptr, hist_ptr, out_ptr, live_ptr, n, k, G, stride_s, KEY_BITS: tl.constexpr,
+                        CHUNK: tl.constexpr, G_BLOCK: tl.constexpr, HAS_LIVE: tl.constexpr):
     pid, row = tl.program_id(0), tl.program_id(1).to(tl.int64)
     s_ptr += row * stride_s
     hist_ptr += row * (KEY_BITS // 8) * G * 256
     out_ptr += row * k
     offs = pid * CHUNK + tl.arange(0, CHUNK)
     valid = offs < n
-    key = _keys(s_ptr, offs, valid, KEY_BITS)
-    t, want, above_before, equal_before = _threshold(hist_ptr, k, G, pid, KEY_BITS // 8, G_BLOCK)
-    equal = valid & (key == t)
-    keep = valid & ((key > t) | (equal & (equal_before + tl.cumsum(equal.to(tl.int32), 0) <= want)))
-    pos = above_before + tl.minimum(equal_before, want) + tl.cumsum(keep.to(tl.int32), 0) - 1
-    tl.store(out_ptr + pos, offs.to(tl.int64), mask=keep)
+    live = True
+    if HAS_LIVE:
+        live = tl.load(live_ptr + row) != 0
+    if live:
+        key = _keys(s_ptr, offs, valid, KEY_BITS)
+        t, want, above_before, equal_before = _threshold(hist_ptr, k, G, pid, KEY_BITS // 8, G_BLOCK)
+        equal = valid & (key == t)
+        keep = valid & ((key > t) | (equal & (equal_before + tl.cumsum(equal.to(tl.int32), 0) <= want)))
+        pos = above_before + tl.minimum(equal_before, want) + tl.cumsum(keep.to(tl.int32), 0) - 1
+        tl.store(out_ptr + pos, offs.to(tl.int64), mask=keep)
+    else:  # a free row's set: -1 throughout
+        tl.store(out_ptr + offs, tl.full((CHUNK,), -1, tl.int64), mask=offs < k)
 
 
-def topk_indices(scores: torch.Tensor, k: int) -> torch.Tensor:
+def topk_indices(scores: torch.Tensor, k: int, live: torch.Tensor | None = None) -> torch.Tensor:
     """scores [n], or [rows, n] each row on its own (on CUDA) -> int64 [k] / [rows, k]: the indices of
-    the k largest, ascending. Ties at the threshold go to the lowest indices; -0.0 ranks below +0.0."""
+    the k largest, ascending. Ties at the threshold go to the lowest indices; -0.0 ranks below +0.0.
+    `live` [rows] (nonzero: live): a free row's scores are not read and its indices are -1."""
     n = scores.shape[-1]
     assert scores.dim() in (1, 2) and 0 < k <= n, \
         f"topk_indices: 1-D or 2-D scores and 0 < k <= n, got {tuple(scores.shape)}, k={k}"
@@ -106,8 +115,10 @@ def topk_indices(scores: torch.Tensor, k: int) -> torch.Tensor:
     G = triton.cdiv(n, chunk)
     hist = torch.empty(rows, key_bits // 8, G, 256, device=scores.device, dtype=torch.int32)
     out = torch.empty(rows, k, device=scores.device, dtype=torch.int64)
-    common = dict(KEY_BITS=key_bits, CHUNK=chunk, G_BLOCK=triton.next_power_of_2(G), num_warps=4)
+    common = dict(KEY_BITS=key_bits, CHUNK=chunk, G_BLOCK=triton.next_power_of_2(G), HAS_LIVE=live is not None,
+                  num_warps=4)
+    live = live if live is not None else out
     for p in range(key_bits // 8):
-        _radix_pass_kernel[(G, rows)](scores, hist, n, k, G, scores.stride(0), PASS=p, **common)
-    _radix_write_kernel[(G, rows)](scores, hist, out, n, k, G, scores.stride(0), **common)
+        _radix_pass_kernel[(G, rows)](scores, hist, live, n, k, G, scores.stride(0), PASS=p, **common)
+    _radix_write_kernel[(G, rows)](scores, hist, out, live, n, k, G, scores.stride(0), **common)
     return out[0] if one else out
