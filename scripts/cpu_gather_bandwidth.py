@@ -7,6 +7,7 @@ fp32, one token; 30 copies of each weight so that nothing stays in cache. Prints
 import torch, time
 from dejavu.kernels import cpu
 import sys; torch.set_num_threads(int(sys.argv[1]))
+torch.set_grad_enabled(False)  # the C++ kernel runs only without autograd
 def t(f, n=200):
     for _ in range(10): f()
     s = time.perf_counter()
