@@ -45,10 +45,10 @@ def linear(x: torch.Tensor, w: torch.Tensor, bias: torch.Tensor | None = None,
     """x [..., K] @ w[N, K].T + bias, the dense projection of every path; with `rule`, input-side
     sparsity as decode runs it: only the input channels that pass for some row of x (a batch
     shares the union) are read. One token on CUDA with an input-major weight: Triton's
-    input_gather (the passing channels packed, then only their rows read); one token on the CPU
-    gathers the passing rows (C++); anything else computes the same in torch, except that on CUDA
-    a batch keeps each row's own channels (what the masked evaluation computes; a row's answer
-    then never depends on the others, as serving wants)."""
+    input_gather (the passing channels packed, then only their rows read); on the CPU one C++
+    call selects and gathers the passing rows; anything else computes the same in torch, except
+    that on CUDA a batch keeps each row's own channels (what the masked evaluation computes; a
+    row's answer then never depends on the others, as serving wants)."""
     if rule is None:
         return F.linear(x, w, bias)
     K = x.shape[-1]
@@ -56,12 +56,10 @@ def linear(x: torch.Tensor, w: torch.Tensor, bias: torch.Tensor | None = None,
         return _triton()[0].input_gather(x, w.t(), rule.scale, rule.threshold, bias)
     if x.is_cuda:
         return F.linear(x * rule.keep(x).to(x.dtype), w, bias)
-    keep = rule.keep(x).reshape(-1, K).any(0)
     if is_input_major(w) and cpu.usable(x):
-        idx = keep.nonzero().squeeze(-1)
-        out = cpu.gather_axpy(x.reshape(-1, K)[:, idx].contiguous(), w.t(), idx).view(*x.shape[:-1], w.shape[0])
-        return out + bias if bias is not None else out
-    return F.linear(x * keep.to(x.dtype), w, bias)
+        out = cpu.input_gather(x.reshape(-1, K), w.t(), rule.threshold, rule.scale, bias)
+        return out.view(*x.shape[:-1], w.shape[0])
+    return F.linear(x * rule.keep(x).reshape(-1, K).any(0).to(x.dtype), w, bias)
 
 
 def mlp_down(h: torch.Tensor, w_out_t: torch.Tensor, b_out: torch.Tensor | None, act: str, gated: bool,

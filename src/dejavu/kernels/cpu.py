@@ -3,6 +3,7 @@
 gather_matvec   out[b, j] = W[idx[j]] . x[b]       (gate/up rows, Q rows of selected heads)
 gather_axpy     out[b]   = sum_j a[b, j] W[idx[j]] (W_down / W_o rows, transposed layouts)
 gate_first_mlp  one token's gate-first selection and sparse MLP in a single call
+input_gather    input-side sparsity: the channels past a threshold, then gather_axpy over their rows
 
 The selected rows are read in place (no gathered temporary, which plain `W[idx] @ x` writes
 and reads again), four rows at a time so that more cache-line fills are in flight, with the
@@ -229,6 +230,34 @@ torch::Tensor gather_axpy(torch::Tensor a, torch::Tensor W, torch::Tensor idx) {
   }
   return result;
 }
+
+// Input-side sparsity in one call: x [B, K], W [K, N] input-major (channel k's row), threshold [1],
+// scale [K] or empty, bias [N] or empty -> [B, N] = sum over the channels k where some row has
+// |x[b, k]| * scale[k] > threshold of x[b, k] W[k] (+ bias). The selection runs here, not as a
+// chain of small torch ops around the gather (they cost about as much as the rows they skip).
+torch::Tensor input_gather(torch::Tensor x, torch::Tensor W, torch::Tensor threshold, torch::Tensor scale,
+                           torch::Tensor bias) {
+  TORCH_CHECK(x.is_contiguous() && W.stride(1) == 1, "x contiguous, W rows contiguous");
+  const int64_t B = x.size(0), K = x.size(1);
+  const float t = threshold.item<float>();
+  const float* X = x.data_ptr<float>();
+  const float* S = scale.numel() ? scale.data_ptr<float>() : nullptr;
+  std::vector<int64_t> kept;
+  kept.reserve(K);
+  for (int64_t k = 0; k < K; ++k) {
+    const float sk = S ? S[k] : 1.f;
+    for (int64_t b = 0; b < B; ++b)
+      if ((S ? std::fabs(X[b * K + k]) * sk : std::fabs(X[b * K + k])) > t) { kept.push_back(k); break; }
+  }
+  const int64_t m = (int64_t)kept.size();
+  auto a = torch::empty({B, m}, x.options());
+  float* A = a.data_ptr<float>();
+  for (int64_t b = 0; b < B; ++b)
+    for (int64_t j = 0; j < m; ++j) A[b * m + j] = X[b * K + kept[j]];
+  auto out = gather_axpy(a, W, torch::from_blob(kept.data(), {m}, torch::kInt64));
+  if (bias.numel()) out.add_(bias);
+  return out;
+}
 """
 
 
@@ -237,7 +266,8 @@ def _extension():
     from torch.utils.cpp_extension import load_inline
     print("dejavu: loading the fused CPU kernels (compiled the first time, about a minute; then cached)...",
           file=sys.stderr, flush=True)
-    return load_inline(name="dejavu_cpu_kernels", cpp_sources=[SOURCE], functions=["gather_matvec", "gather_axpy", "gate_first_mlp"],
+    return load_inline(name="dejavu_cpu_kernels", cpp_sources=[SOURCE],
+                       functions=["gather_matvec", "gather_axpy", "gate_first_mlp", "input_gather"],
                        extra_cflags=["-O3", "-march=native", "-fopenmp"], extra_ldflags=["-fopenmp"], verbose=False)
 
 
@@ -279,6 +309,15 @@ def gather_axpy(a: torch.Tensor, w: torch.Tensor, idx: torch.Tensor) -> torch.Te
         out = _extension().gather_axpy(a.reshape(-1, a.shape[-1]).contiguous(), w, idx.to(torch.int64).contiguous())
         return out.view(*a.shape[:-1], w.shape[-1])
     return a @ w[idx]
+
+
+def input_gather(x: torch.Tensor, w_t: torch.Tensor, threshold: torch.Tensor, scale: torch.Tensor | None,
+                 bias: torch.Tensor | None) -> torch.Tensor:
+    """x [B, K], w_t [K, N] input-major -> [B, N]: input-side sparsity (the channels that pass for
+    some row: |x| * scale > threshold) with its selection in the same C++ call (usable(x) only)."""
+    empty = torch.empty(0)
+    return _extension().input_gather(x.contiguous(), w_t, threshold.reshape(1),
+                                     scale if scale is not None else empty, bias if bias is not None else empty)
 
 
 def usable(x: torch.Tensor) -> bool:
