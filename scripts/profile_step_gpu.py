@@ -2,6 +2,7 @@
 step run eagerly (device-position form: the work the graph replays), grouped by name.
 
     PYTHONPATH=src python scripts/profile_step_gpu.py --shape opt-30b --mlp-density 0.1 --attn-density 0.42 --mlp-rank 256
+    PYTHONPATH=src python scripts/profile_step_gpu.py --shape llama-3-8b --input-sparsity 0.5   (gated: input-side)
 """
 import argparse
 import statistics
@@ -20,18 +21,28 @@ ap.add_argument("--shape", default="opt-30b")
 ap.add_argument("--mlp-density", type=float, default=0.1)
 ap.add_argument("--attn-density", type=float, default=0.42)
 ap.add_argument("--mlp-rank", type=int)
+ap.add_argument("--input-sparsity", type=float, help="input-side (teal) on the input-major model instead")
 ap.add_argument("--rows", type=int, default=22)
 args = ap.parse_args()
 
 model = load(args.shape, dtype=torch.bfloat16, device="cuda", max_seq_len=512).model
-sel = PredictorSelector(random_predictors(model, mlp_rank=args.mlp_rank))
+sel = None if args.input_sparsity else PredictorSelector(random_predictors(model, mlp_rank=args.mlp_rank))
 prompt = torch.randint(0, model.cfg.vocab_size, (1, 128), device="cuda")
-variants = {
+variants = {} if args.input_sparsity else {
     "dense": lambda: None,
     "sparse, predictors on a side stream": lambda: Gathered(model, sel, sel, args.mlp_density, args.attn_density,
                                                             side_stream=torch.cuda.Stream()),
     "sparse, predictors inline": lambda: Gathered(model, sel, sel, args.mlp_density, args.attn_density),
 }
+if args.input_sparsity:
+    from dejavu.selectors import InputSelector
+    from dejavu.sparse import InputSparsity, calibrate_thresholds
+    variants["dense, output-major"] = lambda: None
+    variants["dense, input-major"] = lambda: model.to_input_major() and None
+    def input_side():
+        sel = InputSelector(model, "teal")
+        return InputSparsity(model, sel, calibrate_thresholds(model, sel, prompt, 1 - args.input_sparsity), gathered=True)
+    variants[f"input-side teal {args.input_sparsity:g}"] = input_side
 for name, make in variants.items():
     dec = GraphDecoder(model, 1, 300, make())
     dec.prefill(prompt)

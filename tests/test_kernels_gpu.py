@@ -5,6 +5,7 @@ On a GPU: `pytest -q tests/test_kernels_gpu.py`. Without one, the file is skippe
 kernels with Triton's CPU interpreter instead: `DEJAVU_TEST_DEVICE=cpu TRITON_INTERPRET=1 pytest
 -q tests/test_kernels_gpu.py` (Triton 3.6's interpreter needs numpy < 2.4, and its tl.dot is
 wrong for bf16 inputs, so bf16 gathers are only checked on the GPU)."""
+import itertools
 import os
 
 import pytest
@@ -74,8 +75,8 @@ def test_gather_matvec_and_axpy(dtype, n, d, m, batch):
 @pytest.mark.parametrize("K,N", [(576, 1000), (4096, 300), (14336, 4133)])
 @pytest.mark.parametrize("rule", ["teal", "wina", "none pass", "all pass"])
 def test_input_gather(dtype, K, N, rule):
-    """One token's input-side projection reads only the rows of the channels that pass (a segmented
-    compaction, then gather_axpy over the packed rows), for every split layout."""
+    """One token's input-side projection reads only the rows of the channels that pass (packed per
+    split, by a kernel first or inside the gather), for every split layout."""
     dot_ok(dtype)
     g = gen()
     w_t, x, bias = randn(K, N, g=g, dtype=dtype), randn(K, g=g, dtype=dtype), randn(N, g=g, dtype=dtype)
@@ -83,9 +84,9 @@ def test_input_gather(dtype, K, N, rule):
     threshold = torch.tensor({"none pass": 1e9, "all pass": -1.0}.get(rule, 0.8), device=DEV)
     keep = (x.float().abs() * (scale if scale is not None else 1)) > threshold
     want = (x.double() * keep) @ w_t.double()
-    for b, pps in ((None, 4), (bias, 1), (bias, 16)):
+    for (b, pps), pack in itertools.product(((None, 4), (bias, 1), (bias, 16)), ("gather", "kernel")):
         poison()
-        got = tg.input_gather(x, w_t, scale, threshold, b, programs_per_sm=pps)
+        got = tg.input_gather(x, w_t, scale, threshold, b, programs_per_sm=pps, pack=pack)
         ref_out = (want + (0 if b is None else b.double())).to(dtype).double()
         if not keep.any():  # nothing passes: the bias alone, or zeros
             assert torch.equal(got.double(), ref_out)
@@ -112,8 +113,10 @@ def test_mlp_act_and_input_gather_from_the_up_side(dtype, act, gated, batch):
     a0 = a[0].to(dtype).float()  # the kernel scores the activations as stored (rounded to the dtype)
     keep = (a0.abs() * scale) > threshold
     assert 0.1 < keep.double().mean() < 0.9
-    poison()
-    check(tg.input_gather(h[0], w_t, scale, threshold, None, act, gated), (a0.double() * keep) @ w_t.double(), dtype)
+    for pack in ("gather", "kernel"):
+        poison()
+        check(tg.input_gather(h[0], w_t, scale, threshold, None, act, gated, pack=pack),
+              (a0.double() * keep) @ w_t.double(), dtype)
 
 
 @pytest.mark.parametrize("dtype", DTYPES)

@@ -7,8 +7,9 @@ gather_act     out[b, j] = act(gate_j . x[b]) * (up_j . x[b])   or  act(fc1_j . 
 gather_axpy    out[b]   = sum_j a[b, j] W[idx[j]]  selected rows of w_out_t / wo_t (transposed
                                                    layouts: a neuron's or head's slice is a row)
 input_gather   out      = sum_k x[k] W_t[k] over the channels k whose |x_k| (* scale) passes a
-                                                   threshold: a segmented compaction, then gather_axpy
-                                                   over the packed rows of the input-major weight
+                                                   threshold: the passing channels packed per split
+                                                   (in the gather's programs, or a kernel before),
+                                                   then those rows of the input-major weight read
 idx [m] is one set shared by the batch (its union); gather_matvec, gather_act and gather_axpy also
 take idx [B, m], a set per row (the grid's last axis is the row: a row's result never depends on
 the other rows, so an answer does not depend on what else is batched), where a row whose first
@@ -238,14 +239,18 @@ def _gather_act_kernel(x_ptr, w_ptr, b_ptr, idx_ptr, out_ptr, B, M, K, stride_wn
 
 
 @triton.jit
-def _gather_axpy_kernel(a_ptr, w_ptr, idx_ptr, n_ptr, b_ptr, part_ptr, count_ptr, out_ptr, B, M, N, S,
-                        rows_per_split, stride_a, stride_w, stride_s, stride_p, stride_o, stride_i, stride_r,
-                        UNIT: tl.constexpr, HAS_N: tl.constexpr, HAS_BIAS: tl.constexpr, BLOCK_B: tl.constexpr,
-                        BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, PRECISION: tl.constexpr):
+def _gather_axpy_kernel(a_ptr, w_ptr, idx_ptr, n_ptr, x_ptr, scale_ptr, t_ptr, b_ptr, part_ptr, count_ptr, out_ptr, B,
+                        M, N, S, rows_per_split, stride_a, stride_w, stride_s, stride_p, stride_o, stride_i, stride_r,
+                        UNIT: tl.constexpr, HAS_N: tl.constexpr, HAS_RULE: tl.constexpr, HAS_SCALE: tl.constexpr,
+                        ACT: tl.constexpr,
+                        GATED: tl.constexpr, HAS_BIAS: tl.constexpr, BLOCK_B: tl.constexpr, BLOCK_M: tl.constexpr,
+                        BLOCK_N: tl.constexpr, BLOCK_C: tl.constexpr, PRECISION: tl.constexpr):
     # program (column block, split[, row]): its share of the selected rows, into its own fp32
-    # partial. With HAS_N, split s owns segment s of idx and a (rows_per_split entries) of which the
-    # first n[s] count (the segmented compaction's output). With a set per row, a row's partials
-    # and counters are its own (stride_r apart)
+    # partial. Input-side (one token): with HAS_N, split s owns segment s of idx and a (rows_per_split
+    # entries) of which the first n[s] count (packed by _compact_kernel); with HAS_RULE, split s
+    # first packs the channels of its segment of x that pass the rule into its segment of a and idx
+    # itself (scratch; every column block of the split writes the same values there). With a set
+    # per row, a row's partials and counters are its own (stride_r apart)
     pid_n, pid_s = tl.program_id(0), tl.program_id(2)
     idx_ptr, a_ptr, out_ptr, M = _own_row(idx_ptr, a_ptr, out_ptr, stride_i, stride_a, stride_o, M)
     if stride_i > 0:
@@ -261,12 +266,20 @@ def _gather_axpy_kernel(a_ptr, w_ptr, idx_ptr, n_ptr, b_ptr, part_ptr, count_ptr
         end = tl.minimum(start + rows_per_split, M)
         if HAS_N:
             end = start + tl.load(n_ptr + pid_s)
+        if HAS_RULE:
+            end = start + _compact(x_ptr, scale_ptr, t_ptr, a_ptr, idx_ptr, start, end, HAS_SCALE, ACT, GATED, BLOCK_C)
+            tl.debug_barrier()  # the packed segment, stored by all of this program's threads, is visible to all
         for m0 in range(start, end, BLOCK_M):
             offs_m = m0 + tl.arange(0, BLOCK_M)
             m_mask = offs_m < end
-            rows = _rows(idx_ptr, offs_m, m_mask, UNIT)
-            a = tl.load(a_ptr + offs_b[:, None] * stride_a + offs_m[None, :],
-                        mask=b_mask[:, None] & m_mask[None, :], other=0.0)
+            if HAS_RULE:  # the scratch just written: from L2, never a stale L1 line
+                rows = tl.load(idx_ptr + offs_m, mask=m_mask, other=0, cache_modifier=".cg").to(tl.int64)
+                a = tl.load(a_ptr + offs_b[:, None] * stride_a + offs_m[None, :],
+                            mask=b_mask[:, None] & m_mask[None, :], other=0.0, cache_modifier=".cg")
+            else:
+                rows = _rows(idx_ptr, offs_m, m_mask, UNIT)
+                a = tl.load(a_ptr + offs_b[:, None] * stride_a + offs_m[None, :],
+                            mask=b_mask[:, None] & m_mask[None, :], other=0.0)
             w = tl.load(w_ptr + rows[:, None] * stride_w + offs_n[None, :], mask=m_mask[:, None] & n_mask[None, :],
                         other=0.0)
             acc = tl.dot(a, w, acc, input_precision=PRECISION)
@@ -286,7 +299,7 @@ def _sum_splits(acc, part_ptr, count_ptr, b_ptr, out_ptr, pid_n, pid_s, S, offs_
     """Split-K epilogue: store this program's fp32 partial; the column block's last split to finish
     adds the partials in split order (deterministic), adds the bias, casts and writes the output: no
     second kernel. (The threadfence-reduction pattern: every thread's partial is stored before the
-    count moves; the counts are this call's own.)"""
+    count moves; the counts are this call's own, zeroed.)"""
     mask = b_mask[:, None] & n_mask[None, :]
     tile = offs_b[:, None] * stride_p + offs_n[None, :]
     tl.store(part_ptr + pid_s * stride_s + tile, acc, mask=mask)
@@ -302,17 +315,16 @@ def _sum_splits(acc, part_ptr, count_ptr, b_ptr, out_ptr, pid_n, pid_s, S, offs_
 
 
 @triton.jit
-def _compact_kernel(x_ptr, scale_ptr, t_ptr, val_ptr, idx_ptr, n_ptr, K, SEG, HAS_SCALE: tl.constexpr,
-                    ACT: tl.constexpr, GATED: tl.constexpr, BLOCK: tl.constexpr):
-    # program p, segment p of x (SEG channels): the channels whose |x| (* scale) passes the threshold,
-    # their values and indices packed at the segment's front, in order, and how many (n[p]). With
-    # ACT, x is the MLP's up side and the channels are its activations (computed here)
-    p = tl.program_id(0)
+def _compact(x_ptr, scale_ptr, t_ptr, val_ptr, idx_ptr, lo, hi, HAS_SCALE: tl.constexpr, ACT: tl.constexpr,
+             GATED: tl.constexpr, BLOCK: tl.constexpr):
+    """The channels lo..hi-1 of x whose |x| (* scale) passes the threshold: their values and indices
+    packed from val[lo], idx[lo] on, in order; returns how many. With ACT, x is the MLP's up side and
+    the channels are its activations (computed here)."""
     t = tl.load(t_ptr)
     base = tl.full((), 0, tl.int32)
-    for k0 in range(p * SEG, tl.minimum(p * SEG + SEG, K), BLOCK):
+    for k0 in range(lo, hi, BLOCK):
         offs = k0 + tl.arange(0, BLOCK)
-        inside = (offs < K) & (offs < p * SEG + SEG)
+        inside = offs < hi
         if ACT != "":
             x = _mlp_act(x_ptr, offs, inside, ACT, GATED).to(val_ptr.dtype.element_ty)
         else:
@@ -321,11 +333,21 @@ def _compact_kernel(x_ptr, scale_ptr, t_ptr, val_ptr, idx_ptr, n_ptr, K, SEG, HA
         if HAS_SCALE:
             score = score * tl.load(scale_ptr + offs, mask=inside, other=0.0)
         keep = inside & (score > t)
-        pos = p * SEG + base + tl.cumsum(keep.to(tl.int32), 0) - 1
+        pos = lo + base + tl.cumsum(keep.to(tl.int32), 0) - 1
         tl.store(val_ptr + pos, x, mask=keep)
         tl.store(idx_ptr + pos, offs, mask=keep)
         base += tl.sum(keep.to(tl.int32), 0)
-    tl.store(n_ptr + p, base)
+    return base
+
+
+@triton.jit
+def _compact_kernel(x_ptr, scale_ptr, t_ptr, val_ptr, idx_ptr, n_ptr, K, SEG, HAS_SCALE: tl.constexpr,
+                    ACT: tl.constexpr, GATED: tl.constexpr, BLOCK: tl.constexpr):
+    # program p: segment p of x (SEG channels), packed at the segment's front; how many in n[p]
+    p = tl.program_id(0)
+    lo = p * SEG
+    tl.store(n_ptr + p, _compact(x_ptr, scale_ptr, t_ptr, val_ptr, idx_ptr, lo, tl.minimum(lo + SEG, K), HAS_SCALE,
+                                 ACT, GATED, BLOCK))
 
 
 def _tile(M: int, x: torch.Tensor, block_m: int, block_k: int, B: int = 0, stages: int = 0) -> tuple[int, int, int]:
@@ -406,9 +428,12 @@ def _splits(M: int, col_blocks: int, block_m: int, programs_per_sm: int, t: torc
     return triton.cdiv(M, rows_per_split), rows_per_split
 
 
-def _launch_axpy(a, w, idx, n, bias, unit, splits, rows_per_split, block_m, block_n, num_warps, num_stages):
-    """gather_axpy's kernel over `splits` splits of `rows_per_split` entries of a and idx (with n:
-    only the first n[s] of split s count) -> out [B, N] in a's dtype."""
+def _launch_axpy(a, w, idx, bias, unit, splits, rows_per_split, block_m, block_n, num_warps, num_stages, n=None,
+                 rule=None):
+    """gather_axpy's kernel over `splits` splits of `rows_per_split` entries of a and idx -> out [B, N]
+    in a's dtype. With n: only the first n[s] of split s count. With rule (x, scale, threshold, act,
+    gated): a and idx are scratch, which split s fills with the passing channels of its segment of x
+    before reading their rows."""
     (B, M), N = a.shape, w.shape[1]
     col_blocks = triton.cdiv(N, block_n)
     rows, per_row = _sets(idx, B)
@@ -417,12 +442,15 @@ def _launch_axpy(a, w, idx, n, bias, unit, splits, rows_per_split, block_m, bloc
     # count their own splits (under a CUDA graph: the graph's own buffer, zeroed at every replay)
     counts = torch.zeros(rows, col_blocks, device=a.device, dtype=torch.int32)
     out = torch.empty(B, N, device=a.device, dtype=a.dtype)
+    x, scale, threshold, act, gated = rule or (a, None, partial, "", False)
     launcher(_gather_axpy_kernel)[(col_blocks, rows, splits)](
-        a, w, idx, n if n is not None else counts, bias if bias is not None else partial, partial, counts, out,
-        per_row, M, N, splits, rows_per_split, a.stride(0), w.stride(0), partial.stride(1), partial.stride(2),
-        out.stride(0), idx.stride(0) if idx.dim() == 2 else 0, partial.stride(0), UNIT=unit, HAS_N=n is not None,
-        HAS_BIAS=bias is not None, BLOCK_B=_block_b(per_row), BLOCK_M=block_m, BLOCK_N=block_n,
-        PRECISION=_precision(a), num_warps=num_warps, num_stages=num_stages)
+        a, w, idx, n if n is not None else idx, x, scale if scale is not None else x, threshold,
+        bias if bias is not None else partial, partial, counts, out, per_row, M, N, splits, rows_per_split,
+        a.stride(0), w.stride(0), partial.stride(1), partial.stride(2), out.stride(0),
+        idx.stride(0) if idx.dim() == 2 else 0, partial.stride(0), UNIT=unit, HAS_N=n is not None,
+        HAS_RULE=rule is not None, HAS_SCALE=scale is not None, ACT=act, GATED=gated, HAS_BIAS=bias is not None, BLOCK_B=_block_b(per_row), BLOCK_M=block_m, BLOCK_N=block_n,
+        BLOCK_C=min(1024, triton.next_power_of_2(rows_per_split)), PRECISION=_precision(a), num_warps=num_warps,
+        num_stages=num_stages)
     return out
 
 
@@ -432,37 +460,50 @@ def _gather_axpy_op(a: torch.Tensor, w: torch.Tensor, bias: torch.Tensor | None,
     a = a.contiguous()
     # with a set per row, split as for one row: a lone live row (the others free) runs as fast as alone
     splits, rows_per_split = _splits(a.shape[1], triton.cdiv(w.shape[1], block_n), block_m, programs_per_sm, a)
-    return _launch_axpy(a, w, idx, None, bias, unit, splits, rows_per_split, block_m, block_n, num_warps, num_stages)
+    return _launch_axpy(a, w, idx, bias, unit, splits, rows_per_split, block_m, block_n, num_warps, num_stages)
+
+
+# Packing in every column block's program pays where a split's segment is short (few column blocks
+# make many splits): one kernel less. Where it is long (wide outputs: gate/up), the redundant packing
+# costs more than the kernel it saves (H200, scripts/sweep_input_tiles.py).
+PACK_IN_GATHER_MAX_SEGMENT = 512
 
 
 @triton_op("dejavu::input_gather", mutates_args=())
 def _input_gather_op(x: torch.Tensor, w_t: torch.Tensor, bias: torch.Tensor | None, scale: torch.Tensor | None,
                      threshold: torch.Tensor, act: str, gated: bool, block_m: int, block_n: int, num_warps: int,
-                     num_stages: int, programs_per_sm: int) -> torch.Tensor:
+                     num_stages: int, programs_per_sm: int, pack: str) -> torch.Tensor:
     x = x.contiguous()
     K = w_t.shape[0]
     splits, seg = _splits(K, triton.cdiv(w_t.shape[1], block_n), block_m, programs_per_sm, x)
-    values = torch.empty(1, K, device=x.device, dtype=x.dtype)  # graph pool under CUDA graphs
+    values = torch.empty(1, K, device=x.device, dtype=x.dtype)  # scratch, graph pool under CUDA graphs
     idx = torch.empty(K, device=x.device, dtype=torch.int32)
+    rule = (x, scale, threshold, act, gated)
+    if pack == "gather" or (pack == "auto" and seg <= PACK_IN_GATHER_MAX_SEGMENT):
+        return _launch_axpy(values, w_t, idx, bias, 1, splits, seg, block_m, block_n, num_warps, num_stages,
+                            rule=rule)
     n = torch.empty(splits, device=x.device, dtype=torch.int32)
     launcher(_compact_kernel)[(splits,)](x, scale if scale is not None else x, threshold, values, idx, n, K, seg,
                                          HAS_SCALE=scale is not None, ACT=act, GATED=gated,
                                          BLOCK=min(4096, triton.next_power_of_2(seg)), num_warps=4)
-    return _launch_axpy(values, w_t, idx, n, bias, 1, splits, seg, block_m, block_n, num_warps, num_stages)
+    return _launch_axpy(values, w_t, idx, bias, 1, splits, seg, block_m, block_n, num_warps, num_stages, n=n)
 
 
 def input_gather(x: torch.Tensor, w_t: torch.Tensor, scale: torch.Tensor | None, threshold: torch.Tensor,
                  bias: torch.Tensor | None = None, act: str = "", gated: bool = False, block_m: int = 64,
-                 block_n: int = 128, num_warps: int = 4, num_stages: int = 2, programs_per_sm: int = 4) -> torch.Tensor:
+                 block_n: int = 128, num_warps: int = 4, num_stages: int = 2, programs_per_sm: int = 4,
+                 pack: str = "auto") -> torch.Tensor:
     """Input-side sparsity for one token: x [..., K] (one row), w_t [K, N] input-major -> [..., N] =
-    sum over the channels k with |x_k| (* scale[k]) > threshold of x_k w_t[k] (+ bias). Two kernels:
-    a segmented compaction (segment s: the passing channels of gather_axpy's split s, packed, and
-    their count, on the device), then gather_axpy reading only those rows. Static shapes, no sync.
+    sum over the channels k with |x_k| (* scale[k]) > threshold of x_k w_t[k] (+ bias), reading only
+    the passing channels' rows, packed per gather_axpy split (segment s: split s's channels). pack
+    "gather": each program of split s packs its segment itself (one kernel); "kernel": a packing
+    kernel first; "auto": in the gather where segments are short. Static shapes, no sync.
     With `act`, x is the MLP's up side h [..., 2K] (gated: gate and up interleaved) or [..., K], and
     the channels are its activations, computed in the compaction (the down projection)."""
     assert w_t.stride(1) == 1 and x.numel() == x.shape[-1] == w_t.shape[0] * (2 if act and gated else 1)
+    assert pack in ("auto", "gather", "kernel"), f"pack must be auto, gather or kernel, got {pack!r}"
     out = torch.ops.dejavu.input_gather(x.reshape(1, -1), w_t, bias, scale, threshold, act, gated, block_m, block_n,
-                                        num_warps, num_stages, programs_per_sm)
+                                        num_warps, num_stages, programs_per_sm, pack)
     return out.view(*x.shape[:-1], w_t.shape[1])
 
 
