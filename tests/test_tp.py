@@ -9,6 +9,7 @@ import copy
 import faulthandler
 import os
 import socket
+import time
 
 import pytest
 import torch
@@ -150,6 +151,82 @@ def test_two_ranks_match_one(name, device):
         assert graph_equal, f"rank {rank}: the CUDA-graph decode's tokens differ from one rank's"
         assert dense < 1e-5, f"rank {rank}: dense logits differ by {dense}"
         assert sparse < 1e-5, f"rank {rank}: sparse logits differ by {sparse}"
+
+
+def serve_worker(rank, port, device, results):
+    """`serve --tp 2`'s scheduler on each rank (rank 0 takes the jobs, rank 1 follows its ticks):
+    each rank records the tokens of every job it ran; rank 0 also what each job gets from the
+    whole model alone."""
+    import threading
+
+    from dejavu.generate import generate_ids
+    from dejavu.serve.metrics import Metrics
+    from dejavu.serve.scheduler import Job, Mirror, Scheduler
+
+    class Recording(Mirror):
+        def tick(self, s):
+            super().tick(s)
+            self.seen.update(self.jobs)
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank), WORLD_SIZE=str(WORLD),
+                      LOCAL_RANK=str(rank), LOCAL_WORLD_SIZE=str(WORLD))
+    faulthandler.dump_traceback_later(600, exit=True)  # a hung collective fails the test, with its stack
+    torch.set_num_threads(1)
+    dist.init_process_group("gloo", rank=rank, world_size=WORLD)
+    try:
+        from test_model import random_pair
+        ref, _ = random_pair("llama-gqa")
+        torch.manual_seed(rank)  # the ranks' own random states differ: only rank 0's seeds may count
+        mirror = Recording()
+        mirror.seen = {}
+        scheduler = Scheduler(tp.shard(copy.deepcopy(ref), rank, WORLD), batch_size=3, mirror=mirror)
+        scheduler.metrics = Metrics(scheduler)
+        if rank:
+            scheduler.run()  # until rank 0 stops
+            results[rank] = {uid: job.out for uid, job in mirror.seen.items()}
+            return
+        thread = threading.Thread(target=scheduler.run, daemon=True)
+        thread.start()
+        g = torch.Generator().manual_seed(5)
+        prompts = [torch.randint(0, 101, (int(n),), generator=g).tolist() for n in (5, 9, 3, 12, 7)]
+        jobs = []
+        for i, prompt in enumerate(prompts):  # 5 jobs for 3 rows, arriving while others decode
+            done = threading.Event()
+            job = Job(prompt=prompt, max_tokens=10, temperature=0.8 if i == 2 else 0.0, top_p=0.9,
+                      stop_ids=frozenset(), deliver=lambda ev, done=done: done.set() if ev[0] != "token" else None)
+            job.done = done
+            scheduler.submit(job)
+            jobs.append(job)
+            time.sleep(0.05)
+        gone = Job(prompt=prompts[0], max_tokens=40, temperature=0.0, top_p=1.0, stop_ids=frozenset(),
+                   deliver=lambda ev: None)
+        scheduler.submit(gone)
+        scheduler.withdraw(gone)  # withdrawn before it ran: every rank drops it
+        for job in jobs:
+            assert job.done.wait(120), "a job never ended"
+        scheduler.stopping = True
+        thread.join(60)
+        want = [generate_ids(ref, [job.prompt], 10)[0] for job in jobs]
+        results[0] = ([job.out for job in jobs], want, {uid: job.out for uid, job in mirror.seen.items()},
+                      len(gone.out), thread.is_alive())
+    finally:
+        dist.destroy_process_group()
+
+
+def test_serve_on_two_ranks_answers_as_one_model():
+    """`serve --tp 2` (gloo): jobs join and leave a running batch on rank 0 while rank 1 mirrors
+    every step; the greedy answers equal the whole model's alone (a rank that missed a job or a
+    step would break the all-reduces' sums), both ranks ran the same jobs to the same tokens (the
+    sampled one without a seed too: rank 0 gives it one), a withdrawn job never runs, and both
+    ranks stop."""
+    results = mp.Manager().dict()
+    mp.spawn(serve_worker, args=(free_port(), "cpu", results), nprocs=WORLD, join=True)
+    served, want, ran, gone_tokens, alive = results[0]
+    assert not alive, "rank 0's scheduler did not stop"
+    greedy = [i for i in range(len(want)) if i != 2]
+    assert [served[i] for i in greedy] == [want[i] for i in greedy]
+    assert len(ran) == 5 and len(served[2]) == 10  # the withdrawn job left in the tick that brought it
+    assert results[1] == ran, "rank 1 ran other jobs or drew other tokens than rank 0"
+    assert gone_tokens == 0
 
 
 def test_masked_shards_rule_differs_from_global_top_k():

@@ -422,6 +422,7 @@ def build_parser() -> argparse.ArgumentParser:
     # on purpose (to check that the others are unaffected)
     p.add_argument("--test-faults", action="store_true", help=argparse.SUPPRESS)
     add_guard_args(p, "run-time guard (with --sparse; its figures go to /metrics)", "the batch")
+    add_tp_arg(p, "serve")
     p.set_defaults(func=serve.run)
 
     p = sub.add_parser("pilot", help="the trade-off report: dense vs sparse speed, quality and cost (main job)",

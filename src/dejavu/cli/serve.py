@@ -28,6 +28,10 @@ def with_tokenizer(loaded, folder: str):
 
 def run(args):
     from ..serve import Settings, serve
+    from ..serve.app import follow
+    if args.tp > 1 and (args.guard or args.conservative):
+        raise DejavuError("--guard with --tp is not built (the guard's checks are not sharded): serve on one GPU "
+                          "to guard, or drop --guard")
     loaded = load_from_args(args)
     if args.tokenizer:
         loaded = with_tokenizer(loaded, args.tokenizer)
@@ -42,6 +46,10 @@ def run(args):
         args.sparse_max_batch = 1
     sparsity = sparse_decoder(loaded.model, args, loaded.tokenizer) if args.sparse else None  # bad predictors stop here
     guard = guard_from_args(loaded.model, sparsity, args) if sparsity is not None else None
+    if args.tp > 1:
+        import torch.distributed as dist
+        if dist.get_rank():  # the other ranks run rank 0's steps on their shards; rank 0 answers
+            return follow(loaded, sparsity, args.batch_size, args.max_queue, args.sparse_max_batch)
     settings = Settings(api_key=args.api_key or os.environ.get("DEJAVU_API_KEY") or None,
                         request_timeout=args.request_timeout, max_tokens_limit=args.max_tokens_limit,
                         max_request_bytes=args.max_request_bytes, read_timeout=args.read_timeout,

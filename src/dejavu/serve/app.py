@@ -31,7 +31,7 @@ from ..errors import DejavuError
 from .metrics import Metrics
 from .protocol import (ApiError, ChatRequest, CompletionRequest, Sampling, error_body, prompt_of, unsupported,
                        validation_message)
-from .scheduler import FAULTS, GraphScheduler, Job, Scheduler
+from .scheduler import FAULTS, GraphScheduler, Job, Mirror, Scheduler
 
 COMPLETION_DEFAULT_TOKENS = 16  # OpenAI's default max_tokens for completions; chat runs to the context or limit
 
@@ -446,15 +446,36 @@ def header_timeout_protocol(seconds: float):
     return Protocol
 
 
-def serve(loaded, sparsity, guard, host: str, port: int, batch_size: int, max_queue: int, sparse_max_batch: int,
-          settings: Settings):
-    import uvicorn
+def make_scheduler(loaded, sparsity, guard, batch_size: int, max_queue: int, sparse_max_batch: int,
+                   mirror: Mirror | None = None) -> Scheduler:
+    """The CUDA-graph scheduler on a GPU (unguarded), else the eager one; with a mirror, one rank's
+    part of a tensor-parallel server."""
     if loaded.model.device.type == "cuda" and guard is None:  # the CUDA-graph step (the guard's checks run eager)
-        scheduler = GraphScheduler(loaded.model, sparsity, batch_size=batch_size, max_queue=max_queue)
+        scheduler = GraphScheduler(loaded.model, sparsity, batch_size=batch_size, max_queue=max_queue,
+                                   mirror=mirror)
         scheduler.warm()
     else:
         scheduler = Scheduler(loaded.model, sparsity, guard, batch_size=batch_size, max_queue=max_queue,
-                              sparse_max_batch=sparse_max_batch)
+                              sparse_max_batch=sparse_max_batch, mirror=mirror)
+    return scheduler
+
+
+def follow(loaded, sparsity, batch_size: int, max_queue: int, sparse_max_batch: int):
+    """Ranks 1..N-1 of `dejavu serve --tp N`: the same scheduler on this rank's shard, driven by
+    rank 0 (no HTTP); returns when rank 0 stops."""
+    scheduler = make_scheduler(loaded, sparsity, None, batch_size, max_queue, sparse_max_batch, Mirror())
+    scheduler.metrics = Metrics(scheduler)
+    scheduler.run()
+
+
+def serve(loaded, sparsity, guard, host: str, port: int, batch_size: int, max_queue: int, sparse_max_batch: int,
+          settings: Settings):
+    """Rank 0 (the only rank, without --tp) of the server: HTTP on host:port until stopped."""
+    import torch.distributed as dist
+
+    import uvicorn
+    mirror = Mirror() if dist.is_initialized() and dist.get_world_size() > 1 else None
+    scheduler = make_scheduler(loaded, sparsity, guard, batch_size, max_queue, sparse_max_batch, mirror)
     app = create_app(loaded, scheduler, settings)
     thread = threading.Thread(target=scheduler.run, name="dejavu-scheduler", daemon=True)
     thread.start()
@@ -483,3 +504,5 @@ def serve(loaded, sparsity, guard, host: str, port: int, batch_size: int, max_qu
                     http=header_timeout_protocol(settings.read_timeout))
     finally:
         scheduler.stopping = True
+        if mirror is not None:
+            thread.join(timeout=60)  # its last tick tells the other ranks to stop

@@ -13,9 +13,13 @@ before the current slot and its max_tokens before the end of the cache. A new ba
 slot 0 with jobs whose longest prompt plus largest max_tokens fit the model's context together;
 the others wait (first come, first served) to join later or to start the next batch. Every job
 fits the context alone (the HTTP side checks), so every job runs.
+
+Tensor parallelism (`serve --tp N`, Mirror below): every rank runs this loop on its shard, and
+rank 0, the only one that takes requests, tells the others before each iteration what changed.
 """
 from __future__ import annotations
 
+import random
 import sys
 import threading
 import time
@@ -28,6 +32,7 @@ import torch
 
 from ..errors import DejavuError
 from ..sampling import sample
+from ..tp import same_on_every_rank
 
 # Test-only fault injection (`dejavu serve --test-faults`): a request whose `user` field is one of
 # these misbehaves on purpose, so tests can check that one bad request does not hurt the others.
@@ -53,12 +58,67 @@ class Job:
     released: bool = False
     out: list[int] = field(default_factory=list)
     generator: torch.Generator | None = None
+    uid: int = -1                 # with --tp: the job's number on every rank
+    withdrawn: bool = False       # with --tp: the handler stopped it; every rank drops it at the next tick
+
+    def spec(self) -> dict:
+        """What another rank needs to run the same job (Mirror)."""
+        return dict(prompt=self.prompt, max_tokens=self.max_tokens, temperature=self.temperature, top_p=self.top_p,
+                    stop_ids=self.stop_ids, seed=self.seed, fault=self.fault, uid=self.uid)
+
+
+def _no_delivery(event):
+    """Ranks other than 0 answer nobody: rank 0 delivers."""
+
+
+class Mirror:
+    """Tensor-parallel serving: every rank runs the scheduler's iterations on its shard of the
+    model, so that their forwards (and the all-reduces inside) pair up one for one. Rank 0 alone
+    takes requests; before each iteration it sends what changed since the last one (the jobs that
+    arrived, each sampled one with a seed so that every rank draws alike; the jobs the handlers
+    withdrew; whether to stop) and the other ranks apply it. Every other decision follows from the
+    same logits, which the all-reduces make the same on every rank. Rank 0 ticks at least every
+    half second while idle, so the others never wait long in a collective."""
+
+    def __init__(self):
+        import torch.distributed as dist
+        self.dist, self.rank = dist, dist.get_rank()
+        self.next_uid = 0
+        self.jobs: dict[int, Job] = {}  # live jobs by uid, for withdrawals
+
+    def tick(self, s: "Scheduler"):
+        message = None
+        if self.rank == 0:
+            with s.cond:
+                new = list(s.inbox)
+                s.inbox.clear()
+                s.waiting.extend(new)
+            for job in new:
+                job.uid, self.next_uid = self.next_uid, self.next_uid + 1
+                if job.temperature > 0 and job.seed is None:
+                    job.seed = random.randrange(2 ** 62)
+                self.jobs[job.uid] = job
+            gone = [uid for uid, job in self.jobs.items() if job.withdrawn and not job.cancelled]
+            message = ([job.spec() for job in new], gone, s.stopping)
+        box = [message]
+        self.dist.broadcast_object_list(box, src=0)
+        specs, gone, stopping = box[0]
+        if self.rank:
+            for spec in specs:
+                job = self.jobs[spec["uid"]] = Job(deliver=_no_delivery, **spec)
+                s.waiting.append(job)
+            s.stopping = stopping
+        for uid in gone:
+            self.jobs[uid].cancelled = True
+        self.jobs = {uid: job for uid, job in self.jobs.items() if not job.cancelled}
 
 
 class Scheduler:
     def __init__(self, model, sparsity=None, guard=None, batch_size: int = 8, max_queue: int = 64,
-                 sparse_max_batch: int = 1, batch_wait: float = 0.02):
+                 sparse_max_batch: int = 1, batch_wait: float = 0.02, mirror: Mirror | None = None):
         self.model, self.sparsity, self.guard = model, sparsity, guard  # guard: guard.Guard, has its own decoder
+        self.mirror = mirror          # tensor parallelism: the ranks' iterations kept in step
+        self.inbox: deque[Job] = deque()  # with a mirror: submitted, not yet sent to the other ranks
         self.sparse_max_batch = sparse_max_batch  # larger batches decode dense: their union is nearly everything
         self.batch_size, self.max_queue, self.batch_wait = batch_size, max_queue, batch_wait
         self.waiting: deque[Job] = deque()
@@ -74,13 +134,16 @@ class Scheduler:
     # -- called from the HTTP side
     def submit(self, job: Job) -> bool:
         with self.cond:
-            if len(self.waiting) >= self.max_queue:
+            if len(self.waiting) + len(self.inbox) >= self.max_queue:
                 return False
-            self.waiting.append(job)
+            (self.inbox if self.mirror is not None else self.waiting).append(job)
             self.cond.notify()
             return True
 
     def withdraw(self, job: Job):
+        if self.mirror is not None:  # every rank drops it at the same iteration
+            job.withdrawn = True
+            return
         job.cancelled = True
         with self.cond:
             if job in self.waiting:
@@ -110,12 +173,18 @@ class Scheduler:
 
     # -- the scheduler thread
     def run(self):
-        while not self.stopping:
+        leader = self.mirror is None or self.mirror.rank == 0  # the other ranks wait in the mirror's tick
+        while True:
             with self.cond:
-                while not self.rows and not self.waiting and not self.stopping:
-                    self.cond.wait(timeout=0.5)
-            if not self.rows:
+                while leader and not self.rows and not self.waiting and not self.inbox and not self.stopping:
+                    if not self.cond.wait(timeout=0.5) and self.mirror is not None:
+                        break  # tick anyway: the other ranks wait in a collective
+            if leader and not self.rows:
                 time.sleep(self.batch_wait)  # let requests that arrive together start together
+            if self.mirror is not None:
+                self.mirror.tick(self)
+            if self.stopping:
+                break
             try:
                 self.admit()
                 if self.rows:
@@ -314,9 +383,10 @@ class GraphScheduler(Scheduler):
     some load it is slower than the dense one; switching by load would make answers depend on it,
     so `mode` reports the measured ms at one and at every row instead."""
 
-    def __init__(self, model, sparsity=None, batch_size: int = 8, max_queue: int = 64, batch_wait: float = 0.02):
+    def __init__(self, model, sparsity=None, batch_size: int = 8, max_queue: int = 64, batch_wait: float = 0.02,
+                 mirror: Mirror | None = None):
         from ..engine import GraphDecoder, side_stream
-        super().__init__(model, sparsity, None, batch_size, max_queue, batch_size, batch_wait)
+        super().__init__(model, sparsity, None, batch_size, max_queue, batch_size, batch_wait, mirror)
         try:
             self.dec = GraphDecoder(model, batch_size, model.cfg.max_seq_len, None, lazy_kv=False, sampling=True)
         except torch.cuda.OutOfMemoryError:
@@ -352,7 +422,7 @@ class GraphScheduler(Scheduler):
                 self.dec.capture(n, sparse=True, sparsity=self.sparsity)
                 mode["sparse_ms"] = self.dec.time_step(n, True, live=1)
                 mode["sparse_all_ms"] = self.dec.time_step(n, True, live=n)
-                mode["sparse"] = mode["sparse_ms"] < mode["dense_ms"]
+                mode["sparse"] = same_on_every_rank(mode["sparse_ms"] < mode["dense_ms"])  # rank 0's timing decides
             except Exception as e:  # a selector without a static-shape step: the server decodes dense
                 print(f"dejavu serve: no sparse step ({type(e).__name__}: {str(e)[:200]}); it decodes dense",
                       file=sys.stderr)
