@@ -161,24 +161,33 @@ def serve_worker(rank, port, device, results):
 
     from dejavu.generate import generate_ids
     from dejavu.serve.metrics import Metrics
-    from dejavu.serve.scheduler import Job, Mirror, Scheduler
+    from dejavu.serve.scheduler import GraphScheduler, Job, Mirror, Scheduler
 
     class Recording(Mirror):
         def tick(self, s):
             super().tick(s)
             self.seen.update(self.jobs)
     os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank), WORLD_SIZE=str(WORLD),
-                      LOCAL_RANK=str(rank), LOCAL_WORLD_SIZE=str(WORLD))
+                      LOCAL_RANK=str(rank), LOCAL_WORLD_SIZE=str(WORLD),
+                      TORCH_SYMM_MEM_DISABLE_MULTICAST="1", NCCL_NVLS_ENABLE="0")
     faulthandler.dump_traceback_later(600, exit=True)  # a hung collective fails the test, with its stack
     torch.set_num_threads(1)
-    dist.init_process_group("gloo", rank=rank, world_size=WORLD)
+    if device == "cuda":
+        torch.cuda.set_device(rank)
+    dist.init_process_group("nccl" if device == "cuda" else "gloo", rank=rank, world_size=WORLD)
     try:
         from test_model import random_pair
         ref, _ = random_pair("llama-gqa")
+        ref = ref.to(device)
         torch.manual_seed(rank)  # the ranks' own random states differ: only rank 0's seeds may count
         mirror = Recording()
         mirror.seen = {}
-        scheduler = Scheduler(tp.shard(copy.deepcopy(ref), rank, WORLD), batch_size=3, mirror=mirror)
+        sharded = tp.shard(copy.deepcopy(ref), rank, WORLD)
+        if device == "cuda":  # the CUDA-graph scheduler: steps captured with their all-reduces
+            scheduler = GraphScheduler(sharded, batch_size=3, mirror=mirror)
+            scheduler.warm()
+        else:
+            scheduler = Scheduler(sharded, batch_size=3, mirror=mirror)
         scheduler.metrics = Metrics(scheduler)
         if rank:
             scheduler.run()  # until rank 0 stops
@@ -212,14 +221,17 @@ def serve_worker(rank, port, device, results):
         dist.destroy_process_group()
 
 
-def test_serve_on_two_ranks_answers_as_one_model():
-    """`serve --tp 2` (gloo): jobs join and leave a running batch on rank 0 while rank 1 mirrors
+@pytest.mark.parametrize("device", ["cpu", pytest.param("cuda", marks=pytest.mark.gpu)])
+def test_serve_on_two_ranks_answers_as_one_model(device):
+    """`serve --tp 2` (gloo on the CPU, NCCL and CUDA graphs on 2 GPUs): jobs join and leave a running batch on rank 0 while rank 1 mirrors
     every step; the greedy answers equal the whole model's alone (a rank that missed a job or a
     step would break the all-reduces' sums), both ranks ran the same jobs to the same tokens (the
     sampled one without a seed too: rank 0 gives it one), a withdrawn job never runs, and both
     ranks stop."""
+    if device == "cuda" and torch.cuda.device_count() < WORLD:
+        pytest.skip(f"needs {WORLD} GPUs")
     results = mp.Manager().dict()
-    mp.spawn(serve_worker, args=(free_port(), "cpu", results), nprocs=WORLD, join=True)
+    mp.spawn(serve_worker, args=(free_port(), device, results), nprocs=WORLD, join=True)
     served, want, ran, gone_tokens, alive = results[0]
     assert not alive, "rank 0's scheduler did not stop"
     greedy = [i for i in range(len(want)) if i != 2]

@@ -24,7 +24,7 @@ class Metrics:
         self.first_token = Histogram("dejavu_time_to_first_token_seconds", "time from arrival to the first token",
                                      registry=r, buckets=(0.05, 0.1, 0.25, 0.5, 1, 2, 4, 8, 16, 32))
         Gauge("dejavu_queue_length", "jobs waiting for a place in the batch", registry=r
-              ).set_function(lambda: len(scheduler.waiting))
+              ).set_function(lambda: len(scheduler.waiting) + len(scheduler.inbox))
         Gauge("dejavu_running_requests", "jobs in the running batch", registry=r
               ).set_function(lambda: len(scheduler.rows))
         Gauge("dejavu_tokens_per_second", "tokens generated per second over the last 10 s", registry=r
