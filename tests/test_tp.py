@@ -45,7 +45,8 @@ def side_by_side(ref, sharded, ref_sparsity, tp_sparsity, steps=6):
     return max(errs)
 
 
-def worker(rank, port, name, device, results):
+def join_group(rank, port, device):
+    """This spawned process joins the WORLD-rank group: NCCL on GPUs (multicast off), gloo on the CPU."""
     os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank), WORLD_SIZE=str(WORLD),
                       LOCAL_RANK=str(rank), LOCAL_WORLD_SIZE=str(WORLD),
                       TORCH_SYMM_MEM_DISABLE_MULTICAST="1", NCCL_NVLS_ENABLE="0")
@@ -54,6 +55,10 @@ def worker(rank, port, name, device, results):
     if device == "cuda":
         torch.cuda.set_device(rank)
     dist.init_process_group("nccl" if device == "cuda" else "gloo", rank=rank, world_size=WORLD)
+
+
+def worker(rank, port, name, device, results):
+    join_group(rank, port, device)
     try:
         from test_model import random_pair
         ref, _ = random_pair(name)
@@ -76,12 +81,7 @@ def worker(rank, port, name, device, results):
 
 
 def all_reduce_worker(rank, port, results):
-    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank), WORLD_SIZE=str(WORLD),
-                      LOCAL_RANK=str(rank), LOCAL_WORLD_SIZE=str(WORLD),
-                      TORCH_SYMM_MEM_DISABLE_MULTICAST="1", NCCL_NVLS_ENABLE="0")
-    faulthandler.dump_traceback_later(600, exit=True)  # a hung collective fails the test, with its stack
-    torch.cuda.set_device(rank)
-    dist.init_process_group("nccl", rank=rank, world_size=WORLD)
+    join_group(rank, port, "cuda")
     try:
         gen = torch.Generator(device="cuda").manual_seed(rank)
         cases = [((1, 9216), torch.bfloat16), ((3, 7168), torch.float16), ((5, 333), torch.float32),
@@ -167,14 +167,8 @@ def serve_worker(rank, port, device, results):
         def tick(self, s):
             super().tick(s)
             self.seen.update(self.jobs)
-    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank), WORLD_SIZE=str(WORLD),
-                      LOCAL_RANK=str(rank), LOCAL_WORLD_SIZE=str(WORLD),
-                      TORCH_SYMM_MEM_DISABLE_MULTICAST="1", NCCL_NVLS_ENABLE="0")
-    faulthandler.dump_traceback_later(600, exit=True)  # a hung collective fails the test, with its stack
-    torch.set_num_threads(1)
-    if device == "cuda":
-        torch.cuda.set_device(rank)
-    dist.init_process_group("nccl" if device == "cuda" else "gloo", rank=rank, world_size=WORLD)
+
+    join_group(rank, port, device)
     try:
         from test_model import random_pair
         ref, _ = random_pair("llama-gqa")
