@@ -2,8 +2,9 @@
 the output-major and on the input-major (transposed view) weight, and input-side sparse
 (input_gather: the passing channels packed per split, then only their rows read) at sparsities
 0.4/0.5 for a few tiles (rows x columns per step, pipeline stages, programs per SM) and both ways
-of packing (a kernel first, or in the gather's own programs). Each call timed as 32 calls back to
-back in a CUDA graph over L2-defeating weight copies (bench.kernels.graph_ms). Writes JSON to argv[1]."""
+of packing (a kernel first, or none: masked row loads). Each call timed as 32 calls back to
+back in a CUDA graph over L2-defeating weight copies (bench.kernels.graph_ms). Writes JSON to argv[1];
+argv[2], if given, keeps the projections whose name starts with it ("8b")."""
 import itertools
 import json
 import sys
@@ -19,11 +20,11 @@ PROJECTIONS = {  # name: (K inputs, N outputs)
     "70b qkv": (8192, 10240), "70b o": (8192, 8192), "70b gate_up": (8192, 57344), "70b down": (28672, 8192),
 }
 TILES = [(64, 128, 2, 4), (64, 128, 3, 4), (64, 128, 4, 4), (64, 128, 3, 2), (64, 256, 2, 4)]
-PACKS = ("kernel", "gather")  # input_gather's packing: a kernel first, or inside the gather's programs
+PACKS = ("kernel", "mask")  # input_gather's packing: a kernel first, or none (masked row loads)
 CALLS = 32
 
 
-def main(out):
+def main(out, only=""):
     bw, l2 = copy_bandwidth(), torch.cuda.get_device_properties(0).L2_cache_size
     g = torch.Generator(device="cuda").manual_seed(0)
     rows = []
@@ -33,6 +34,8 @@ def main(out):
         print(f"{name:<12} {mode:<34} {ms * 1e3:7.1f} us  {rows[-1]['of_bw']:4.0%} of copy bw", flush=True)
 
     for name, (K, N) in PROJECTIONS.items():
+        if not name.startswith(only):
+            continue
         copies = -(-8 * l2 // (K * N * 2))
         w_t = [torch.randn(K, N, device="cuda", dtype=torch.bfloat16, generator=g) for _ in range(copies)]
         w_out = [t.t().contiguous() for t in w_t]
@@ -57,4 +60,4 @@ def main(out):
 
 
 if __name__ == "__main__":
-    main(sys.argv[1])
+    main(*sys.argv[1:3])

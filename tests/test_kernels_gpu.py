@@ -76,7 +76,7 @@ def test_gather_matvec_and_axpy(dtype, n, d, m, batch):
 @pytest.mark.parametrize("rule", ["teal", "wina", "none pass", "all pass"])
 def test_input_gather(dtype, K, N, rule):
     """One token's input-side projection reads only the rows of the channels that pass (packed per
-    split, by a kernel first or inside the gather), for every split layout."""
+    split by a kernel first, or skipped by masked loads), for every split layout."""
     dot_ok(dtype)
     g = gen()
     w_t, x, bias = randn(K, N, g=g, dtype=dtype), randn(K, g=g, dtype=dtype), randn(N, g=g, dtype=dtype)
@@ -84,7 +84,7 @@ def test_input_gather(dtype, K, N, rule):
     threshold = torch.tensor({"none pass": 1e9, "all pass": -1.0}.get(rule, 0.8), device=DEV)
     keep = (x.float().abs() * (scale if scale is not None else 1)) > threshold
     want = (x.double() * keep) @ w_t.double()
-    for (b, pps), pack in itertools.product(((None, 4), (bias, 1), (bias, 16)), ("gather", "kernel")):
+    for (b, pps), pack in itertools.product(((None, 4), (bias, 1), (bias, 16)), ("kernel", "mask")):
         poison()
         got = tg.input_gather(x, w_t, scale, threshold, b, programs_per_sm=pps, pack=pack)
         ref_out = (want + (0 if b is None else b.double())).to(dtype).double()
@@ -113,7 +113,7 @@ def test_mlp_act_and_input_gather_from_the_up_side(dtype, act, gated, batch):
     a0 = a[0].to(dtype).float()  # the kernel scores the activations as stored (rounded to the dtype)
     keep = (a0.abs() * scale) > threshold
     assert 0.1 < keep.double().mean() < 0.9
-    for pack in ("gather", "kernel"):
+    for pack in ("kernel", "mask"):
         poison()
         check(tg.input_gather(h[0], w_t, scale, threshold, None, act, gated, pack=pack),
               (a0.double() * keep) @ w_t.double(), dtype)

@@ -17,13 +17,14 @@ import triton
 import triton.language as tl
 from torch.library import triton_op
 
-from .triton_gather import launcher, sm_count
+from .triton_gather import _wait_for_inputs, launcher, sm_count
 
 
 @triton.jit
 def _decode_split_kernel(q_ptr, k_ptr, v_ptr, head_ptr, len_ptr, valid_ptr, m_ptr, l_ptr, o_ptr, M, group, scale,
                          n_splits, stride_len, stride_head, stride_qb, stride_qh, stride_kb, stride_kh, stride_ks,
                          stride_vb, stride_vh, stride_vs, stride_valid, HD: tl.constexpr, BLOCK_S: tl.constexpr, BLOCK_D: tl.constexpr):
+    _wait_for_inputs()
     pid_bh, pid_s = tl.program_id(0), tl.program_id(1)
     b, h = pid_bh // M, pid_bh % M
     kv = (tl.maximum(tl.load(head_ptr + b * stride_head + h), 0) // group).to(tl.int64)  # a free row's -1: head 0
@@ -65,6 +66,7 @@ def _decode_split_kernel(q_ptr, k_ptr, v_ptr, head_ptr, len_ptr, valid_ptr, m_pt
 @triton.jit
 def _decode_reduce_kernel(m_ptr, l_ptr, o_ptr, out_ptr, n_splits, HD: tl.constexpr,
                           BLOCK_SPLITS: tl.constexpr, BLOCK_D: tl.constexpr):
+    _wait_for_inputs()
     pid = tl.program_id(0)  # b * heads + head
     offs_s = tl.arange(0, BLOCK_SPLITS)
     s_mask = offs_s < n_splits
@@ -129,6 +131,7 @@ def decode_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tens
 def _rope_cache_kernel(qkv_ptr, cos_ptr, sin_ptr, pos_ptr, q_ptr, kv_ptr, slot, stride_pos, H, KV, stride_qkv, stride_cos,
                        stride_q, stride_kv_r, stride_kv_b, stride_kv_h, stride_kv_s, SLOT_ON_DEVICE: tl.constexpr,
                        ROPE: tl.constexpr, HD: tl.constexpr, BLOCK_D: tl.constexpr):
+    _wait_for_inputs()
     # program (b, head of Q, K or V): RoPE on Q and K (x cos + rotate_half(x) sin, fp32), then Q to
     # q and K, V into their cache slot
     b, head = tl.program_id(0), tl.program_id(1)

@@ -7,9 +7,9 @@ gather_act     out[b, j] = act(gate_j . x[b]) * (up_j . x[b])   or  act(fc1_j . 
 gather_axpy    out[b]   = sum_j a[b, j] W[idx[j]]  selected rows of w_out_t / wo_t (transposed
                                                    layouts: a neuron's or head's slice is a row)
 input_gather   out      = sum_k x[k] W_t[k] over the channels k whose |x_k| (* scale) passes a
-                                                   threshold: the passing channels packed per split
-                                                   (in the gather's programs, or a kernel before),
-                                                   then those rows of the input-major weight read
+                                                   threshold: only those rows of the input-major
+                                                   weight read (packed per split by a kernel before,
+                                                   or skipped by masked loads)
 idx [m] is one set shared by the batch (its union); gather_matvec, gather_act and gather_axpy also
 take idx [B, m], a set per row (the grid's last axis is the row: a row's result never depends on
 the other rows, so an answer does not depend on what else is batched), where a row whose first
@@ -17,7 +17,7 @@ index is negative computes nothing (a free serving row; its output is the bias, 
 Only the selected rows are read, straight from the weight (no gathered temporary). All use
 tl.dot over a batch padded to 16 (batch 1-32 share the loaded weight tile); fp32 accumulation;
 deterministic (gather_axpy sums per-program fp32 partials in a fixed order; an atomic counter,
-zeroed per call, only says which program is last).
+zero at rest, only says which program is last).
 
 Each kernel is a torch custom op (torch.library.triton_op, namespace `dejavu`), so torch.compile
 traces through it and CUDA graphs capture it: no host synchronisation, indices stay on the
@@ -38,6 +38,26 @@ from torch.library import triton_op, wrap_triton
 from .reference import ACTIVATIONS
 
 INTERPRET = os.environ.get("TRITON_INTERPRET") == "1"  # Triton's CPU interpreter, for checking without a GPU
+# Programmatic dependent launch (Hopper on): each kernel of a decode step is launched while the one
+# before it drains, and waits for its outputs in _wait_for_inputs. DEJAVU_PDL=0 turns it off.
+PDL = (os.environ.get("DEJAVU_PDL", "1") != "0" and not INTERPRET and torch.cuda.is_available()
+       and torch.cuda.get_device_capability()[0] >= 9)
+USE_GDC = tl.constexpr(PDL)
+
+
+@triton.jit
+def _wait_for_inputs():
+    """First thing in every kernel: wait until the kernel before has finished and its writes are
+    visible (a no-op without PDL), then let the next kernel's programs launch (they wait too)."""
+    if USE_GDC:
+        tl.extra.cuda.gdc_wait()
+        tl.extra.cuda.gdc_launch_dependents()
+
+
+def _traced(*tensors) -> bool:
+    """Under torch.compile's tracing (fake tensors): no launch options, no global buffers."""
+    return torch.compiler.is_compiling() or any(
+        isinstance(t, torch.Tensor) and torch._subclasses.fake_tensor.is_fake(t) for t in tensors)
 
 
 class _Interpreted:
@@ -49,13 +69,29 @@ class _Interpreted:
 
     def __getitem__(self, grid):
         def launch(*args, **kwargs):
-            if not any(isinstance(a, torch.Tensor) and torch._subclasses.fake_tensor.is_fake(a) for a in args):
+            if not _traced(*args):
                 self.kernel[grid](*args, **kwargs)
         return launch
 
 
+class _Dependent:
+    """Launcher with programmatic dependent launch (not under torch.compile, whose kernel wrapper
+    takes no launch options: there the kernels run as plain launches, the wait a no-op)."""
+
+    def __init__(self, kernel):
+        assert "_wait_for_inputs()" in kernel.src, f"{kernel.fn.__name__} launched dependent must wait for its inputs"
+        self.kernel = wrap_triton(kernel)
+
+    def __getitem__(self, grid):
+        def launch(*args, **kwargs):
+            if not _traced(*args):
+                kwargs["launch_pdl"] = True
+            self.kernel[grid](*args, **kwargs)
+        return launch
+
+
 def launcher(kernel):
-    return _Interpreted(kernel) if INTERPRET else wrap_triton(kernel)
+    return _Interpreted(kernel) if INTERPRET else _Dependent(kernel) if PDL else wrap_triton(kernel)
 
 
 @functools.cache
@@ -120,6 +156,7 @@ def _rows_dot_x(w_ptr, b_ptr, rows, m_mask, stride_w, x_ptr, x_offs, b_mask, K, 
 def _gather_matvec_kernel(x_ptr, w_ptr, b_ptr, idx_ptr, out_ptr, B, M, K, stride_w, stride_x, stride_o, stride_i,
                           UNIT: tl.constexpr, HAS_BIAS: tl.constexpr, BLOCK_B: tl.constexpr, BLOCK_M: tl.constexpr,
                           BLOCK_K: tl.constexpr, PRECISION: tl.constexpr):
+    _wait_for_inputs()
     pid = tl.program_id(0)
     idx_ptr, x_ptr, out_ptr, K = _own_row(idx_ptr, x_ptr, out_ptr, stride_i, stride_x, stride_o, K)
     offs_m = pid * BLOCK_M + tl.arange(0, BLOCK_M)
@@ -138,6 +175,7 @@ def _qkv_lazy_kernel(x_ptr, win_ptr, w_ptr, b_ptr, idx_ptr, turn_ptr, q_ptr, kv_
                      KV_HEADS, stride_x, stride_w, stride_kv_r, stride_kv_h, stride_kv_s, UNIT: tl.constexpr,
                      HAS_BIAS: tl.constexpr, BLOCK_B: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_K: tl.constexpr,
                      PRECISION: tl.constexpr):
+    _wait_for_inputs()
     # as _gather_matvec_kernel, over the cache rows of the window's slots. Output units: the N_Q
     # query heads idx, then K and then V of heads = idx ++ turn (no concatenation kernels before);
     # the epilogue writes the Q units' last row to q and the K/V rows into their cache slots
@@ -194,6 +232,7 @@ def _mlp_act(h_ptr, offs, mask, ACT: tl.constexpr, GATED: tl.constexpr):
 
 @triton.jit
 def _act_kernel(h_ptr, out_ptr, K, total, ACT: tl.constexpr, GATED: tl.constexpr, BLOCK: tl.constexpr):
+    _wait_for_inputs()
     # out[b, k] = the activation of channel k of row b (rows of h are 2K or K wide)
     offs = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)
     mask = offs < total
@@ -206,6 +245,7 @@ def _act_kernel(h_ptr, out_ptr, K, total, ACT: tl.constexpr, GATED: tl.constexpr
 def _gather_act_kernel(x_ptr, w_ptr, b_ptr, idx_ptr, out_ptr, B, M, K, stride_wn, stride_wi, stride_bn, stride_bi,
                        stride_x, stride_o, stride_i, N_IN: tl.constexpr, ACT: tl.constexpr, HAS_BIAS: tl.constexpr,
                        BLOCK_B: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_K: tl.constexpr, PRECISION: tl.constexpr):
+    _wait_for_inputs()
     # as _gather_matvec_kernel, with a second accumulator for the up rows (adjacent to the gate rows)
     pid = tl.program_id(0)
     idx_ptr, x_ptr, out_ptr, K = _own_row(idx_ptr, x_ptr, out_ptr, stride_i, stride_x, stride_o, K)
@@ -241,16 +281,17 @@ def _gather_act_kernel(x_ptr, w_ptr, b_ptr, idx_ptr, out_ptr, B, M, K, stride_wn
 @triton.jit
 def _gather_axpy_kernel(a_ptr, w_ptr, idx_ptr, n_ptr, x_ptr, scale_ptr, t_ptr, b_ptr, part_ptr, count_ptr, out_ptr, B,
                         M, N, S, rows_per_split, stride_a, stride_w, stride_s, stride_p, stride_o, stride_i, stride_r,
-                        UNIT: tl.constexpr, HAS_N: tl.constexpr, HAS_RULE: tl.constexpr, HAS_SCALE: tl.constexpr,
+                        UNIT: tl.constexpr, HAS_N: tl.constexpr, MASK: tl.constexpr, HAS_SCALE: tl.constexpr,
                         ACT: tl.constexpr,
                         GATED: tl.constexpr, HAS_BIAS: tl.constexpr, BLOCK_B: tl.constexpr, BLOCK_M: tl.constexpr,
-                        BLOCK_N: tl.constexpr, BLOCK_C: tl.constexpr, PRECISION: tl.constexpr):
+                        BLOCK_N: tl.constexpr, PRECISION: tl.constexpr):
+    _wait_for_inputs()
     # program (column block, split[, row]): its share of the selected rows, into its own fp32
-    # partial. Input-side (one token): with HAS_N, split s owns segment s of idx and a (rows_per_split
-    # entries) of which the first n[s] count (packed by _compact_kernel); with HAS_RULE, split s
-    # first packs the channels of its segment of x that pass the rule into its segment of a and idx
-    # itself (scratch; every column block of the split writes the same values there). With a set
-    # per row, a row's partials and counters are its own (stride_r apart)
+    # partial. Input-side (one token, split s owns channels s * rows_per_split on): with HAS_N, idx
+    # and a hold each split's passing channels packed at its segment's front (by _compact_kernel),
+    # n[s] of them; with MASK, split s walks all its channels of x and loads only the rows of those
+    # that pass (a masked load reads nothing). With a set per row, a row's partials and counters are
+    # its own (stride_r apart)
     pid_n, pid_s = tl.program_id(0), tl.program_id(2)
     idx_ptr, a_ptr, out_ptr, M = _own_row(idx_ptr, a_ptr, out_ptr, stride_i, stride_a, stride_o, M)
     if stride_i > 0:
@@ -266,16 +307,15 @@ def _gather_axpy_kernel(a_ptr, w_ptr, idx_ptr, n_ptr, x_ptr, scale_ptr, t_ptr, b
         end = tl.minimum(start + rows_per_split, M)
         if HAS_N:
             end = start + tl.load(n_ptr + pid_s)
-        if HAS_RULE:
-            end = start + _compact(x_ptr, scale_ptr, t_ptr, a_ptr, idx_ptr, start, end, HAS_SCALE, ACT, GATED, BLOCK_C)
-            tl.debug_barrier()  # the packed segment, stored by all of this program's threads, is visible to all
+        if MASK:
+            t = tl.load(t_ptr)
         for m0 in range(start, end, BLOCK_M):
             offs_m = m0 + tl.arange(0, BLOCK_M)
             m_mask = offs_m < end
-            if HAS_RULE:  # the scratch just written: from L2, never a stale L1 line
-                rows = tl.load(idx_ptr + offs_m, mask=m_mask, other=0, cache_modifier=".cg").to(tl.int64)
-                a = tl.load(a_ptr + offs_b[:, None] * stride_a + offs_m[None, :],
-                            mask=b_mask[:, None] & m_mask[None, :], other=0.0, cache_modifier=".cg")
+            if MASK:  # one token: row 0 of a is x's passing channels, the rest zero
+                x, m_mask = _passing(x_ptr, scale_ptr, t, offs_m, m_mask, HAS_SCALE, ACT, GATED)
+                a = tl.where(offs_b[:, None] == 0, x.to(a_ptr.dtype.element_ty)[None, :], 0.0)
+                rows = offs_m.to(tl.int64)
             else:
                 rows = _rows(idx_ptr, offs_m, m_mask, UNIT)
                 a = tl.load(a_ptr + offs_b[:, None] * stride_a + offs_m[None, :],
@@ -299,12 +339,14 @@ def _sum_splits(acc, part_ptr, count_ptr, b_ptr, out_ptr, pid_n, pid_s, S, offs_
     """Split-K epilogue: store this program's fp32 partial; the column block's last split to finish
     adds the partials in split order (deterministic), adds the bias, casts and writes the output: no
     second kernel. (The threadfence-reduction pattern: every thread's partial is stored before the
-    count moves; the counts are this call's own, zeroed.)"""
+    count moves.) The last program zeroes the counter again: zero at rest, for the next call on the
+    stream (a dependent launch counts only after this kernel has finished)."""
     mask = b_mask[:, None] & n_mask[None, :]
     tile = offs_b[:, None] * stride_p + offs_n[None, :]
     tl.store(part_ptr + pid_s * stride_s + tile, acc, mask=mask)
     tl.debug_barrier()
     if tl.atomic_add(count_ptr + pid_n, 1, sem="acq_rel", scope="gpu") == S - 1:
+        tl.store(count_ptr + pid_n, 0)
         total = tl.zeros((BLOCK_B, BLOCK_N), dtype=tl.float32)
         for s in range(0, S):
             total += tl.load(part_ptr + s * stride_s + tile, mask=mask, other=0.0, cache_modifier=".cg")
@@ -315,26 +357,31 @@ def _sum_splits(acc, part_ptr, count_ptr, b_ptr, out_ptr, pid_n, pid_s, S, offs_
 
 
 @triton.jit
+def _passing(x_ptr, scale_ptr, t, offs, inside, HAS_SCALE: tl.constexpr, ACT: tl.constexpr, GATED: tl.constexpr):
+    """(x's channels offs, which of them pass: |x| (* scale) > t). With ACT, x is the MLP's up side
+    and the channels are its activations (computed here, rounded to x's dtype as the dense path)."""
+    if ACT != "":
+        x = _mlp_act(x_ptr, offs, inside, ACT, GATED).to(x_ptr.dtype.element_ty)
+    else:
+        x = tl.load(x_ptr + offs, mask=inside, other=0.0)
+    score = tl.abs(x.to(tl.float32))
+    if HAS_SCALE:
+        score = score * tl.load(scale_ptr + offs, mask=inside, other=0.0)
+    return x, inside & (score > t)
+
+
+@triton.jit
 def _compact(x_ptr, scale_ptr, t_ptr, val_ptr, idx_ptr, lo, hi, HAS_SCALE: tl.constexpr, ACT: tl.constexpr,
              GATED: tl.constexpr, BLOCK: tl.constexpr):
-    """The channels lo..hi-1 of x whose |x| (* scale) passes the threshold: their values and indices
-    packed from val[lo], idx[lo] on, in order; returns how many. With ACT, x is the MLP's up side and
-    the channels are its activations (computed here)."""
+    """The channels lo..hi-1 of x that pass (_passing): their values and indices packed from val[lo],
+    idx[lo] on, in order; returns how many."""
     t = tl.load(t_ptr)
     base = tl.full((), 0, tl.int32)
     for k0 in range(lo, hi, BLOCK):
         offs = k0 + tl.arange(0, BLOCK)
-        inside = offs < hi
-        if ACT != "":
-            x = _mlp_act(x_ptr, offs, inside, ACT, GATED).to(val_ptr.dtype.element_ty)
-        else:
-            x = tl.load(x_ptr + offs, mask=inside, other=0.0)
-        score = tl.abs(x.to(tl.float32))
-        if HAS_SCALE:
-            score = score * tl.load(scale_ptr + offs, mask=inside, other=0.0)
-        keep = inside & (score > t)
+        x, keep = _passing(x_ptr, scale_ptr, t, offs, offs < hi, HAS_SCALE, ACT, GATED)
         pos = lo + base + tl.cumsum(keep.to(tl.int32), 0) - 1
-        tl.store(val_ptr + pos, x, mask=keep)
+        tl.store(val_ptr + pos, x.to(val_ptr.dtype.element_ty), mask=keep)
         tl.store(idx_ptr + pos, offs, mask=keep)
         base += tl.sum(keep.to(tl.int32), 0)
     return base
@@ -343,6 +390,7 @@ def _compact(x_ptr, scale_ptr, t_ptr, val_ptr, idx_ptr, lo, hi, HAS_SCALE: tl.co
 @triton.jit
 def _compact_kernel(x_ptr, scale_ptr, t_ptr, val_ptr, idx_ptr, n_ptr, K, SEG, HAS_SCALE: tl.constexpr,
                     ACT: tl.constexpr, GATED: tl.constexpr, BLOCK: tl.constexpr):
+    _wait_for_inputs()
     # program p: segment p of x (SEG channels), packed at the segment's front; how many in n[p]
     p = tl.program_id(0)
     lo = p * SEG
@@ -428,19 +476,36 @@ def _splits(M: int, col_blocks: int, block_m: int, programs_per_sm: int, t: torc
     return triton.cdiv(M, rows_per_split), rows_per_split
 
 
+COUNTERS_PER_STREAM = 1 << 16
+_counter_buffers: dict = {}
+
+
+def _counters(t: torch.Tensor, n: int) -> torch.Tensor:
+    """gather_axpy's completion counters (one per column block and row): zero at rest, since each
+    column block's last program zeroes its own again, so no memset kernel per call. One buffer per
+    stream: calls on one stream never count at once, and calls in flight together on different
+    streams (or threads, or graphs captured on different streams) never share a counter. A CUDA graph
+    keeps the buffer of the stream it was captured on: replay the graphs of one capture stream one
+    at a time (as every caller here does)."""
+    if _traced(t):  # the traced graph's own, zeroed: a global tensor can't enter a trace
+        return torch.zeros(n, device=t.device, dtype=torch.int32)
+    assert n <= COUNTERS_PER_STREAM, f"gather_axpy: {n} column blocks x rows, at most {COUNTERS_PER_STREAM}"
+    key = (t.device, torch.cuda.current_stream(t.device).cuda_stream if t.is_cuda else 0)
+    if key not in _counter_buffers:
+        _counter_buffers[key] = torch.zeros(COUNTERS_PER_STREAM, device=t.device, dtype=torch.int32)
+    return _counter_buffers[key]
+
+
 def _launch_axpy(a, w, idx, bias, unit, splits, rows_per_split, block_m, block_n, num_warps, num_stages, n=None,
                  rule=None):
     """gather_axpy's kernel over `splits` splits of `rows_per_split` entries of a and idx -> out [B, N]
     in a's dtype. With n: only the first n[s] of split s count. With rule (x, scale, threshold, act,
-    gated): a and idx are scratch, which split s fills with the passing channels of its segment of x
-    before reading their rows."""
+    gated): no a or idx, split s reads the rows of its segment's channels of x that pass."""
     (B, M), N = a.shape, w.shape[1]
     col_blocks = triton.cdiv(N, block_n)
     rows, per_row = _sets(idx, B)
     partial = torch.empty(rows, splits, per_row, N, device=a.device, dtype=torch.float32)  # graph pool under graphs
-    # this call's own counters, zeroed: calls overlapping on other streams, graphs or threads each
-    # count their own splits (under a CUDA graph: the graph's own buffer, zeroed at every replay)
-    counts = torch.zeros(rows, col_blocks, device=a.device, dtype=torch.int32)
+    counts = _counters(a, rows * col_blocks)
     out = torch.empty(B, N, device=a.device, dtype=a.dtype)
     x, scale, threshold, act, gated = rule or (a, None, partial, "", False)
     launcher(_gather_axpy_kernel)[(col_blocks, rows, splits)](
@@ -448,8 +513,9 @@ def _launch_axpy(a, w, idx, bias, unit, splits, rows_per_split, block_m, block_n
         bias if bias is not None else partial, partial, counts, out, per_row, M, N, splits, rows_per_split,
         a.stride(0), w.stride(0), partial.stride(1), partial.stride(2), out.stride(0),
         idx.stride(0) if idx.dim() == 2 else 0, partial.stride(0), UNIT=unit, HAS_N=n is not None,
-        HAS_RULE=rule is not None, HAS_SCALE=scale is not None, ACT=act, GATED=gated, HAS_BIAS=bias is not None, BLOCK_B=_block_b(per_row), BLOCK_M=block_m, BLOCK_N=block_n,
-        BLOCK_C=min(1024, triton.next_power_of_2(rows_per_split)), PRECISION=_precision(a), num_warps=num_warps,
+        MASK=rule is not None, HAS_SCALE=scale is not None, ACT=act, GATED=gated, HAS_BIAS=bias is not None,
+        BLOCK_B=_block_b(per_row), BLOCK_M=block_m, BLOCK_N=block_n,
+        PRECISION=_precision(a), num_warps=num_warps,
         num_stages=num_stages)
     return out
 
@@ -463,10 +529,10 @@ def _gather_axpy_op(a: torch.Tensor, w: torch.Tensor, bias: torch.Tensor | None,
     return _launch_axpy(a, w, idx, bias, unit, splits, rows_per_split, block_m, block_n, num_warps, num_stages)
 
 
-# Packing in every column block's program pays where a split's segment is short (few column blocks
-# make many splits): one kernel less. Where it is long (wide outputs: gate/up), the redundant packing
-# costs more than the kernel it saves (H200, scripts/sweep_input_tiles.py).
-PACK_IN_GATHER_MAX_SEGMENT = 512
+# Where a split's segment of channels is short (few column blocks make many splits), its programs
+# walk it with masked row loads; where it is long (wide outputs: gate/up) a packing kernel first
+# pays, so the gather's steps load full tiles (H200, scripts/sweep_input_tiles.py).
+MASK_MAX_SEGMENT = 512
 
 
 @triton_op("dejavu::input_gather", mutates_args=())
@@ -476,32 +542,32 @@ def _input_gather_op(x: torch.Tensor, w_t: torch.Tensor, bias: torch.Tensor | No
     x = x.contiguous()
     K = w_t.shape[0]
     splits, seg = _splits(K, triton.cdiv(w_t.shape[1], block_n), block_m, programs_per_sm, x)
-    values = torch.empty(1, K, device=x.device, dtype=x.dtype)  # scratch, graph pool under CUDA graphs
+    if pack == "mask" or (pack == "auto" and seg <= MASK_MAX_SEGMENT):
+        return _launch_axpy(x[:, :K], w_t, x[0], bias, 1, splits, seg, block_m, block_n, num_warps,
+                            num_stages or 3, rule=(x, scale, threshold, act, gated))
+    values = torch.empty(1, K, device=x.device, dtype=x.dtype)  # graph pool under CUDA graphs
     idx = torch.empty(K, device=x.device, dtype=torch.int32)
-    rule = (x, scale, threshold, act, gated)
-    if pack == "gather" or (pack == "auto" and seg <= PACK_IN_GATHER_MAX_SEGMENT):
-        return _launch_axpy(values, w_t, idx, bias, 1, splits, seg, block_m, block_n, num_warps, num_stages,
-                            rule=rule)
     n = torch.empty(splits, device=x.device, dtype=torch.int32)
     launcher(_compact_kernel)[(splits,)](x, scale if scale is not None else x, threshold, values, idx, n, K, seg,
                                          HAS_SCALE=scale is not None, ACT=act, GATED=gated,
                                          BLOCK=min(4096, triton.next_power_of_2(seg)), num_warps=4)
-    return _launch_axpy(values, w_t, idx, bias, 1, splits, seg, block_m, block_n, num_warps, num_stages, n=n)
+    return _launch_axpy(values, w_t, idx, bias, 1, splits, seg, block_m, block_n, num_warps, num_stages or 2, n=n)
 
 
 def input_gather(x: torch.Tensor, w_t: torch.Tensor, scale: torch.Tensor | None, threshold: torch.Tensor,
                  bias: torch.Tensor | None = None, act: str = "", gated: bool = False, block_m: int = 64,
-                 block_n: int = 128, num_warps: int = 4, num_stages: int = 2, programs_per_sm: int = 4,
+                 block_n: int = 128, num_warps: int = 4, num_stages: int = 0, programs_per_sm: int = 4,
                  pack: str = "auto") -> torch.Tensor:
     """Input-side sparsity for one token: x [..., K] (one row), w_t [K, N] input-major -> [..., N] =
     sum over the channels k with |x_k| (* scale[k]) > threshold of x_k w_t[k] (+ bias), reading only
-    the passing channels' rows, packed per gather_axpy split (segment s: split s's channels). pack
-    "gather": each program of split s packs its segment itself (one kernel); "kernel": a packing
-    kernel first; "auto": in the gather where segments are short. Static shapes, no sync.
+    the passing channels' rows. pack "kernel": a kernel first packs each gather_axpy split's passing
+    channels (segment s: split s's channels); "mask": no packing, split s walks its channels and loads
+    only the passing ones' rows; "auto": mask where segments are short. num_stages 0: 3 masked, 2
+    packed (H200). Static shapes, no sync.
     With `act`, x is the MLP's up side h [..., 2K] (gated: gate and up interleaved) or [..., K], and
     the channels are its activations, computed in the compaction (the down projection)."""
     assert w_t.stride(1) == 1 and x.numel() == x.shape[-1] == w_t.shape[0] * (2 if act and gated else 1)
-    assert pack in ("auto", "gather", "kernel"), f"pack must be auto, gather or kernel, got {pack!r}"
+    assert pack in ("auto", "kernel", "mask"), f"pack must be auto, kernel or mask, got {pack!r}"
     out = torch.ops.dejavu.input_gather(x.reshape(1, -1), w_t, bias, scale, threshold, act, gated, block_m, block_n,
                                         num_warps, num_stages, programs_per_sm, pack)
     return out.view(*x.shape[:-1], w_t.shape[1])

@@ -10,10 +10,13 @@ import torch
 import triton
 import triton.language as tl
 
+from .triton_gather import _wait_for_inputs, launcher
+
 
 @triton.jit
 def _norm_kernel(x_ptr, r_ptr, sum_ptr, w_ptr, b_ptr, out_ptr, N, eps, stride_x, stride_r, stride_o,
                  RMS: tl.constexpr, HAS_WEIGHT: tl.constexpr, HAS_BIAS: tl.constexpr, HAS_RESIDUAL: tl.constexpr, BLOCK: tl.constexpr):
+    _wait_for_inputs()
     row = tl.program_id(0)
     offs = tl.arange(0, BLOCK)
     mask = offs < N
@@ -51,8 +54,8 @@ def norm(x: torch.Tensor, weight: torch.Tensor | None, bias: torch.Tensor | None
     total = torch.empty_like(out) if residual is not None else out
     N = x2.shape[1]
     block = triton.next_power_of_2(N)
-    _norm_kernel[(x2.shape[0],)](x2, r2, total, weight, bias, out, N, eps, x2.stride(0),
-                                 r2.stride(0), out.stride(0), RMS=rms, HAS_WEIGHT=weight is not None, HAS_BIAS=bias is not None,
+    launcher(_norm_kernel)[(x2.shape[0],)](x2, r2, total, weight, bias, out, N, eps, x2.stride(0),
+                                           r2.stride(0), out.stride(0), RMS=rms, HAS_WEIGHT=weight is not None, HAS_BIAS=bias is not None,
                                  HAS_RESIDUAL=residual is not None, BLOCK=block, num_warps=min(16, max(1, block // 512)))
     if residual is None:
         return out.view(x.shape)

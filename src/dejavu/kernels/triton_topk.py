@@ -18,6 +18,8 @@ import torch
 import triton
 import triton.language as tl
 
+from .triton_gather import _wait_for_inputs, launcher
+
 CHUNK = 1024
 
 
@@ -59,6 +61,7 @@ def _threshold(hist_ptr, k, G, pid, PASSES: tl.constexpr, G_BLOCK: tl.constexpr)
 @triton.jit
 def _radix_pass_kernel(s_ptr, hist_ptr, live_ptr, n, k, G, stride_s, PASS: tl.constexpr, KEY_BITS: tl.constexpr,
                        CHUNK: tl.constexpr, G_BLOCK: tl.constexpr, HAS_LIVE: tl.constexpr):
+    _wait_for_inputs()
     pid, row = tl.program_id(0), tl.program_id(1).to(tl.int64)
     s_ptr += row * stride_s
     hist_ptr += row * (KEY_BITS // 8) * G * 256
@@ -78,6 +81,7 @@ def _radix_pass_kernel(s_ptr, hist_ptr, live_ptr, n, k, G, stride_s, PASS: tl.co
 @triton.jit
 def _radix_write_kernel(s_ptr, hist_ptr, out_ptr, live_ptr, n, k, G, stride_s, KEY_BITS: tl.constexpr,
                         CHUNK: tl.constexpr, G_BLOCK: tl.constexpr, HAS_LIVE: tl.constexpr):
+    _wait_for_inputs()
     pid, row = tl.program_id(0), tl.program_id(1).to(tl.int64)
     s_ptr += row * stride_s
     hist_ptr += row * (KEY_BITS // 8) * G * 256
@@ -119,6 +123,6 @@ def topk_indices(scores: torch.Tensor, k: int, live: torch.Tensor | None = None)
                   num_warps=4)
     live = live if live is not None else out
     for p in range(key_bits // 8):
-        _radix_pass_kernel[(G, rows)](scores, hist, live, n, k, G, scores.stride(0), PASS=p, **common)
-    _radix_write_kernel[(G, rows)](scores, hist, out, live, n, k, G, scores.stride(0), **common)
+        launcher(_radix_pass_kernel)[(G, rows)](scores, hist, live, n, k, G, scores.stride(0), PASS=p, **common)
+    launcher(_radix_write_kernel)[(G, rows)](scores, hist, out, live, n, k, G, scores.stride(0), **common)
     return out[0] if one else out
