@@ -6,10 +6,12 @@ import io
 import json
 import re
 import shlex
+import shutil
 import statistics
 import subprocess
 import sys
 from html.parser import HTMLParser
+from pathlib import Path
 
 import pytest
 import torch
@@ -24,7 +26,7 @@ from dejavu.selectors import PredictorSelector, default_selectors
 from dejavu.sparse import Gathered
 
 TINY = dict(calib_tokens=4096, epochs=1, eval_tokens=256, window=128, tasks=["copa"], limit=4, prompt_tokens=32,
-            new_tokens=6, rounds=1, progress=False)
+            new_tokens=6, rounds=1, max_rounds=2, progress=False)  # the speed rounds' logic: a scripted test below
 
 
 @pytest.fixture(scope="module")
@@ -213,11 +215,23 @@ def test_speed_rounds_stop_when_the_paired_ratios_agree():
 
 
 def test_dtype_is_honoured(run, tmp_path):
-    """--dtype bfloat16: the model runs in bfloat16 (its own predictors: the float32 model's are refused,
-    their fingerprint differs) and the report and its command say so."""
+    """--dtype bfloat16: the model runs in bfloat16, the float32 model's predictors are refused (their
+    fingerprint differs), and the report and its command say so. The run reuses the float32 run's
+    predictors stamped with the bfloat16 model's fingerprint: recording the 4096 calibration tokens
+    in bfloat16 takes minutes on a CPU without bf16 matmuls."""
+    from dejavu import load
+    from dejavu.collect import model_fingerprint
     tiny = dict(TINY, eval_tokens=128, limit=2, new_tokens=4)
-    result = pilot.run_pilot(pilot.PilotSettings(work=str(tmp_path), dtype=torch.bfloat16, points=[(0.5, 1.0)],
-                                                 input_points=[], **tiny))  # bf16 matmuls crawl on CPUs without AVX-512
+    fp32_preds = Path(run[0]["predictors"]["folder"])
+    settings = dict(dtype=torch.bfloat16, points=[(0.5, 1.0)], input_points=[], **tiny)
+    with pytest.raises(DejavuError, match="made for another model"):
+        pilot.run_pilot(pilot.PilotSettings(work=str(tmp_path / "refused"), predictors=str(fp32_preds), **settings))
+    stamped = tmp_path / "bf16_predictors"
+    shutil.copytree(fp32_preds, stamped)
+    meta = json.loads((stamped / "predictors.json").read_text())
+    meta["fingerprint"] = model_fingerprint(load("smollm2-135m", dtype=torch.bfloat16).model)
+    (stamped / "predictors.json").write_text(json.dumps(meta))
+    result = pilot.run_pilot(pilot.PilotSettings(work=str(tmp_path / "pilot"), predictors=str(stamped), **settings))
     assert result["settings"]["dtype"] == "bfloat16" and result["hardware"].endswith("bfloat16")
     assert "--dtype bfloat16" in result["command"] and "--dtype bfloat16" in result["recommendation"]["flags"]
     assert "dtype=torch.bfloat16" in result["recommendation"]["python"]
@@ -272,8 +286,6 @@ def test_good_predictors_pass_the_guard_and_checks_follow_the_schedule(model_and
 def test_drift_on_code_says_recalibrate(model_and_preds):
     """Python source is far from the Wikipedia calibration text: the head predictors find fewer
     of the oracle's heads and sparse perplexity falls further behind dense."""
-    from pathlib import Path
-
     import dejavu.model
     from dejavu.evaluate import text_stream
     from dejavu.evaluate import token_stream

@@ -38,7 +38,7 @@ def smol_draft(loaded, folder, mlp=0.5, attn=0.67):
 
 
 def test_greedy_lossless_is_dense_greedy_over_long_generations(smol):
-    """200 tokens per prompt, drafts rejected along the way: the same tokens as dense greedy
+    """120 tokens per prompt, drafts rejected along the way: the same tokens as dense greedy
     (the first prompt against the dense decode loop itself, all three against the dense
     argmax of every prefix)."""
     loaded, folder = smol
@@ -46,15 +46,15 @@ def test_greedy_lossless_is_dense_greedy_over_long_generations(smol):
     for i, text in enumerate(PROMPTS):
         ids = tok(text).input_ids
         stats = GenerationStats()
-        out = [int(t) for t in generate_lossless(model, [ids], 200, smol_draft(loaded, folder, 0.3, 0.56),
+        out = [int(t) for t in generate_lossless(model, [ids], 120, smol_draft(loaded, folder, 0.3, 0.56),
                                                  draft_tokens=3, stats=stats)]
-        assert len(out) == 200
+        assert len(out) == 120
         assert 0 < stats.lossless.accepted < stats.lossless.drafted  # drafts were both kept and rejected
         with torch.no_grad():
             argmax = model(torch.tensor([ids + out[:-1]]))[0, len(ids) - 1:].argmax(-1).tolist()
         assert out == argmax
         if i == 0:
-            assert out == generate_ids(model, [ids], 200)[0]
+            assert out == generate_ids(model, [ids], 120)[0]
 
 
 def test_lossless_on_the_command_line(smol, capsys):
