@@ -44,7 +44,8 @@ CALLS = WARM_UPS + 1  # times capture_graph calls its step
 
 def capture_graph(step) -> torch.cuda.CUDAGraph:
     """`step` (no arguments; every tensor it touches stays where it is) warmed up on a side stream,
-    then captured. It runs WARM_UPS times for real: the caller makes that harmless."""
+    then captured on that stream (buffers the kernels keep per stream exist before the capture). It
+    runs WARM_UPS times for real: the caller makes that harmless."""
     warm = torch.cuda.Stream()
     warm.wait_stream(torch.cuda.current_stream())
     with torch.cuda.stream(warm):
@@ -54,7 +55,7 @@ def capture_graph(step) -> torch.cuda.CUDAGraph:
     graph = torch.cuda.CUDAGraph()
     gc.disable()  # a collection inside the capture could destroy another graph and invalidate this one
     try:
-        with torch.cuda.graph(graph):
+        with torch.cuda.graph(graph, stream=warm):
             step()
     finally:
         gc.enable()

@@ -19,16 +19,8 @@ def graph_ms(calls: list, replays: int = 10) -> float:
     """Median ms per call of `calls` run back to back inside one CUDA graph, as a decode step runs
     its kernels: no host launch cost (the engine replays graphs too). A GPU sleep before each
     replay keeps the start event from waiting on the host."""
-    side = torch.cuda.Stream()
-    side.wait_stream(torch.cuda.current_stream())
-    with torch.cuda.stream(side):  # compile and warm up outside the capture
-        for fn in calls:
-            fn()
-    torch.cuda.current_stream().wait_stream(side)
-    graph = torch.cuda.CUDAGraph()
-    with torch.cuda.graph(graph):
-        for fn in calls:
-            fn()
+    from ..engine import capture_graph
+    graph = capture_graph(lambda: [fn() for fn in calls])  # compiled and warmed up outside the capture
     ms = []
     for _ in range(replays):
         start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)

@@ -75,23 +75,32 @@ class _Interpreted:
 
 
 class _Dependent:
-    """Launcher with programmatic dependent launch (not under torch.compile, whose kernel wrapper
-    takes no launch options: there the kernels run as plain launches, the wait a no-op)."""
+    """Launcher with programmatic dependent launch. A plain launch (the kernel itself, not torch's
+    wrapper, which outside a triton_op would route every eager launch through its tracing
+    machinery); under torch.compile's tracing, torch's wrapper, which takes no launch options
+    (there the kernels run as plain launches, the wait a no-op)."""
 
     def __init__(self, kernel):
         assert "_wait_for_inputs()" in kernel.src, f"{kernel.fn.__name__} launched dependent must wait for its inputs"
-        self.kernel = wrap_triton(kernel)
+        self.kernel, self.traceable = kernel, wrap_triton(kernel)
 
     def __getitem__(self, grid):
         def launch(*args, **kwargs):
-            if not _traced(*args):
-                kwargs["launch_pdl"] = True
-            self.kernel[grid](*args, **kwargs)
+            if _traced(*args):
+                self.traceable[grid](*args, **kwargs)
+            else:
+                self.kernel[grid](*args, launch_pdl=True, **kwargs)
         return launch
 
 
+_launchers: dict = {}
+
+
 def launcher(kernel):
-    return _Interpreted(kernel) if INTERPRET else _Dependent(kernel) if PDL else wrap_triton(kernel)
+    if id(kernel) not in _launchers:
+        _launchers[id(kernel)] = (_Interpreted(kernel) if INTERPRET else _Dependent(kernel) if PDL
+                                  else wrap_triton(kernel))
+    return _launchers[id(kernel)]
 
 
 @functools.cache
@@ -314,6 +323,7 @@ def _gather_axpy_kernel(a_ptr, w_ptr, idx_ptr, n_ptr, x_ptr, scale_ptr, t_ptr, b
             m_mask = offs_m < end
             if MASK:  # one token: row 0 of a is x's passing channels, the rest zero
                 x, m_mask = _passing(x_ptr, scale_ptr, t, offs_m, m_mask, HAS_SCALE, ACT, GATED)
+                x = tl.where(m_mask, x, 0.0)  # a failing channel counts for nothing, even a NaN or inf
                 a = tl.where(offs_b[:, None] == 0, x.to(a_ptr.dtype.element_ty)[None, :], 0.0)
                 rows = offs_m.to(tl.int64)
             else:
@@ -465,7 +475,8 @@ def _sets(idx: torch.Tensor, B: int) -> tuple[int, int]:
     """(index sets, rows each covers): (1, B) for one set shared by the batch, (B, 1) for a set per row."""
     if idx.dim() == 1:
         return 1, B
-    assert idx.shape[0] == B and idx.stride(-1) == 1, f"a set per row needs idx [{B}, m], got {tuple(idx.shape)}"
+    assert idx.shape[0] == B and idx.stride(-1) == 1 and (B == 1 or idx.stride(0) > 0), \
+        f"a set per row needs idx [{B}, m] with a row each, got {tuple(idx.shape)} strides {idx.stride()}"
     return B, 1
 
 
@@ -487,10 +498,14 @@ def _counters(t: torch.Tensor, n: int) -> torch.Tensor:
     streams (or threads, or graphs captured on different streams) never share a counter. A CUDA graph
     keeps the buffer of the stream it was captured on: replay the graphs of one capture stream one
     at a time (as every caller here does)."""
-    if _traced(t):  # the traced graph's own, zeroed: a global tensor can't enter a trace
+    key = (t.device, torch.cuda.current_stream(t.device).cuda_stream if t.is_cuda else 0)
+    capturing = t.is_cuda and torch.cuda.is_current_stream_capturing()
+    if _traced(t) or (capturing and key not in _counter_buffers):
+        # traced: a global tensor can't enter a trace. Capturing on a stream with no buffer yet: one made
+        # now would come from the graph's pool, zeroed only when that graph replays. This call's own,
+        # zeroed inside the graph (capture_graph warms up on its capture stream, so its graphs don't)
         return torch.zeros(n, device=t.device, dtype=torch.int32)
     assert n <= COUNTERS_PER_STREAM, f"gather_axpy: {n} column blocks x rows, at most {COUNTERS_PER_STREAM}"
-    key = (t.device, torch.cuda.current_stream(t.device).cuda_stream if t.is_cuda else 0)
     if key not in _counter_buffers:
         _counter_buffers[key] = torch.zeros(COUNTERS_PER_STREAM, device=t.device, dtype=torch.int32)
     return _counter_buffers[key]
