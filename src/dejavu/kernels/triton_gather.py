@@ -498,12 +498,13 @@ def _counters(t: torch.Tensor, n: int) -> torch.Tensor:
     streams (or threads, or graphs captured on different streams) never share a counter. A CUDA graph
     keeps the buffer of the stream it was captured on: replay the graphs of one capture stream one
     at a time (as every caller here does)."""
+    if _traced(t):  # a global tensor can't enter a trace: the traced graph's own, zeroed
+        return torch.zeros(n, device=t.device, dtype=torch.int32)
     key = (t.device, torch.cuda.current_stream(t.device).cuda_stream if t.is_cuda else 0)
-    capturing = t.is_cuda and torch.cuda.is_current_stream_capturing()
-    if _traced(t) or (capturing and key not in _counter_buffers):
-        # traced: a global tensor can't enter a trace. Capturing on a stream with no buffer yet: one made
-        # now would come from the graph's pool, zeroed only when that graph replays. This call's own,
-        # zeroed inside the graph (capture_graph warms up on its capture stream, so its graphs don't)
+    if key not in _counter_buffers and t.is_cuda and torch.cuda.is_current_stream_capturing():
+        # a buffer made now would come from the graph's pool, zeroed only when that graph replays:
+        # this call's own, zeroed inside the graph (capture_graph warms up on its capture stream, so
+        # its graphs find the buffer)
         return torch.zeros(n, device=t.device, dtype=torch.int32)
     assert n <= COUNTERS_PER_STREAM, f"gather_axpy: {n} column blocks x rows, at most {COUNTERS_PER_STREAM}"
     if key not in _counter_buffers:
@@ -580,7 +581,7 @@ def input_gather(x: torch.Tensor, w_t: torch.Tensor, scale: torch.Tensor | None,
     only the passing ones' rows; "auto": mask where segments are short. num_stages 0: 3 masked, 2
     packed (H200). Static shapes, no sync.
     With `act`, x is the MLP's up side h [..., 2K] (gated: gate and up interleaved) or [..., K], and
-    the channels are its activations, computed in the compaction (the down projection)."""
+    the channels are its activations, computed where they are scored (the down projection)."""
     assert w_t.stride(1) == 1 and x.numel() == x.shape[-1] == w_t.shape[0] * (2 if act and gated else 1)
     assert pack in ("auto", "kernel", "mask"), f"pack must be auto, kernel or mask, got {pack!r}"
     out = torch.ops.dejavu.input_gather(x.reshape(1, -1), w_t, bias, scale, threshold, act, gated, block_m, block_n,

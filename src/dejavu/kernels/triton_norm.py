@@ -54,9 +54,10 @@ def norm(x: torch.Tensor, weight: torch.Tensor | None, bias: torch.Tensor | None
     total = torch.empty_like(out) if residual is not None else out
     N = x2.shape[1]
     block = triton.next_power_of_2(N)
-    launcher(_norm_kernel)[(x2.shape[0],)](x2, r2, total, weight, bias, out, N, eps, x2.stride(0),
-                                           r2.stride(0), out.stride(0), RMS=rms, HAS_WEIGHT=weight is not None, HAS_BIAS=bias is not None,
-                                 HAS_RESIDUAL=residual is not None, BLOCK=block, num_warps=min(16, max(1, block // 512)))
+    launcher(_norm_kernel)[(x2.shape[0],)](x2, r2, total, weight, bias, out, N, eps, x2.stride(0), r2.stride(0),
+                                           out.stride(0), RMS=rms, HAS_WEIGHT=weight is not None,
+                                           HAS_BIAS=bias is not None, HAS_RESIDUAL=residual is not None, BLOCK=block,
+                                           num_warps=min(16, max(1, block // 512)))
     if residual is None:
         return out.view(x.shape)
     return total.view(x.shape), out.view(x.shape)
