@@ -185,6 +185,29 @@ def test_rope_cache(dtype, rope, device_slot, B, H, KV, hd):
     assert torch.equal(kv[:, :, :, others], want_kv[:, :, :, others])
 
 
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("rope", [True, False])
+@pytest.mark.parametrize("B,H,KV,hd,S", [(1, 32, 8, 128, 300), (3, 4, 2, 64, 40), (2, 12, 12, 80, 130)])
+def test_rope_cache_inside_decode_attention(dtype, rope, B, H, KV, hd, S):
+    """The decode kernel doing RoPE and the cache write itself (the token's K and V taken from its
+    projection, not the cache) gives bitwise what rope_cache then decode_attention give, and the
+    same cache, for rows at their own slots with padding before them."""
+    g = gen()
+    qkv = randn(B, (H + 2 * KV) * hd, g=g, dtype=dtype)
+    angles = randn(B, 1, 1, hd // 2, g=g).repeat(1, 1, 1, 2) * 3
+    cos_sin = (angles.cos().to(dtype), angles.sin().to(dtype)) if rope else None
+    kv = randn(2, B, KV, S, hd, g=g, dtype=dtype)
+    pos = torch.randint(S // 2, S, (B,), device=DEV, generator=g)
+    key_valid = torch.rand(B, S, device=DEV, generator=g) > 0.3
+    heads = torch.arange(H, device=DEV)
+    want_kv, got_kv = kv.clone(), kv.clone()
+    q = ta.rope_cache(qkv, cos_sin, pos, want_kv, H)
+    want = ta.decode_attention(q.view(B, H, hd), want_kv[0], want_kv[1], heads, H, pos + 1, key_valid, hd ** -0.5)
+    poison()
+    got = ta.rope_cache_attention(qkv, cos_sin, pos, got_kv, heads, pos + 1, key_valid, hd ** -0.5)
+    assert torch.equal(got, want) and torch.equal(got_kv, want_kv)
+
+
 @pytest.mark.parametrize("programs_per_sm", [1, 4, 16])
 def test_gather_axpy_last_split_sums_deterministically(programs_per_sm):
     """Many splits, many calls back to back with no sync between: the column block's last split

@@ -251,7 +251,8 @@ class Attention(nn.Module):
         if sparsity is not None:
             x = sparsity.inputs(layer, "qkv", x)  # input-side sparsity, masked: the channels W_q, W_k, W_v see
         heads = sparsity.head_index(layer, x) if sparsity is not None else None  # the query heads to run (None: all)
-        rule = input_rule(sparsity, layer, "qkv")
+        rule, y = input_rule(sparsity, layer, "qkv"), None
+        scale, softcap = self.cfg.attn_scale or None, self.cfg.attn_softcap
         if cache is not None and cache.lazy:  # the cache computes what it lacks from its kept inputs
             q, k, v = cache.qkv(self, layer, pos, x, heads)
         elif heads is None and cache is not None and x.shape[1] == 1:  # a decode token: RoPE and cache write fused
@@ -260,16 +261,18 @@ class Attention(nn.Module):
             if self.q_norm is not None:
                 q, k, v = qkv.split(self.parts, -1)
                 qkv = torch.cat((self.head_norm(self.q_norm, q), self.head_norm(self.k_norm, k), v), -1)
-            q = kernels.rope_cache(qkv, rope, pos, cache.kv[:, layer], H)
-            q, (k, v) = q.view(B, 1, H, -1).transpose(1, 2), cache.keys(layer, pos)
+            y = kernels.new_token_attention(qkv, rope, pos, cache.kv[:, layer], H, mask, scale, softcap)
+            if y is None:  # not fused into the attention here
+                q = kernels.rope_cache(qkv, rope, pos, cache.kv[:, layer], H)
+                q, (k, v) = q.view(B, 1, H, -1).transpose(1, 2), cache.keys(layer, pos)
         else:
             q, k, v = self.qkv(x, heads, rule)
             if rope is not None:
                 q, k = apply_rope(q, rope), apply_rope(k, rope)
             if cache is not None:
                 k, v = cache.update(layer, pos, k, v)
-        y = kernels.attention(q, k, v, mask, heads, self.cfg.n_heads, self.cfg.attn_scale or None,
-                              self.cfg.attn_softcap)  # [B, T, m, hd]
+        if y is None:
+            y = kernels.attention(q, k, v, mask, heads, self.cfg.n_heads, scale, softcap)  # [B, T, m, hd]
         if sparsity is not None:
             y = sparsity.inputs(layer, "o", sparsity.heads(layer, x, y).flatten(2))
         return self.project_out(y.flatten(2), heads, input_rule(sparsity, layer, "o"))

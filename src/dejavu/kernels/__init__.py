@@ -185,6 +185,19 @@ def rope_cache(qkv: torch.Tensor, rope, pos, kv: torch.Tensor, n_heads: int) -> 
     return rope_cache_reference(qkv, rope, pos, kv, n_heads)
 
 
+def new_token_attention(qkv: torch.Tensor, rope, pos, kv: torch.Tensor, n_heads: int, mask: "AttentionMask",
+                        scale: float | None, softcap: float) -> torch.Tensor | None:
+    """One decode token per row at device positions on CUDA: rope_cache and attention over every
+    head, with RoPE and the cache write done inside the decode kernel (one kernel fewer) ->
+    [B, 1, n_heads, hd]. None where that does not apply: rope_cache, then attention."""
+    if not (qkv.is_cuda and mask.length is not None and isinstance(pos, torch.Tensor) and not softcap
+            and _triton() is not None):
+        return None
+    hd = kv.shape[-1]
+    return _triton()[1].rope_cache_attention(qkv, rope, pos, kv, _all_heads(n_heads, qkv.device), mask.length,
+                                             mask.key_valid, scale or hd ** -0.5)[:, None]
+
+
 @functools.cache
 def _all_heads(n: int, device: torch.device) -> torch.Tensor:
     return torch.arange(n, device=device)  # made once: no arange kernel in every layer of every step

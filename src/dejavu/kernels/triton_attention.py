@@ -21,23 +21,52 @@ from .triton_gather import _wait_for_inputs, launcher, sm_count
 
 
 @triton.jit
-def _decode_split_kernel(q_ptr, k_ptr, v_ptr, head_ptr, len_ptr, valid_ptr, m_ptr, l_ptr, o_ptr, M, group, scale,
-                         n_splits, stride_len, stride_head, stride_qb, stride_qh, stride_kb, stride_kh, stride_ks,
-                         stride_vb, stride_vh, stride_vs, stride_valid, HD: tl.constexpr, BLOCK_S: tl.constexpr, BLOCK_D: tl.constexpr):
+def _roped(row_ptr, offs, d_mask, cos_ptr, sin_ptr, ROPE: tl.constexpr, HD: tl.constexpr):
+    """One head's HD values from row_ptr in fp32, with RoPE: x cos + rotate_half(x) sin."""
+    y = tl.load(row_ptr + offs, mask=d_mask, other=0.0).to(tl.float32)
+    if ROPE:
+        rot = tl.load(row_ptr + (offs + HD // 2) % HD, mask=d_mask, other=0.0).to(tl.float32)
+        rot = tl.where(offs < HD // 2, -rot, rot)
+        y = y * tl.load(cos_ptr + offs, mask=d_mask, other=0.0).to(tl.float32) \
+            + rot * tl.load(sin_ptr + offs, mask=d_mask, other=0.0).to(tl.float32)
+    return y
+
+
+@triton.jit
+def _decode_split_kernel(q_ptr, k_ptr, v_ptr, head_ptr, len_ptr, valid_ptr, m_ptr, l_ptr, o_ptr, cos_ptr, sin_ptr,
+                         pos_ptr, M, KV, group, scale, n_splits, slot, stride_len, stride_head, stride_qb, stride_qh,
+                         stride_kb, stride_kh, stride_ks, stride_vb, stride_vh, stride_vs, stride_valid, stride_cos,
+                         stride_pos, NEW_TOKEN: tl.constexpr, ROPE: tl.constexpr, SLOT_ON_DEVICE: tl.constexpr,
+                         HD: tl.constexpr, BLOCK_S: tl.constexpr, BLOCK_D: tl.constexpr):
     _wait_for_inputs()
     pid_bh, pid_s = tl.program_id(0), tl.program_id(1)
     b, h = pid_bh // M, pid_bh % M
-    kv = (tl.maximum(tl.load(head_ptr + b * stride_head + h), 0) // group).to(tl.int64)  # a free row's -1: head 0
+    head = tl.maximum(tl.load(head_ptr + b * stride_head + h), 0)  # a free row's -1: head 0
+    kv = (head // group).to(tl.int64)
     length = tl.load(len_ptr + b * stride_len)
     chunk = tl.cdiv(tl.cdiv(length, n_splits), BLOCK_S) * BLOCK_S
     start = pid_s * chunk
     end = tl.minimum(start + chunk, length)
     offs_d = tl.arange(0, BLOCK_D)
     d_mask = offs_d < HD
-    q = tl.load(q_ptr + b * stride_qb + h * stride_qh + offs_d, mask=d_mask, other=0.0).to(tl.float32)
-    q = (q * scale).to(tl.float32)  # under torch.compile `scale` arrives as fp64: keep the loop's types fp32
     k_ptr += b.to(tl.int64) * stride_kb + kv * stride_kh
     v_ptr += b.to(tl.int64) * stride_vb + kv * stride_vh
+    if NEW_TOKEN:
+        # q_ptr: the token's projection [B, (M + 2 KV) * HD], every head. RoPE on its Q and K here;
+        # its K and V stand in for the cache's slot `at` in the loop, and the group's first head
+        # writes them there (no other program reads that slot from memory in this step)
+        row = q_ptr + b.to(tl.int64) * stride_qb
+        at = tl.load(pos_ptr + b * stride_pos) if SLOT_ON_DEVICE else slot
+        cos, sin = cos_ptr + b * stride_cos, sin_ptr + b * stride_cos
+        q = _roped(row + head * HD, offs_d, d_mask, cos, sin, ROPE, HD).to(q_ptr.dtype.element_ty)
+        k_new = _roped(row + (M + kv) * HD, offs_d, d_mask, cos, sin, ROPE, HD).to(k_ptr.dtype.element_ty)
+        v_new = tl.load(row + (M + KV + kv) * HD + offs_d, mask=d_mask, other=0.0).to(v_ptr.dtype.element_ty)
+        if (head % group == 0) & (pid_s == 0):
+            tl.store(k_ptr + at * stride_ks + offs_d, k_new, mask=d_mask)
+            tl.store(v_ptr + at * stride_vs + offs_d, v_new, mask=d_mask)
+    else:
+        q = tl.load(q_ptr + b * stride_qb + h * stride_qh + offs_d, mask=d_mask, other=0.0)
+    q = (q.to(tl.float32) * scale).to(tl.float32)  # under torch.compile `scale` arrives as fp64: keep fp32
     m_i = tl.max(tl.full((BLOCK_S,), float("-inf"), tl.float32), 0)  # fp32 scalars for the loop
     l_i = tl.sum(tl.zeros((BLOCK_S,), tl.float32), 0)
     acc = tl.zeros((BLOCK_D,), tl.float32)
@@ -48,12 +77,16 @@ def _decode_split_kernel(q_ptr, k_ptr, v_ptr, head_ptr, len_ptr, valid_ptr, m_pt
                             | (offs_s == length - 1))
         kv_mask = valid[:, None] & d_mask[None, :]
         k = tl.load(k_ptr + offs_s[:, None] * stride_ks + offs_d[None, :], mask=kv_mask, other=0.0)
+        if NEW_TOKEN:
+            k = tl.where((offs_s == at)[:, None], k_new[None, :], k)
         s = tl.where(valid, tl.sum(k.to(tl.float32) * q[None, :], 1), float("-inf"))
         m_new = tl.maximum(m_i, tl.max(s, 0))
         m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)  # a chunk of padding only: no NaN
         alpha = tl.exp(m_i - m_safe)
         p = tl.exp(s - m_safe)
         v = tl.load(v_ptr + offs_s[:, None] * stride_vs + offs_d[None, :], mask=kv_mask, other=0.0)
+        if NEW_TOKEN:
+            v = tl.where((offs_s == at)[:, None], v_new[None, :], v)
         acc = acc * alpha + tl.sum(p[:, None] * v.to(tl.float32), 0)
         l_i = l_i * alpha + tl.sum(p, 0)
         m_i = m_new
@@ -86,13 +119,11 @@ def _n_splits(B: int, heads: int, S: int, block_s: int, device_sms: int) -> int:
     return max(1, min(triton.cdiv(S, block_s), triton.cdiv(2 * device_sms, B * heads), 64))
 
 
-@triton_op("dejavu::decode_attention", mutates_args=())
-def _decode_attention_op(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, head_idx: torch.Tensor,
-                         n_heads: int, length: torch.Tensor, key_valid: torch.Tensor, scale: float,
-                         n_splits: int = 0, block_s: int = 64) -> torch.Tensor:
-    q = q.contiguous()
-    B, M, hd = q.shape
-    S = k_cache.shape[2]
+def _attend(q, k_cache, v_cache, head_idx, n_heads, length, key_valid, scale, n_splits, block_s, new_token=None):
+    """The split and combine kernels. new_token (cos, sin, pos, slot): q is the token's raw
+    projection [B, (n_heads + 2 kv_heads) * hd], roped and written into the cache by the split kernel."""
+    B, KV, S, hd = k_cache.shape[0], k_cache.shape[1], k_cache.shape[2], k_cache.shape[3]
+    M = head_idx.shape[-1]
     per_row = head_idx.dim() == 2  # serving: split as for one row, so that a lone live row runs as fast as alone
     n_splits = n_splits or _n_splits(1 if per_row else B, M, S, block_s, sm_count(q))
     # fp32 partials and the output: allocated here, from the graph's pool under CUDA graphs
@@ -101,15 +132,33 @@ def _decode_attention_op(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.
     o = torch.empty(B * M * n_splits, hd, device=q.device, dtype=torch.float32)
     out = torch.empty(B, M, hd, device=q.device, dtype=q.dtype)
     block_d = triton.next_power_of_2(hd)
+    cos, sin, pos, slot = new_token or (None, None, None, 0)
     launcher(_decode_split_kernel)[(B * M, n_splits)](
-        q, k_cache, v_cache, head_idx, length, key_valid, m, l, o, M, n_heads // k_cache.shape[1], scale,
-        n_splits, 1 if length.numel() > 1 else 0, head_idx.stride(0) if per_row else 0, q.stride(0), q.stride(1),
-        k_cache.stride(0), k_cache.stride(1), k_cache.stride(2),
+        q, k_cache, v_cache, head_idx, length, key_valid, m, l, o, cos if cos is not None else q,
+        sin if sin is not None else q, pos if pos is not None else length, M, KV, n_heads // KV, scale, n_splits, slot,
+        1 if length.numel() > 1 else 0, head_idx.stride(0) if per_row else 0, q.stride(0),
+        q.stride(1) if q.dim() == 3 else hd, k_cache.stride(0), k_cache.stride(1), k_cache.stride(2),
         v_cache.stride(0), v_cache.stride(1), v_cache.stride(2), key_valid.stride(0),
-        HD=hd, BLOCK_S=block_s, BLOCK_D=block_d, num_stages=2)  # inductor's default stages overflow shared memory
+        cos.stride(0) if cos is not None else 0, 1 if pos is not None and pos.numel() > 1 else 0,
+        NEW_TOKEN=new_token is not None, ROPE=cos is not None, SLOT_ON_DEVICE=pos is not None, HD=hd,
+        BLOCK_S=block_s, BLOCK_D=block_d, num_stages=2)  # inductor's default stages overflow shared memory
     launcher(_decode_reduce_kernel)[(B * M,)](m, l, o, out, n_splits, HD=hd,
                                               BLOCK_SPLITS=triton.next_power_of_2(n_splits), BLOCK_D=block_d)
     return out
+
+
+@triton_op("dejavu::decode_attention", mutates_args=())
+def _decode_attention_op(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, head_idx: torch.Tensor,
+                         n_heads: int, length: torch.Tensor, key_valid: torch.Tensor, scale: float,
+                         n_splits: int = 0, block_s: int = 64) -> torch.Tensor:
+    return _attend(q.contiguous(), k_cache, v_cache, head_idx, n_heads, length, key_valid, scale, n_splits, block_s)
+
+
+@triton_op("dejavu::rope_cache_attention", mutates_args=("kv",))
+def _rope_cache_attention_op(qkv: torch.Tensor, cos: torch.Tensor | None, sin: torch.Tensor | None,
+                             pos: torch.Tensor | None, slot: int, kv: torch.Tensor, heads: torch.Tensor,
+                             length: torch.Tensor, key_valid: torch.Tensor, scale: float) -> torch.Tensor:
+    return _attend(qkv, kv[0], kv[1], heads, heads.shape[-1], length, key_valid, scale, 0, 64, (cos, sin, pos, slot))
 
 
 def decode_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, head_idx: torch.Tensor,
@@ -141,11 +190,7 @@ def _rope_cache_kernel(qkv_ptr, cos_ptr, sin_ptr, pos_ptr, q_ptr, kv_ptr, slot, 
     y = tl.load(row + offs, mask=d_mask, other=0.0).to(tl.float32)
     if ROPE:
         if head < H + KV:
-            rot = tl.load(row + (offs + HD // 2) % HD, mask=d_mask, other=0.0).to(tl.float32)
-            rot = tl.where(offs < HD // 2, -rot, rot)
-            cos = tl.load(cos_ptr + b * stride_cos + offs, mask=d_mask, other=0.0).to(tl.float32)
-            sin = tl.load(sin_ptr + b * stride_cos + offs, mask=d_mask, other=0.0).to(tl.float32)
-            y = y * cos + rot * sin
+            y = _roped(row, offs, d_mask, cos_ptr + b * stride_cos, sin_ptr + b * stride_cos, True, HD)
     if head < H:
         tl.store(q_ptr + b.to(tl.int64) * stride_q + head * HD + offs, y.to(q_ptr.dtype.element_ty), mask=d_mask)
     else:
@@ -185,3 +230,18 @@ def rope_cache(qkv: torch.Tensor, rope, pos, kv: torch.Tensor, n_heads: int) -> 
     device_pos = pos.reshape(-1) if isinstance(pos, torch.Tensor) else None
     return torch.ops.dejavu.rope_cache(qkv, cos, sin, device_pos, 0 if device_pos is not None else int(pos), kv,
                                        n_heads)
+
+
+def rope_cache_attention(qkv: torch.Tensor, rope, pos: torch.Tensor, kv: torch.Tensor, heads: torch.Tensor,
+                         length: torch.Tensor, key_valid: torch.Tensor, scale: float) -> torch.Tensor:
+    """rope_cache, then decode_attention over every head (heads = arange(n_heads)), in the
+    attention's two kernels: the split kernel ropes the token's Q and K from qkv itself, uses its
+    K and V from there and writes them into the cache slot pos. Same arguments as those two (pos a
+    device tensor) -> [B, n_heads, hd], bitwise what they give."""
+    assert qkv.stride(-1) == 1 and kv.stride(-1) == 1 and heads.dim() == 1
+    assert key_valid.dtype == torch.bool and length.numel() in (1, qkv.shape[0])
+    cos, sin = rope if rope is not None else (None, None)
+    if cos is not None:
+        cos, sin = cos.reshape(qkv.shape[0], -1), sin.reshape(qkv.shape[0], -1)
+    return torch.ops.dejavu.rope_cache_attention(qkv, cos, sin, pos.reshape(-1), 0, kv, heads, length, key_valid,
+                                                 scale)
