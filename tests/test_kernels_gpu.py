@@ -97,47 +97,6 @@ def test_input_gather(dtype, K, N, rule):
 
 
 @pytest.mark.parametrize("dtype", DTYPES)
-@pytest.mark.parametrize("K,N", [(4096, 6144), (1000, 300), (576, 4000)])
-@pytest.mark.parametrize("rule", ["teal", "wina", "none pass", "all pass"])
-def test_norm_packs_for_input_gather(dtype, K, N, rule):
-    """The norm given the rule of the projection after it packs a token's passing channels per
-    segment of that projection's gather: the norm's outputs unchanged, the packing exact, and the
-    gather that reads it bitwise what it computes packing for itself. A gather with another rule,
-    or a copy of the input, packs for itself."""
-    from dejavu.kernels import InputRule
-    from dejavu.kernels.triton_norm import norm
-    dot_ok(dtype)
-    g = gen()
-    x, r = (randn(1, K, g=g, dtype=dtype) * 2 for _ in range(2))
-    w, w_t, bias = randn(K, g=g, dtype=dtype) + 1, randn(K, N, g=g, dtype=dtype), randn(N, g=g, dtype=dtype)
-    scale = torch.rand(K, device=DEV, generator=g) + 0.5 if rule == "wina" else None
-    threshold = torch.tensor({"none pass": 1e9, "all pass": -1.0}.get(rule, 0.8), device=DEV)
-    total, h = norm(x, w, None, 1e-5, True, residual=r, rule=InputRule(threshold, scale, N))
-    plain_total, plain_h = norm(x, w, None, 1e-5, True, residual=r)
-    assert torch.equal(total, plain_total) and torch.equal(h, plain_h)
-    p = h.packing
-    keep = ((h[0].float().abs() * (scale if scale is not None else 1)) > threshold).cpu()
-    for s in range(p.splits):
-        lo, hi = s * p.segment, min(K, (s + 1) * p.segment)
-        want = lo + torch.nonzero(keep[lo:hi]).flatten()
-        assert int(p.n[s]) == len(want)
-        assert torch.equal(p.idx[lo:lo + len(want)].cpu().long(), want)
-        assert torch.equal(p.values[0, lo:lo + len(want)].cpu(), h[0, want].cpu())
-    clean = torch.where(keep.to(DEV), h[0].double(), 0.0)
-    for b in (None, bias):
-        got = tg.input_gather(h, w_t, scale, threshold, b)
-        assert torch.equal(got, tg.input_gather(h.clone(), w_t, scale, threshold, b, pack="kernel"))
-        if keep.any():
-            check(got[0], (clean @ w_t.double() + (0 if b is None else b.double())).to(dtype).double(), dtype)
-    p.n.zero_()  # the gather reads the norm's packing: with nothing packed, the bias alone
-    assert torch.equal(tg.input_gather(h, w_t, scale, threshold, bias), bias.expand(1, N))
-    other = torch.tensor(1.2, device=DEV)  # not the rule h was packed for
-    want = torch.where(h[0].float().abs() * (scale if scale is not None else 1) > other, h[0].double(), 0.0)
-    if want.abs().sum() > 0:
-        check(tg.input_gather(h, w_t, scale, other)[0], (want @ w_t.double()).to(dtype).double(), dtype)
-
-
-@pytest.mark.parametrize("dtype", DTYPES)
 @pytest.mark.parametrize("act,gated", [("silu", True), ("gelu_tanh", True), ("relu", False)])
 @pytest.mark.parametrize("batch", [1, 3])
 def test_mlp_act_and_input_gather_from_the_up_side(dtype, act, gated, batch):

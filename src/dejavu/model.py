@@ -89,15 +89,13 @@ class Norm(nn.Module):
             return fused.norm(x, self.weight, self.bias, self.eps, rms=self.bias is None)
         return self.reference(x)
 
-    def add(self, x, residual=None, rule=None):
-        """(x + residual, norm(x + residual)): the residual add and this norm in one GPU kernel. With
-        `rule`, the input-side rule of the projection that reads the norm: on CUDA the same kernel
-        packs a token's passing channels for that projection's gather."""
+    def add(self, x, residual=None):
+        """(x + residual, norm(x + residual)): the residual add and this norm in one GPU kernel."""
+        if residual is None:
+            return x, self(x)
         if (fused := self._triton(x)) is not None:
-            out = fused.norm(x, self.weight, self.bias, self.eps, self.bias is None, residual, rule)
-            return (x, out) if residual is None else out
-        if residual is not None:
-            x = x + residual
+            return fused.norm(x, self.weight, self.bias, self.eps, self.bias is None, residual)
+        x = x + residual
         return x, self.reference(x)
 
     @staticmethod
@@ -359,12 +357,11 @@ class Block(nn.Module):
         """x + mlp_out (the previous block's MLP output) is the residual entering this block: each
         residual add is done with the norm after it, in one kernel. -> (residual after attention,
         this block's MLP output)."""
-        x, h = self.attn_norm.add(x, mlp_out, input_rule(sparsity, self.layer, "qkv"))
+        x, h = self.attn_norm.add(x, mlp_out)
         if sparsity is not None:
             sparsity.enter(self.layer, x)
         y = self.attn(h, rope, mask, cache, self.layer, pos, sparsity)
-        x, h = self.mlp_norm.add(x, y if self.post_attn_norm is None else self.post_attn_norm(y),
-                                 input_rule(sparsity, self.layer, "gate_up"))
+        x, h = self.mlp_norm.add(x, y if self.post_attn_norm is None else self.post_attn_norm(y))
         y = self.mlp(h, self.layer, sparsity)
         return x, y if self.post_mlp_norm is None else self.post_mlp_norm(y)
 

@@ -132,13 +132,6 @@ def input_densities(density) -> dict[str, float]:
     return ds
 
 
-def _width(block, group: str) -> int:
-    """Outputs of projection group `group` of a block (the shards' own under tensor parallelism)."""
-    attn, mlp = block.attn, block.mlp
-    return {"qkv": attn.wqkv.shape[0], "o": attn.wo_t.shape[1], "gate_up": mlp.w_in.shape[0] * mlp.w_in.shape[1],
-            "down": mlp.w_out_t.shape[1]}[group]
-
-
 class InputSparsity(Sparsity):
     """Input-side sparsity: in every projection group of every layer, a token's input channel
     counts where its score (selectors.InputSelector: |x_k|, or |x_k| * ||W[:, k]||) exceeds the
@@ -155,9 +148,8 @@ class InputSparsity(Sparsity):
         if len(thresholds) != model.cfg.n_layers:
             raise DejavuError(f"input-side thresholds for {len(thresholds)} layers, the model has {model.cfg.n_layers}")
         self.selector, self.gathered, self.thresholds, self.target = selector, gathered, thresholds, target
-        self.rules = [{g: kernels.InputRule(torch.tensor(float(t[g]), device=model.device), selector.scale(layer, g),
-                                            _width(block, g)) for g in INPUT_GROUPS}
-                      for (layer, t), block in zip(enumerate(thresholds), model.layers)]
+        self.rules = [{g: kernels.InputRule(torch.tensor(float(t[g]), device=model.device), selector.scale(layer, g))
+                       for g in INPUT_GROUPS} for layer, t in enumerate(thresholds)]
         self.kept = {g: [0, 0] for g in INPUT_GROUPS}  # kept, total channels (achieved density, masked mode)
 
     def inputs(self, layer, group, x):

@@ -26,11 +26,9 @@ def _triton():
 
 class InputRule(NamedTuple):
     """Input-side sparsity for one projection: input channel k of a token counts where
-    |x_k| * scale[k] > threshold (scale None: 1); threshold a 0-dim fp32 tensor on the weights' device.
-    width: the projection's outputs, so that the norm making its input can pack it for its gather."""
+    |x_k| * scale[k] > threshold (scale None: 1); threshold a 0-dim fp32 tensor on the weights' device."""
     threshold: torch.Tensor
     scale: torch.Tensor | None = None
-    width: int = 0
 
     def keep(self, x: torch.Tensor) -> torch.Tensor:
         score = x.float().abs()

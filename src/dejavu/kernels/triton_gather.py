@@ -29,7 +29,6 @@ from __future__ import annotations
 
 import functools
 import os
-from typing import NamedTuple
 
 import torch
 import triton
@@ -548,43 +547,17 @@ def _gather_axpy_op(a: torch.Tensor, w: torch.Tensor, bias: torch.Tensor | None,
 
 # Where a split's segment of channels is short (few column blocks make many splits), its programs
 # walk it with masked row loads; where it is long (wide outputs: gate/up) a packing kernel first
-# pays, so the gather's steps load full tiles (H200, scripts/sweep_input_tiles.py). Packed by the
-# norm before (Packing) beats both.
+# pays, so the gather's steps load full tiles (H200, scripts/sweep_input_tiles.py).
 MASK_MAX_SEGMENT = 512
-
-
-def input_splits(K: int, N: int, t: torch.Tensor, block_m: int = 64, block_n: int = 128,
-                 programs_per_sm: int = 4) -> tuple[int, int]:
-    """input_gather's split-K over a [K, N] weight: (splits, channels per split: a segment)."""
-    return _splits(K, triton.cdiv(N, block_n), block_m, programs_per_sm, t)
-
-
-class Packing(NamedTuple):
-    """One token's input channels that pass `threshold` (and `scale`), packed per segment of the
-    input_gather that reads them (values [1, K] and idx [K] from each segment's front, n [splits]
-    per segment), made where the token's input was made (triton_norm packs as it normalises).
-    Carried as the input tensor's `packing` attribute: a view or a copy has none, so a gather can
-    never take another tensor's packing."""
-    threshold: torch.Tensor
-    scale: torch.Tensor | None
-    splits: int
-    segment: int
-    values: torch.Tensor
-    idx: torch.Tensor
-    n: torch.Tensor
 
 
 @triton_op("dejavu::input_gather", mutates_args=())
 def _input_gather_op(x: torch.Tensor, w_t: torch.Tensor, bias: torch.Tensor | None, scale: torch.Tensor | None,
                      threshold: torch.Tensor, act: str, gated: bool, block_m: int, block_n: int, num_warps: int,
-                     num_stages: int, programs_per_sm: int, pack: str, values: torch.Tensor | None = None,
-                     idx: torch.Tensor | None = None, n: torch.Tensor | None = None) -> torch.Tensor:
+                     num_stages: int, programs_per_sm: int, pack: str) -> torch.Tensor:
     x = x.contiguous()
     K = w_t.shape[0]
-    splits, seg = input_splits(K, w_t.shape[1], x, block_m, block_n, programs_per_sm)
-    if n is not None:  # packed already
-        return _launch_axpy(values, w_t, idx, bias, 1, splits, seg, block_m, block_n, num_warps, num_stages or 2,
-                            n=n)
+    splits, seg = _splits(K, triton.cdiv(w_t.shape[1], block_n), block_m, programs_per_sm, x)
     if pack == "mask" or (pack == "auto" and seg <= MASK_MAX_SEGMENT):
         return _launch_axpy(x[:, :K], w_t, x[0], bias, 1, splits, seg, block_m, block_n, num_warps,
                             num_stages or 3, rule=(x, scale, threshold, act, gated))
@@ -605,21 +578,14 @@ def input_gather(x: torch.Tensor, w_t: torch.Tensor, scale: torch.Tensor | None,
     sum over the channels k with |x_k| (* scale[k]) > threshold of x_k w_t[k] (+ bias), reading only
     the passing channels' rows. pack "kernel": a kernel first packs each gather_axpy split's passing
     channels (segment s: split s's channels); "mask": no packing, split s walks its channels and loads
-    only the passing ones' rows; "auto": mask where segments are short. Either way, where x carries
-    a Packing for this rule and these splits (the norm that made x packed it), only the gather runs
-    ("mask" ignores it). num_stages 0: 3 masked, 2 packed (H200). Static shapes, no sync.
+    only the passing ones' rows; "auto": mask where segments are short. num_stages 0: 3 masked, 2
+    packed (H200). Static shapes, no sync.
     With `act`, x is the MLP's up side h [..., 2K] (gated: gate and up interleaved) or [..., K], and
     the channels are its activations, computed where they are scored (the down projection)."""
     assert w_t.stride(1) == 1 and x.numel() == x.shape[-1] == w_t.shape[0] * (2 if act and gated else 1)
     assert pack in ("auto", "kernel", "mask"), f"pack must be auto, kernel or mask, got {pack!r}"
-    p = getattr(x, "packing", None)
-    if not (p is not None and pack != "mask" and not act and p.threshold is threshold and p.scale is scale
-            and (p.splits, p.segment) == input_splits(w_t.shape[0], w_t.shape[1], x, block_m, block_n,
-                                                      programs_per_sm)):
-        p = None
     out = torch.ops.dejavu.input_gather(x.reshape(1, -1), w_t, bias, scale, threshold, act, gated, block_m, block_n,
-                                        num_warps, num_stages, programs_per_sm, pack,
-                                        *((p.values, p.idx, p.n) if p is not None else ()))
+                                        num_warps, num_stages, programs_per_sm, pack)
     return out.view(*x.shape[:-1], w_t.shape[1])
 
 
