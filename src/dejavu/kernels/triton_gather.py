@@ -55,9 +55,19 @@ def _wait_for_inputs():
 
 
 def _traced(*tensors) -> bool:
-    """Under torch.compile's tracing (fake tensors): no launch options, no global buffers."""
-    return torch.compiler.is_compiling() or any(
-        isinstance(t, torch.Tensor) and torch._subclasses.fake_tensor.is_fake(t) for t in tensors)
+    """Under torch.compile's tracing: no launch options, no global buffers. Its tensors (fake,
+    functional, meta) have no data to launch a kernel on; eager ones do."""
+    if torch.compiler.is_compiling():
+        return True
+    for t in tensors:
+        if isinstance(t, torch.Tensor):
+            if type(t) not in (torch.Tensor, torch.nn.Parameter) or t.device.type == "meta":
+                return True
+            try:
+                t.data_ptr()
+            except RuntimeError:
+                return True
+    return False
 
 
 class _Interpreted:
