@@ -88,16 +88,17 @@ class _Dependent:
     """Launcher with programmatic dependent launch. A plain launch (the kernel itself, not torch's
     wrapper, which outside a triton_op would route every eager launch through its tracing
     machinery); under torch.compile's tracing, torch's wrapper, which takes no launch options
-    (there the kernels run as plain launches, the wait a no-op)."""
+    (there the kernels run as plain launches, the wait a no-op). The wrapper is made at trace
+    time: made inside a triton_op's eager run, wrap_triton returns the bare kernel."""
 
     def __init__(self, kernel):
         assert "_wait_for_inputs()" in kernel.src, f"{kernel.fn.__name__} launched dependent must wait for its inputs"
-        self.kernel, self.traceable = kernel, wrap_triton(kernel)
+        self.kernel = kernel
 
     def __getitem__(self, grid):
         def launch(*args, **kwargs):
             if _traced(*args):
-                self.traceable[grid](*args, **kwargs)
+                wrap_triton(self.kernel)[grid](*args, **kwargs)
             else:
                 self.kernel[grid](*args, launch_pdl=True, **kwargs)
         return launch
@@ -107,9 +108,10 @@ _launchers: dict = {}
 
 
 def launcher(kernel):
+    if not (INTERPRET or PDL):
+        return wrap_triton(kernel)  # made per launch: what it returns depends on where it is made
     if id(kernel) not in _launchers:
-        _launchers[id(kernel)] = (_Interpreted(kernel) if INTERPRET else _Dependent(kernel) if PDL
-                                  else wrap_triton(kernel))
+        _launchers[id(kernel)] = _Interpreted(kernel) if INTERPRET else _Dependent(kernel)
     return _launchers[id(kernel)]
 
 
