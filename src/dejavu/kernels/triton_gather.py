@@ -56,17 +56,19 @@ def _wait_for_inputs():
 
 def _traced(*tensors) -> bool:
     """Under torch.compile's tracing: no launch options, no global buffers. Its tensors (fake,
-    functional, meta) have no data to launch a kernel on; eager ones do."""
+    functional, meta) have no data to launch a kernel on; eager ones do. A launch's tensors are
+    all one or the other: the first decides."""
     if torch.compiler.is_compiling():
         return True
-    for t in tensors:
-        if isinstance(t, torch.Tensor):
-            if type(t) not in (torch.Tensor, torch.nn.Parameter) or t.device.type == "meta":
-                return True
-            try:
-                t.data_ptr()
-            except RuntimeError:
-                return True
+    t = next((t for t in tensors if isinstance(t, torch.Tensor)), None)
+    if t is None:
+        return False
+    if type(t) not in (torch.Tensor, torch.nn.Parameter) or t.device.type == "meta":
+        return True
+    try:
+        t.data_ptr()
+    except RuntimeError:
+        return True
     return False
 
 
