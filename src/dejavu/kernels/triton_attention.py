@@ -34,10 +34,10 @@ def _roped(row_ptr, offs, d_mask, cos_ptr, sin_ptr, ROPE: tl.constexpr, HD: tl.c
 
 @triton.jit
 def _decode_split_kernel(q_ptr, k_ptr, v_ptr, head_ptr, len_ptr, valid_ptr, m_ptr, l_ptr, o_ptr, cos_ptr, sin_ptr,
-                         pos_ptr, M, KV, group, scale, n_splits, slot, stride_len, stride_head, stride_qb, stride_qh,
+                         pos_ptr, M, KV, group, scale, n_splits, stride_len, stride_head, stride_qb, stride_qh,
                          stride_kb, stride_kh, stride_ks, stride_vb, stride_vh, stride_vs, stride_valid, stride_cos,
-                         stride_pos, NEW_TOKEN: tl.constexpr, ROPE: tl.constexpr, SLOT_ON_DEVICE: tl.constexpr,
-                         HD: tl.constexpr, BLOCK_S: tl.constexpr, BLOCK_D: tl.constexpr):
+                         stride_pos, NEW_TOKEN: tl.constexpr, ROPE: tl.constexpr, HD: tl.constexpr,
+                         BLOCK_S: tl.constexpr, BLOCK_D: tl.constexpr):
     _wait_for_inputs()
     pid_bh, pid_s = tl.program_id(0), tl.program_id(1)
     b, h = pid_bh // M, pid_bh % M
@@ -56,7 +56,7 @@ def _decode_split_kernel(q_ptr, k_ptr, v_ptr, head_ptr, len_ptr, valid_ptr, m_pt
         # its K and V stand in for the cache's slot `at` in the loop, and the group's first head
         # writes them there (no other program reads that slot from memory in this step)
         row = q_ptr + b.to(tl.int64) * stride_qb
-        at = tl.load(pos_ptr + b * stride_pos) if SLOT_ON_DEVICE else slot
+        at = tl.load(pos_ptr + b * stride_pos)
         cos, sin = cos_ptr + b * stride_cos, sin_ptr + b * stride_cos
         q = _roped(row + head * HD, offs_d, d_mask, cos, sin, ROPE, HD).to(q_ptr.dtype.element_ty)
         k_new = _roped(row + (M + kv) * HD, offs_d, d_mask, cos, sin, ROPE, HD).to(k_ptr.dtype.element_ty)
@@ -120,7 +120,7 @@ def _n_splits(B: int, heads: int, S: int, block_s: int, device_sms: int) -> int:
 
 
 def _attend(q, k_cache, v_cache, head_idx, n_heads, length, key_valid, scale, n_splits, block_s, new_token=None):
-    """The split and combine kernels. new_token (cos, sin, pos, slot): q is the token's raw
+    """The split and combine kernels. new_token (cos, sin, pos): q is the token's raw
     projection [B, (n_heads + 2 kv_heads) * hd], roped and written into the cache by the split kernel."""
     B, KV, S, hd = k_cache.shape[0], k_cache.shape[1], k_cache.shape[2], k_cache.shape[3]
     M = head_idx.shape[-1]
@@ -132,15 +132,15 @@ def _attend(q, k_cache, v_cache, head_idx, n_heads, length, key_valid, scale, n_
     o = torch.empty(B * M * n_splits, hd, device=q.device, dtype=torch.float32)
     out = torch.empty(B, M, hd, device=q.device, dtype=q.dtype)
     block_d = triton.next_power_of_2(hd)
-    cos, sin, pos, slot = new_token or (None, None, None, 0)
+    cos, sin, pos = new_token or (None, None, None)
     launcher(_decode_split_kernel)[(B * M, n_splits)](
         q, k_cache, v_cache, head_idx, length, key_valid, m, l, o, cos if cos is not None else q,
-        sin if sin is not None else q, pos if pos is not None else length, M, KV, n_heads // KV, scale, n_splits, slot,
+        sin if sin is not None else q, pos if pos is not None else length, M, KV, n_heads // KV, scale, n_splits,
         1 if length.numel() > 1 else 0, head_idx.stride(0) if per_row else 0, q.stride(0),
         q.stride(1) if q.dim() == 3 else hd, k_cache.stride(0), k_cache.stride(1), k_cache.stride(2),
         v_cache.stride(0), v_cache.stride(1), v_cache.stride(2), key_valid.stride(0),
         cos.stride(0) if cos is not None else 0, 1 if pos is not None and pos.numel() > 1 else 0,
-        NEW_TOKEN=new_token is not None, ROPE=cos is not None, SLOT_ON_DEVICE=pos is not None, HD=hd,
+        NEW_TOKEN=new_token is not None, ROPE=cos is not None, HD=hd,
         BLOCK_S=block_s, BLOCK_D=block_d, num_stages=2)  # inductor's default stages overflow shared memory
     launcher(_decode_reduce_kernel)[(B * M,)](m, l, o, out, n_splits, HD=hd,
                                               BLOCK_SPLITS=triton.next_power_of_2(n_splits), BLOCK_D=block_d)
@@ -156,9 +156,9 @@ def _decode_attention_op(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.
 
 @triton_op("dejavu::rope_cache_attention", mutates_args=("kv",))
 def _rope_cache_attention_op(qkv: torch.Tensor, cos: torch.Tensor | None, sin: torch.Tensor | None,
-                             pos: torch.Tensor | None, slot: int, kv: torch.Tensor, heads: torch.Tensor,
-                             length: torch.Tensor, key_valid: torch.Tensor, scale: float) -> torch.Tensor:
-    return _attend(qkv, kv[0], kv[1], heads, heads.shape[-1], length, key_valid, scale, 0, 64, (cos, sin, pos, slot))
+                             pos: torch.Tensor, kv: torch.Tensor, heads: torch.Tensor, length: torch.Tensor,
+                             key_valid: torch.Tensor, scale: float) -> torch.Tensor:
+    return _attend(qkv, kv[0], kv[1], heads, heads.shape[-1], length, key_valid, scale, 0, 64, (cos, sin, pos))
 
 
 def decode_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, head_idx: torch.Tensor,
@@ -187,10 +187,10 @@ def _rope_cache_kernel(qkv_ptr, cos_ptr, sin_ptr, pos_ptr, q_ptr, kv_ptr, slot, 
     offs = tl.arange(0, BLOCK_D)
     d_mask = offs < HD
     row = qkv_ptr + b.to(tl.int64) * stride_qkv + head * HD
-    y = tl.load(row + offs, mask=d_mask, other=0.0).to(tl.float32)
-    if ROPE:
-        if head < H + KV:
-            y = _roped(row, offs, d_mask, cos_ptr + b * stride_cos, sin_ptr + b * stride_cos, True, HD)
+    if head < H + KV:
+        y = _roped(row, offs, d_mask, cos_ptr + b * stride_cos, sin_ptr + b * stride_cos, ROPE, HD)
+    else:
+        y = tl.load(row + offs, mask=d_mask, other=0.0).to(tl.float32)
     if head < H:
         tl.store(q_ptr + b.to(tl.int64) * stride_q + head * HD + offs, y.to(q_ptr.dtype.element_ty), mask=d_mask)
     else:
@@ -243,5 +243,4 @@ def rope_cache_attention(qkv: torch.Tensor, rope, pos: torch.Tensor, kv: torch.T
     cos, sin = rope if rope is not None else (None, None)
     if cos is not None:
         cos, sin = cos.reshape(qkv.shape[0], -1), sin.reshape(qkv.shape[0], -1)
-    return torch.ops.dejavu.rope_cache_attention(qkv, cos, sin, pos.reshape(-1), 0, kv, heads, length, key_valid,
-                                                 scale)
+    return torch.ops.dejavu.rope_cache_attention(qkv, cos, sin, pos.reshape(-1), kv, heads, length, key_valid, scale)
