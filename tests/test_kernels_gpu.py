@@ -232,6 +232,25 @@ def test_topk_indices(dtype, n, k, ties):
 
 
 @pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("n", [128256, 4096, 50, 9000])
+def test_argmax_finite(dtype, n):
+    """The greedy pick and the finite check of a decode step: torch.argmax's answer (the first
+    largest; a NaN counts as the largest, the first NaN wins) and isfinite(...).all(), per row."""
+    from dejavu.kernels.triton_topk import argmax_finite
+    g = gen()
+    x = (randn(6, n, g=g) * 3).round().to(dtype)  # rounded: ties, the first must win
+    x[1, n // 2] = float("inf")
+    x[2, n - 1] = float("-inf")
+    x[3, [n // 3, n - 2]] = float("nan")
+    x[4, 0] = float("nan")
+    x[4, n - 1] = float("inf")
+    token, finite = argmax_finite(x)
+    assert token.dtype == torch.int64 and finite.dtype == torch.bool
+    assert token.tolist() == x.float().argmax(-1).tolist()
+    assert finite.tolist() == torch.isfinite(x).all(-1).tolist() == [True, False, False, False, False, True]
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
 @pytest.mark.parametrize("act,n_in,bias", [("silu", 2, False), ("gelu_tanh", 2, False), ("relu", 1, True),
                                            ("silu", 2, True), ("relu", 1, False)])
 @pytest.mark.parametrize("n,d,m", [(1000, 576, 37), (4133, 1000, 1500), (300, 4096, 300)])
@@ -307,7 +326,7 @@ def attention_inputs(batch, H, Hkv, hd, S, length, m, dtype, g):
                                                (12, 12, 80, 513, 200), (32, 8, 128, 4096, 3001)])
 @pytest.mark.parametrize("batch", [1, 3, 17, 32])
 @pytest.mark.parametrize("heads", ["some", "all"])
-@pytest.mark.parametrize("n_splits", [0, 7])
+@pytest.mark.parametrize("n_splits", [0, 1, 7])
 def test_decode_attention(dtype, H, Hkv, hd, S, length, batch, heads, n_splits):
     m = H if heads == "all" else max(1, H // 3)
     if not CUDA and batch * m * length > 30_000:

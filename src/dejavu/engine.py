@@ -14,6 +14,7 @@ import statistics
 
 import torch
 
+from . import kernels
 from .errors import DejavuError
 from .model import Transformer
 from .sampling import sample_rows
@@ -122,9 +123,9 @@ class GraphDecoder:
     def _step(self, n: int, sparsity):
         cache = self.cache if n == self.batch else self.cache.rows(slice(0, n))
         self.logits = self.model(self.tokens[:n], cache, self.pos[:n], sparsity)[:, -1]
-        self.finite[:n] = torch.isfinite(self.logits).all(-1)
+        greedy, self.finite[:n] = kernels.argmax_finite(self.logits)
         self.pos[:n] += self.live[:n]
-        self.tokens[:n] = self._pick(self.logits, slice(0, n))[:, None]
+        self.tokens[:n] = (self._pick(self.logits, slice(0, n)) if self.sampling else greedy)[:, None]
 
     @torch.no_grad()
     def prefill(self, prompt: torch.Tensor):

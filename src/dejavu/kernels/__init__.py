@@ -277,6 +277,14 @@ def topk_indices(scores: torch.Tensor, k: int, live: torch.Tensor | None = None)
     return scores.topk(k, sorted=False).indices
 
 
+def argmax_finite(logits: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """logits [rows, V] -> (logits.argmax(-1), isfinite(logits).all(-1)): the greedy token and the
+    guard's check of a decode step. On CUDA two Triton kernels for both (triton_topk.py)."""
+    if logits.is_cuda and _triton_topk() is not None:
+        return _triton_topk().argmax_finite(logits)
+    return logits.argmax(-1), torch.isfinite(logits).all(-1)
+
+
 @functools.cache
 def norm_kernels():
     """The Triton norm for decode rows on CUDA (triton_norm.py), or None without triton."""

@@ -3,7 +3,8 @@ reference: reference.py).
 
 Flash-decoding: the valid keys 0..length-1 are cut into n_splits chunks; program (b, head, split)
 reads its chunk of the head's K/V group once and writes its fp32 running max, sum and unnormalised
-output; a second kernel combines the splits. `length` is a device tensor read by the kernels, and
+output; a second kernel combines the splits (with one split, the split kernel writes the output
+itself). `length` is a device tensor read by the kernels, and
 the chunk size follows it, so the grid is static (sized for the cache, S) and one CUDA graph serves
 every step: splits past the end run no iterations. Only the selected heads' groups are read
 (query head h reads KV group h // (n_heads / n_kv_heads)); with head_idx = arange(n_heads) it is
@@ -33,12 +34,42 @@ def _roped(row_ptr, offs, d_mask, cos_ptr, sin_ptr, ROPE: tl.constexpr, HD: tl.c
 
 
 @triton.jit
-def _decode_split_kernel(q_ptr, k_ptr, v_ptr, head_ptr, len_ptr, valid_ptr, m_ptr, l_ptr, o_ptr, cos_ptr, sin_ptr,
-                         pos_ptr, M, KV, group, scale, n_splits, stride_len, stride_head, stride_qb, stride_qh,
+def _keys(k_ptr, v_ptr, valid_ptr, offs_s, end, length, offs_d, d_mask, stride_ks, stride_vs):
+    """One tile of keys: (K, V, valid) of slots offs_s below end; valid: not padding, or the query's
+    own slot. K and V loads wait only for the range, not for key_valid: the three go out together."""
+    in_range = offs_s < end
+    valid = in_range & ((tl.load(valid_ptr + offs_s, mask=in_range, other=0) != 0) | (offs_s == length - 1))
+    kv_mask = in_range[:, None] & d_mask[None, :]
+    k = tl.load(k_ptr + offs_s[:, None] * stride_ks + offs_d[None, :], mask=kv_mask, other=0.0)
+    v = tl.load(v_ptr + offs_s[:, None] * stride_vs + offs_d[None, :], mask=kv_mask, other=0.0)
+    return k, v, valid
+
+
+@triton.jit
+def _attend_tile(q, k, v, valid, m_i, l_i, acc):
+    """Online softmax over one tile of keys -> (m, l, acc). A padding slot's V counts for nothing,
+    even a NaN."""
+    s = tl.where(valid, tl.sum(k.to(tl.float32) * q[None, :], 1), float("-inf"))
+    m_new = tl.maximum(m_i, tl.max(s, 0))
+    m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)  # a chunk of padding only: no NaN
+    alpha = tl.exp(m_i - m_safe)
+    p = tl.exp(s - m_safe)
+    v = tl.where(valid[:, None], v, 0.0)
+    return m_new, l_i * alpha + tl.sum(p, 0), acc * alpha + tl.sum(p[:, None] * v.to(tl.float32), 0)
+
+
+@triton.jit
+def _decode_split_kernel(q_ptr, k_ptr, v_ptr, head_ptr, len_ptr, valid_ptr, m_ptr, l_ptr, o_ptr, out_ptr, cos_ptr,
+                         sin_ptr, pos_ptr, M, KV, group, scale, n_splits, stride_len, stride_head, stride_qb, stride_qh,
                          stride_kb, stride_kh, stride_ks, stride_vb, stride_vh, stride_vs, stride_valid, stride_cos,
-                         stride_pos, NEW_TOKEN: tl.constexpr, ROPE: tl.constexpr, HD: tl.constexpr,
-                         BLOCK_S: tl.constexpr, BLOCK_D: tl.constexpr):
-    _wait_for_inputs()
+                         stride_pos, NEW_TOKEN: tl.constexpr, ROPE: tl.constexpr, FINAL: tl.constexpr,
+                         HD: tl.constexpr, BLOCK_S: tl.constexpr, BLOCK_D: tl.constexpr):
+    # With NEW_TOKEN only the token's projection comes from the kernel before: the cache (this
+    # token's slot aside), lengths, positions and RoPE tables were written by kernels that finished
+    # before that one started. So the first tile of keys is loaded before waiting for it (a
+    # dependent launch runs this while the projection drains)
+    if not NEW_TOKEN:
+        _wait_for_inputs()
     pid_bh, pid_s = tl.program_id(0), tl.program_id(1)
     b, h = pid_bh // M, pid_bh % M
     head = tl.maximum(tl.load(head_ptr + b * stride_head + h), 0)  # a free row's -1: head 0
@@ -51,12 +82,16 @@ def _decode_split_kernel(q_ptr, k_ptr, v_ptr, head_ptr, len_ptr, valid_ptr, m_pt
     d_mask = offs_d < HD
     k_ptr += b.to(tl.int64) * stride_kb + kv * stride_kh
     v_ptr += b.to(tl.int64) * stride_vb + kv * stride_vh
+    valid_ptr += b * stride_valid
+    offs_s = start + tl.arange(0, BLOCK_S)
+    k, v, valid = _keys(k_ptr, v_ptr, valid_ptr, offs_s, end, length, offs_d, d_mask, stride_ks, stride_vs)
     if NEW_TOKEN:
         # q_ptr: the token's projection [B, (M + 2 KV) * HD], every head. RoPE on its Q and K here;
-        # its K and V stand in for the cache's slot `at` in the loop, and the group's first head
-        # writes them there (no other program reads that slot from memory in this step)
-        row = q_ptr + b.to(tl.int64) * stride_qb
+        # its K and V stand in for the cache's slot `at`, and the group's first head writes them
+        # there (no other program reads that slot from memory in this step)
         at = tl.load(pos_ptr + b * stride_pos)
+        _wait_for_inputs()
+        row = q_ptr + b.to(tl.int64) * stride_qb
         cos, sin = cos_ptr + b * stride_cos, sin_ptr + b * stride_cos
         q = _roped(row + head * HD, offs_d, d_mask, cos, sin, ROPE, HD).to(q_ptr.dtype.element_ty)
         k_new = _roped(row + (M + kv) * HD, offs_d, d_mask, cos, sin, ROPE, HD).to(k_ptr.dtype.element_ty)
@@ -64,32 +99,25 @@ def _decode_split_kernel(q_ptr, k_ptr, v_ptr, head_ptr, len_ptr, valid_ptr, m_pt
         if (head % group == 0) & (pid_s == 0):
             tl.store(k_ptr + at * stride_ks + offs_d, k_new, mask=d_mask)
             tl.store(v_ptr + at * stride_vs + offs_d, v_new, mask=d_mask)
+        k = tl.where((offs_s == at)[:, None], k_new[None, :], k)
+        v = tl.where((offs_s == at)[:, None], v_new[None, :], v)
     else:
         q = tl.load(q_ptr + b * stride_qb + h * stride_qh + offs_d, mask=d_mask, other=0.0)
     q = (q.to(tl.float32) * scale).to(tl.float32)  # under torch.compile `scale` arrives as fp64: keep fp32
     m_i = tl.max(tl.full((BLOCK_S,), float("-inf"), tl.float32), 0)  # fp32 scalars for the loop
     l_i = tl.sum(tl.zeros((BLOCK_S,), tl.float32), 0)
     acc = tl.zeros((BLOCK_D,), tl.float32)
-    for s0 in range(start, end, BLOCK_S):
+    m_i, l_i, acc = _attend_tile(q, k, v, valid, m_i, l_i, acc)  # the first tile, loaded above
+    for s0 in range(start + BLOCK_S, end, BLOCK_S):
         offs_s = s0 + tl.arange(0, BLOCK_S)
-        in_range = offs_s < end
-        valid = in_range & ((tl.load(valid_ptr + b * stride_valid + offs_s, mask=in_range, other=0) != 0)
-                            | (offs_s == length - 1))
-        kv_mask = valid[:, None] & d_mask[None, :]
-        k = tl.load(k_ptr + offs_s[:, None] * stride_ks + offs_d[None, :], mask=kv_mask, other=0.0)
+        k, v, valid = _keys(k_ptr, v_ptr, valid_ptr, offs_s, end, length, offs_d, d_mask, stride_ks, stride_vs)
         if NEW_TOKEN:
             k = tl.where((offs_s == at)[:, None], k_new[None, :], k)
-        s = tl.where(valid, tl.sum(k.to(tl.float32) * q[None, :], 1), float("-inf"))
-        m_new = tl.maximum(m_i, tl.max(s, 0))
-        m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)  # a chunk of padding only: no NaN
-        alpha = tl.exp(m_i - m_safe)
-        p = tl.exp(s - m_safe)
-        v = tl.load(v_ptr + offs_s[:, None] * stride_vs + offs_d[None, :], mask=kv_mask, other=0.0)
-        if NEW_TOKEN:
             v = tl.where((offs_s == at)[:, None], v_new[None, :], v)
-        acc = acc * alpha + tl.sum(p[:, None] * v.to(tl.float32), 0)
-        l_i = l_i * alpha + tl.sum(p, 0)
-        m_i = m_new
+        m_i, l_i, acc = _attend_tile(q, k, v, valid, m_i, l_i, acc)
+    if FINAL:  # one split: the output itself (bitwise what the combine kernel gives for one split)
+        tl.store(out_ptr + pid_bh * HD + offs_d, (acc / l_i).to(out_ptr.dtype.element_ty), mask=d_mask)
+        return
     part = pid_bh * n_splits + pid_s
     tl.store(m_ptr + part, m_i)
     tl.store(l_ptr + part, l_i)
@@ -134,16 +162,17 @@ def _attend(q, k_cache, v_cache, head_idx, n_heads, length, key_valid, scale, n_
     block_d = triton.next_power_of_2(hd)
     cos, sin, pos = new_token or (None, None, None)
     launcher(_decode_split_kernel)[(B * M, n_splits)](
-        q, k_cache, v_cache, head_idx, length, key_valid, m, l, o, cos if cos is not None else q,
+        q, k_cache, v_cache, head_idx, length, key_valid, m, l, o, out, cos if cos is not None else q,
         sin if sin is not None else q, pos if pos is not None else length, M, KV, n_heads // KV, scale, n_splits,
         1 if length.numel() > 1 else 0, head_idx.stride(0) if per_row else 0, q.stride(0),
         q.stride(1) if q.dim() == 3 else hd, k_cache.stride(0), k_cache.stride(1), k_cache.stride(2),
         v_cache.stride(0), v_cache.stride(1), v_cache.stride(2), key_valid.stride(0),
         cos.stride(0) if cos is not None else 0, 1 if pos is not None and pos.numel() > 1 else 0,
-        NEW_TOKEN=new_token is not None, ROPE=cos is not None, HD=hd,
+        NEW_TOKEN=new_token is not None, ROPE=cos is not None, FINAL=n_splits == 1, HD=hd,
         BLOCK_S=block_s, BLOCK_D=block_d, num_stages=2)  # inductor's default stages overflow shared memory
-    launcher(_decode_reduce_kernel)[(B * M,)](m, l, o, out, n_splits, HD=hd,
-                                              BLOCK_SPLITS=triton.next_power_of_2(n_splits), BLOCK_D=block_d)
+    if n_splits > 1:
+        launcher(_decode_reduce_kernel)[(B * M,)](m, l, o, out, n_splits, HD=hd,
+                                                  BLOCK_SPLITS=triton.next_power_of_2(n_splits), BLOCK_D=block_d)
     return out
 
 

@@ -126,3 +126,61 @@ def topk_indices(scores: torch.Tensor, k: int, live: torch.Tensor | None = None)
         launcher(_radix_pass_kernel)[(G, rows)](scores, hist, live, n, k, G, scores.stride(0), PASS=p, **common)
     launcher(_radix_write_kernel)[(G, rows)](scores, hist, out, live, n, k, G, scores.stride(0), **common)
     return out[0] if one else out
+
+
+ARGMAX_CHUNK = 4096
+
+
+@triton.jit
+def _argmax_chunk_kernel(x_ptr, val_ptr, idx_ptr, bad_ptr, n, G, stride_x, CHUNK: tl.constexpr):
+    _wait_for_inputs()
+    # program (chunk, row): the chunk's largest value and its first index, a NaN counting as the
+    # largest (torch.argmax's rule: the first NaN wins), and whether any value is inf or NaN
+    pid, row = tl.program_id(0), tl.program_id(1).to(tl.int64)
+    offs = pid * CHUNK + tl.arange(0, CHUNK)
+    x = tl.load(x_ptr + row * stride_x + offs, mask=offs < n, other=float("-inf")).to(tl.float32)
+    nan = x != x
+    score = tl.where(nan, float("inf"), x)
+    best = tl.max(score, 0)
+    first = tl.min(tl.where(score == best, offs, n), 0)
+    first_nan = tl.min(tl.where(nan, offs, n), 0)
+    out = row * G + pid
+    tl.store(val_ptr + out, tl.where(first_nan < n, float("nan"), best))
+    tl.store(idx_ptr + out, tl.where(first_nan < n, first_nan, first))
+    tl.store(bad_ptr + out, tl.max(((tl.abs(score) == float("inf")) & (offs < n)).to(tl.int32), 0))
+
+
+@triton.jit
+def _argmax_rows_kernel(val_ptr, idx_ptr, bad_ptr, token_ptr, finite_ptr, n, G, G_BLOCK: tl.constexpr):
+    _wait_for_inputs()
+    # program (row): the chunks' winners combined by the same rule
+    row = tl.program_id(0).to(tl.int64)
+    g = tl.arange(0, G_BLOCK)
+    val = tl.load(val_ptr + row * G + g, mask=g < G, other=float("-inf"))
+    idx = tl.load(idx_ptr + row * G + g, mask=g < G, other=n)
+    nan = val != val
+    score = tl.where(nan, float("inf"), val)
+    best = tl.max(score, 0)
+    token = tl.where(tl.max(nan.to(tl.int32), 0) > 0, tl.min(tl.where(nan, idx, n), 0),
+                     tl.min(tl.where(score == best, idx, n), 0))
+    tl.store(token_ptr + row, token.to(tl.int64))
+    tl.store(finite_ptr + row, tl.max(tl.load(bad_ptr + row * G + g, mask=g < G, other=0), 0) == 0)
+
+
+def argmax_finite(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """x [rows, n] -> (each row's argmax, int64 [rows], torch.argmax's answer: the first largest, a
+    NaN the largest; whether each row is all finite, bool [rows]). Two kernels where torch runs two
+    single-row reductions of ~22 us each on a 128k vocabulary (H200)."""
+    rows, n = x.shape
+    if x.stride(1) != 1:
+        x = x.contiguous()
+    G = triton.cdiv(n, ARGMAX_CHUNK)
+    val = torch.empty(rows, G, device=x.device, dtype=torch.float32)
+    idx = torch.empty(rows, G, device=x.device, dtype=torch.int32)
+    bad = torch.empty(rows, G, device=x.device, dtype=torch.int32)
+    token = torch.empty(rows, device=x.device, dtype=torch.int64)
+    finite = torch.empty(rows, device=x.device, dtype=torch.bool)
+    launcher(_argmax_chunk_kernel)[(G, rows)](x, val, idx, bad, n, G, x.stride(0), CHUNK=ARGMAX_CHUNK, num_warps=8)
+    launcher(_argmax_rows_kernel)[(rows,)](val, idx, bad, token, finite, n, G, G_BLOCK=triton.next_power_of_2(G),
+                                           num_warps=1)
+    return token, finite
