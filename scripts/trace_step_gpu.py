@@ -35,6 +35,17 @@ def kind(name: str) -> str:
     return next((k for k, pat in KINDS if pat in name), "other: " + name[:60])
 
 
+def role(k: str, seen: collections.Counter, order: collections.Counter) -> str:
+    """An input-side step's gathers (and packing kernels) by projection, from their order in the
+    layer, where each layer runs all four (and both)."""
+    roles = {"gather": ("q/k/v", "o", "gate/up", "down"), "pack": ("gate/up", "down")}.get(k)
+    i = order[k]
+    order[k] += 1
+    if roles is None or seen[k] != len(roles) * model.cfg.n_layers:
+        return k
+    return f"{k} {roles[i % len(roles)]}"
+
+
 model = load(args.shape, dtype=torch.bfloat16, device="cuda", max_seq_len=300).model
 prompt = torch.randint(0, model.cfg.vocab_size, (1, 128), device="cuda")
 
@@ -67,9 +78,10 @@ for name, make in (("dense, output-major (cuBLAS)", lambda: None), ("dense, inpu
         step = kernels[r * per:(r + 1) * per]
         prev_end = kernels[r * per - 1]["ts"] + kernels[r * per - 1]["dur"]
         steps.append(max(e["ts"] + e["dur"] for e in step) - prev_end)
+        seen, order = collections.Counter(kind(e["name"]) for e in step), collections.Counter()
         for e in step:
             end = e["ts"] + e["dur"]
-            row = rows[kind(e["name"])]
+            row = rows[role(kind(e["name"]), seen, order)]
             row[0] += 1
             row[1] += e["dur"]
             row[2] += max(0.0, end - prev_end)
