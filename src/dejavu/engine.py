@@ -114,18 +114,19 @@ class GraphDecoder:
         seeds = seeds if seeds is not None else torch.randint(0, 2 ** 62, (len(self.seed),)).tolist()
         self.seed.copy_(torch.tensor(seeds, dtype=torch.long))
 
-    def _pick(self, logits, rows: slice):
+    def _pick(self, logits, rows: slice, greedy: torch.Tensor | None = None):
+        """The rows' next tokens; `greedy`: their argmax where the caller has it already."""
         if not self.sampling:
-            return logits.argmax(-1)
+            return logits.argmax(-1) if greedy is None else greedy
         return sample_rows(logits, self.temperature[rows], self.top_p[rows], self.seed[rows],
-                           self.pos[rows] - self.cache.pad[rows])
+                           self.pos[rows] - self.cache.pad[rows], greedy)
 
     def _step(self, n: int, sparsity):
         cache = self.cache if n == self.batch else self.cache.rows(slice(0, n))
         self.logits = self.model(self.tokens[:n], cache, self.pos[:n], sparsity)[:, -1]
         greedy, self.finite[:n] = kernels.argmax_finite(self.logits)
         self.pos[:n] += self.live[:n]
-        self.tokens[:n] = (self._pick(self.logits, slice(0, n)) if self.sampling else greedy)[:, None]
+        self.tokens[:n] = self._pick(self.logits, slice(0, n), greedy)[:, None]
 
     @torch.no_grad()
     def prefill(self, prompt: torch.Tensor):

@@ -63,12 +63,13 @@ def uniform_hash(seed: torch.Tensor, pos: torch.Tensor, n: int) -> torch.Tensor:
 
 
 def sample_rows(logits: torch.Tensor, temperature: torch.Tensor, top_p: torch.Tensor, seed: torch.Tensor,
-                pos: torch.Tensor) -> torch.Tensor:
+                pos: torch.Tensor, greedy: torch.Tensor | None = None) -> torch.Tensor:
     """logits [B, V] -> next tokens [B], every argument a tensor on the logits' device, so the
     call can be captured in a CUDA graph and replayed with new values. Row b is greedy where
     temperature[b] == 0, else a draw from probabilities(logits[b], temperature[b], top_p[b])
-    keyed by (seed[b], pos[b]): reproducible, and independent of the other rows."""
-    greedy = logits.argmax(dim=-1)
+    keyed by (seed[b], pos[b]): reproducible, and independent of the other rows. `greedy`: the rows'
+    argmax where the caller has it already."""
+    greedy = logits.argmax(dim=-1) if greedy is None else greedy
     probs = probabilities(logits, temperature, top_p)
     race = probs / -torch.log(uniform_hash(seed, pos, logits.shape[-1]))
     return torch.where(temperature > 0, race.argmax(dim=-1), greedy)
